@@ -1,0 +1,174 @@
+"""Command line: ``python -m pipeline STAGE`` runs one stage (dvc.yaml calls these).
+
+Every command reads and validates ``params.yaml`` first; a bad value stops it with
+one line and exit status 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from pipeline import paths
+from pipeline.config import ConfigError, Params, load_params
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="The params file to use.")
+ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progress bars.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.datasets import DatasetError
+    from pipeline.shards import ShardError
+    from pipeline.train import TrainingError
+
+    return DatasetError, ShardError, TrainingError, FileNotFoundError
+
+
+def stage(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures into one line on stderr: exit 2 for bad params, 1 otherwise."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+        except _user_errors() as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _params(path: Path) -> Params:
+    return load_params(path)
+
+
+@app.command()
+@stage
+def validate(params_file: Path = ParamsOption) -> None:
+    """Check params.yaml and exit (status 2 and one line per problem if it is wrong)."""
+    params = _params(params_file)
+    typer.echo(f"{params_file}: ok ({len(params.train_losses)} losses: {', '.join(params.train_losses)})")
+
+
+@app.command()
+@stage
+def data(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Resolve the configured datasets (and generate the synthetic one) into index tables."""
+    from pipeline.data import run_data
+
+    resolved = run_data(_params(params_file), paths.DATASETS, progress=progress)
+    for name, image_set in resolved.items():
+        pairs = "" if image_set.pairs is None else f", {len(image_set.pairs)} pairs"
+        typer.echo(f"{name}: {len(image_set.images)} images of {len(image_set.identities)} identities{pairs}")
+
+
+@app.command()
+@stage
+def detect(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Detect one face (MTCNN, 5 landmarks) per image of every set; count what is dropped."""
+    from pipeline.data import read_index
+    from pipeline.detect import run_detect
+
+    params = _params(params_file)
+    sets = {name: read_index(paths.DATASETS, name).images for name in ["train", *params.data.tests]}
+    counts = run_detect(params.detect, sets, paths.DETECT, paths.DETECTION_COUNTS, progress=progress)
+    for name, c in counts.items():
+        typer.echo(f"{name}: {c['images']} -> {c['faces']} faces ({c['dropped']} dropped)")
+
+
+@app.command()
+@stage
+def align(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Warp every detected face onto the 5-point ArcFace template; write a contact sheet."""
+    import pandas as pd
+
+    from pipeline.align import run_align
+
+    params = _params(params_file)
+    detections = {name: pd.read_parquet(paths.DETECT / f"{name}.parquet") for name in ["train", *params.data.tests]}
+    stats = run_align(params.align, detections, paths.ALIGNED, paths.CONTACT_SHEET, paths.ALIGNMENT_STATS,
+                      seed=params.seed, progress=progress)
+    for name, s in stats.items():
+        typer.echo(f"{name}: {s['aligned']} aligned, mean landmark residual {s['residual_mean_px'] or 0:.2f} px")
+
+
+@app.command()
+@stage
+def shard(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Pack the aligned faces into Parquet / WebDataset shards with a manifest."""
+    from pipeline.data import read_index
+    from pipeline.shards import run_shard
+
+    params = _params(params_file)
+    pairs = {name: read_index(paths.DATASETS, name).pairs for name in ["train", *params.data.tests]}
+    manifests = run_shard(params.shard, paths.ALIGNED, pairs, paths.SHARDS, progress=progress)
+    for name, m in manifests.items():
+        typer.echo(f"{name}: {m['images']} images, {m['identities']} identities, {len(m['files'])} shard file(s)")
+
+
+@app.command()
+@stage
+def train(loss: str = typer.Argument(..., help="A loss named in params.yaml train_losses."),
+          params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Train one embedding model with LOSS (checkpoints every epoch; resumes after a crash)."""
+    from pipeline.train import TrainSetup
+    from pipeline.train import train as run_train
+
+    params = _params(params_file)
+    setup = TrainSetup(loss_name=loss, loss_params=params.loss_params(loss), model=params.model,
+                       train=params.train, seed=params.seed, image_size=params.align.size)
+    metrics = run_train(setup, paths.SHARDS, paths.model_dir(loss), paths.checkpoint_dir(loss),
+                        paths.train_report_dir(loss), progress=progress)
+    typer.echo(f"{loss}: best epoch {metrics['best_epoch']} with validation AUC {metrics['best_val_auc']:.4f}")
+
+
+@app.command()
+@stage
+def embed(loss: str = typer.Argument(...), params_file: Path = ParamsOption) -> None:
+    """Embed every test image with the model trained with LOSS (raw vectors, optional flip fusion)."""
+    from pipeline.embed import run_embed
+
+    params = _params(params_file)
+    params.loss_params(loss)  # the loss must be configured
+    run_embed(params.embed, paths.model_dir(loss) / "model.pt", paths.SHARDS, paths.embeddings_dir(loss),
+              device=params.train.device)
+
+
+@app.command()
+@stage
+def score(loss: str = typer.Argument(...), params_file: Path = ParamsOption) -> None:
+    """Score every test pair: distance x test-time normalisation; write per-pair files and metrics."""
+    from pipeline.score import run_score
+
+    params = _params(params_file)
+    params.loss_params(loss)
+    run_score(params.score, paths.embeddings_dir(loss), paths.SHARDS, paths.scores_dir(loss),
+              paths.metrics_file(loss), paths.roc_dir(loss), seed=params.seed)
+
+
+@app.command()
+@stage
+def report(params_file: Path = ParamsOption) -> None:
+    """Regenerate reports/: comparison tables, ROC figures, cross-domain and detection tables."""
+    from pipeline.report import run_report
+
+    written = run_report(_params(params_file))
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

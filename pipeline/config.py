@@ -1,0 +1,313 @@
+"""Load and validate ``params.yaml``.
+
+The whole file is checked against a typed schema before any stage does work, so a
+typo or an out-of-range value fails fast with one line that names the key, the bad
+value and what is allowed (:class:`ConfigError`; the CLI exits with status 2).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+#: Loss names whose params live in a section other than ``losses.<name>``. ArcFace
+#: is the headline loss, so its section is the short ``loss`` (``-S loss.margin=0.8``).
+SPECIAL_SECTIONS = {"arcface": "loss"}
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message is one line for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticParams(_Strict):
+    """Sizes of the built-in synthetic face dataset (see ``pipeline.datasets.synthetic``)."""
+
+    train_identities: int = Field(80, ge=2)
+    train_images_per_identity: int = Field(20, ge=2)
+    closed_images_per_identity: int = Field(4, ge=2)
+    open_identities: int = Field(50, ge=2)
+    domain_identities: int = Field(50, ge=2)
+    test_images_per_identity: int = Field(6, ge=2)
+    image_size: int = Field(160, ge=64, le=1024)
+    folds: int = Field(10, ge=1)
+    pairs_per_fold: int = Field(60, ge=2)
+
+
+class DatasetSpec(_Strict):
+    """One dataset: where it is and how it is laid out.
+
+    kinds:
+      synthetic  one of the built-in sets (``set``: train, synth_open, synth_closed, synth_domain)
+      folder     ``path``/<identity>/<image>; every image, no pairs (training sets)
+      lfw        ``path``/<identity>/<identity>_NNNN.jpg plus an official ``pairs`` file
+      pairs_csv  ``path`` is a CSV of (path1, path2, same[, fold]); relative image paths
+                 are resolved against ``root`` (default: the CSV's folder)
+    """
+
+    kind: Literal["synthetic", "folder", "lfw", "pairs_csv"]
+    set: str | None = None
+    path: str | None = None
+    pairs: str | None = None
+    root: str | None = None
+    folds: list[int] | None = None
+    min_images_per_identity: int = Field(1, ge=1)
+    exclude_identities_of: list[str] = Field(default_factory=list)
+    download: bool = False
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> "DatasetSpec":
+        if self.kind == "synthetic":
+            if self.set is None:
+                raise ValueError("a synthetic dataset needs `set` (train, synth_open, synth_closed or synth_domain)")
+        elif self.path is None:
+            raise ValueError(f"a {self.kind} dataset needs `path`")
+        return self
+
+
+class DataParams(_Strict):
+    train: DatasetSpec
+    tests: dict[str, DatasetSpec]
+    synthetic: SyntheticParams = SyntheticParams()
+
+    @field_validator("tests")
+    @classmethod
+    def _names(cls, tests: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+        if not tests:
+            raise ValueError("at least one test set is needed")
+        for name in tests:
+            if not name.replace("_", "").replace("-", "").isalnum() or name == "train":
+                raise ValueError(f"test set name {name!r} must be letters, digits, '_' or '-' and not 'train'")
+        return tests
+
+
+class DetectParams(_Strict):
+    backend: Literal["torch", "package"] = "torch"
+    min_face_size: int = Field(20, ge=8)
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.8)
+    scale_factor: float = Field(0.709, gt=0.1, lt=1.0)
+    min_confidence: float = Field(0.9, ge=0.0, le=1.0)
+    batch_size: int = Field(32, ge=1)
+    max_image_side: int = Field(2000, ge=64)
+    min_image_side: int = Field(24, ge=12)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _unit(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not all(0.0 <= t <= 1.0 for t in value):
+            raise ValueError("each MTCNN stage threshold must be in [0, 1]")
+        return value
+
+
+class AlignParams(_Strict):
+    size: int = Field(112, ge=32, le=512)
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    contact_sheet: int = Field(48, ge=0, le=400)
+
+
+class ShardParams(_Strict):
+    format: Literal["parquet", "webdataset", "both"] = "parquet"
+    images_per_shard: int = Field(4096, ge=1)
+
+
+class ModelParams(_Strict):
+    backbone: str = "smallcnn"
+    embedding_size: int = Field(128, ge=2, le=4096)
+    head: str = "bn_dropout_fc_bn"
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    grayscale: bool = False
+
+
+class TrainParams(_Strict):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    flip: bool = True
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    pk_identities: int = Field(16, ge=2)
+    pk_images: int = Field(4, ge=2)
+    init_from: str | None = None
+    freeze_backbone: bool = False
+    workers: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    clip_grad_norm: float = Field(0.0, ge=0.0)
+    max_steps_per_epoch: int = Field(0, ge=0)
+
+
+class EmbedParams(_Strict):
+    flip: bool = True
+    batch_size: int = Field(256, ge=1)
+
+
+class ScoreParams(_Strict):
+    distances: list[Literal["cosine", "l2"]] = Field(default_factory=lambda: ["cosine", "l2"])
+    normalize: list[bool] = Field(default_factory=lambda: [True, False])
+    bootstrap: int = Field(200, ge=0)
+
+    @field_validator("distances", "normalize")
+    @classmethod
+    def _non_empty(cls, value: list[Any]) -> list[Any]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("must be a non-empty list without repeats")
+        return value
+
+
+class ReportParams(_Strict):
+    primary_distance: Literal["cosine", "l2"] = "cosine"
+    primary_normalize: bool = True
+    in_domain: str | None = None
+    cross_domain: list[str] = Field(default_factory=list)
+    log_fpr: bool = True
+
+
+class Params(_Strict):
+    seed: int = Field(0, ge=0)
+    data: DataParams
+    detect: DetectParams = DetectParams()
+    align: AlignParams = AlignParams()
+    shard: ShardParams = ShardParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    loss: dict[str, Any] = Field(default_factory=dict)
+    losses: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    train_losses: dict[str, str]
+    embed: EmbedParams = EmbedParams()
+    score: ScoreParams = ScoreParams()
+    report: ReportParams = ReportParams()
+
+    def loss_params(self, name: str) -> dict[str, Any]:
+        """The params section of loss ``name`` as a plain dict (``{}`` for none)."""
+        section = self.train_losses.get(name)
+        if section is None:
+            raise ConfigError(
+                f"loss {name!r} is not configured in train_losses (configured: {', '.join(self.train_losses)})"
+            )
+        return dict(_lookup(self.model_dump(), section) or {})
+
+
+def _lookup(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, *, check_paths: bool = True) -> Params:
+    """Read and validate a params file; raise :class:`ConfigError` with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the project root, where params.yaml is)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{path}: {_first_error(err, raw)}") from None
+    _check_losses(path, params, raw)
+    if check_paths:
+        _check_dataset_paths(path, params)
+    return params
+
+
+def _first_error(err: ValidationError, raw: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(part) for part in first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key (check the spelling; see params.yaml in the repository for the allowed keys)"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    try:
+        value = _lookup(raw, loc)
+        shown = f" = {value!r}"
+    except (KeyError, TypeError):
+        shown = ""
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{loc}{shown}: {message}"
+
+
+def _check_losses(path: Path, params: Params, raw: dict[str, Any]) -> None:
+    from pipeline import losses as loss_registry
+
+    known = loss_registry.available()
+    if not params.train_losses:
+        raise ConfigError(f"{path}: train_losses: at least one loss is needed (known: {', '.join(known)})")
+    for name, section in params.train_losses.items():
+        if name not in known:
+            raise ConfigError(f"{path}: train_losses.{name}: unknown loss (known: {', '.join(known)})")
+        expected = SPECIAL_SECTIONS.get(name, f"losses.{name}")
+        if section != expected:
+            raise ConfigError(
+                f"{path}: train_losses.{name} = {section!r}: the params section of {name} is {expected!r}"
+            )
+        try:
+            values = _lookup(raw, section)
+        except KeyError:
+            values = {}
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: {section}: expected a mapping of {name} parameters")
+        try:
+            loss_registry.validate_params(name, values)
+        except ValueError as err:
+            raise ConfigError(f"{path}: {section}: {err}") from None
+    for name in params.losses:
+        if name not in known:
+            raise ConfigError(f"{path}: losses.{name}: unknown loss (known: {', '.join(known)})")
+    try:
+        from pipeline.models import available_backbones
+
+        backbones = available_backbones()
+    except ImportError:  # pragma: no cover - models package always ships
+        backbones = []
+    if backbones and params.model.backbone not in backbones:
+        raise ConfigError(
+            f"{path}: model.backbone = {params.model.backbone!r}: unknown backbone (known: {', '.join(backbones)})"
+        )
+    if params.report.in_domain is not None and params.report.in_domain not in params.data.tests:
+        raise ConfigError(f"{path}: report.in_domain = {params.report.in_domain!r}: not one of data.tests")
+    for name in params.report.cross_domain:
+        if name not in params.data.tests:
+            raise ConfigError(f"{path}: report.cross_domain: {name!r} is not one of data.tests")
+    if "arcface" in params.train_losses:
+        margin = params.loss.get("margin", 0.5)
+        if isinstance(margin, (int, float)) and not 0 <= margin < math.pi:
+            raise ConfigError(f"{path}: loss.margin = {margin!r}: the ArcFace margin is in radians, 0 <= m < pi")
+
+
+def _check_dataset_paths(path: Path, params: Params) -> None:
+    specs = {"data.train": params.data.train} | {f"data.tests.{k}": v for k, v in params.data.tests.items()}
+    for key, spec in specs.items():
+        if spec.kind == "synthetic" or spec.download:
+            continue
+        target = Path(spec.path or "")
+        if not target.exists():
+            raise ConfigError(f"{path}: {key}.path = {spec.path!r}: no such file or folder")
+        for name in spec.exclude_identities_of:
+            if name not in params.data.tests:
+                raise ConfigError(f"{path}: {key}.exclude_identities_of: {name!r} is not one of data.tests")

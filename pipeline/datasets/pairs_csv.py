@@ -1,0 +1,69 @@
+"""``pairs_csv`` datasets: a CSV of image pairs with a same/different label (APD and similar).
+
+Columns: ``path1, path2, same`` and optionally ``fold``. ``same`` accepts 1/0,
+true/false, same/different. Relative paths are resolved against ``root`` (default:
+the CSV's folder). Without a ``fold`` column, pairs are split into ``default_folds``
+contiguous, equal blocks in file order, as in LFW's 10-fold protocol.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.datasets import DatasetError, ImageSet
+
+LAYOUT = "a CSV with columns path1,path2,same[,fold]"
+_TRUE = {"1", "true", "yes", "same", "match", "genuine"}
+_FALSE = {"0", "false", "no", "different", "diff", "mismatch", "impostor"}
+
+
+def load_pairs_csv(csv_path: str | Path, *, root: str | Path | None = None, default_folds: int = 10) -> ImageSet:
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DatasetError(f"{csv_path}: pairs CSV not found; expected {LAYOUT}")
+    try:
+        table = pd.read_csv(csv_path, dtype=str, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{csv_path}: cannot be read as CSV ({str(err).splitlines()[0]}); expected {LAYOUT}") from None
+    table.columns = [c.strip().lower() for c in table.columns]
+    missing = {"path1", "path2", "same"} - set(table.columns)
+    if missing:
+        raise DatasetError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; expected {LAYOUT}")
+    if table.empty:
+        raise DatasetError(f"{csv_path}: no pairs")
+    base = Path(root) if root else csv_path.parent
+    labels = []
+    for row, value in enumerate(table["same"].fillna(""), start=2):
+        token = str(value).strip().lower()
+        if token in _TRUE:
+            labels.append(1)
+        elif token in _FALSE:
+            labels.append(0)
+        else:
+            raise DatasetError(f"{csv_path}:{row}: same = {value!r}; expected 1/0, true/false or same/different")
+    for column in ("path1", "path2"):
+        empty = table[column].isna() | (table[column].str.strip() == "")
+        if empty.any():
+            raise DatasetError(f"{csv_path}:{int(empty.idxmax()) + 2}: empty {column}")
+    if "fold" in table.columns:
+        try:
+            folds = table["fold"].astype(int).tolist()
+        except ValueError:
+            raise DatasetError(f"{csv_path}: the fold column must hold integers") from None
+    else:
+        n = len(table)
+        k = max(1, min(default_folds, n // 2))
+        folds = [1 + (i * k) // n for i in range(n)]
+    ids = sorted(set(table["path1"].str.strip()).union(table["path2"].str.strip()))
+    paths = [Path(i) if Path(i).is_absolute() else base / i for i in ids]
+    if not any(p.is_file() for p in paths):
+        raise DatasetError(f"{csv_path}: none of the listed images exist under {base}; expected {LAYOUT}")
+    images = pd.DataFrame(
+        {"image_id": ids, "path": [str(p) for p in paths], "identity": [str(Path(i).parent) for i in ids]}
+    )
+    pairs = pd.DataFrame(
+        {"fold": folds, "image_id1": table["path1"].str.strip(), "image_id2": table["path2"].str.strip(), "same": labels}
+    )
+    return ImageSet(images, pairs)

@@ -1,0 +1,56 @@
+"""Stage ``embed@LOSS``: embeddings of every test image with one trained model.
+
+For each test set under the shards folder, writes ``OUT/<set>.npz`` with
+``image_ids`` [N], ``identities`` [N] and ``embeddings`` [N, D] float32: the RAW
+model outputs (not L2-normalised), optionally the sum of the outputs for the image
+and its horizontal mirror (``flip``). Normalising is left to the score stage, so
+switching test-time normalisation never needs new embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import EmbedParams
+from pipeline.io import atomic_dir
+from pipeline.shards import read_shards
+from pipeline.train import embed_array, load_model, pick_device
+
+
+def test_sets(shards_dir: str | Path) -> list[str]:
+    """Names of the sharded sets that have verification pairs."""
+    return sorted(p.name for p in Path(shards_dir).iterdir() if (p / "pairs.csv").is_file())
+
+
+def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Path, out_dir: str | Path,
+              *, device: str = "auto") -> dict[str, int]:
+    """Embed every test set; returns the number of images embedded per set."""
+    dev = pick_device(device)
+    model, saved = load_model(model_path, dev)
+    grayscale = bool(saved["model_params"].get("grayscale", False))
+    counts = {}
+    with atomic_dir(out_dir) as tmp:
+        for name in test_sets(shards_dir):
+            data = read_shards(Path(shards_dir) / name)
+            images = torch.from_numpy(data.decode_all())
+            emb = embed_array(model, images, grayscale=grayscale, device=dev, batch_size=params.batch_size,
+                              flip=params.flip)
+            if not np.isfinite(emb).all():
+                raise RuntimeError(f"{model_path}: the model produced non-finite embeddings for set {name}")
+            np.savez(
+                Path(tmp) / f"{name}.npz",
+                image_ids=np.asarray(data.image_ids, dtype=object).astype(str),
+                identities=np.asarray(data.identities, dtype=object).astype(str),
+                embeddings=emb.astype(np.float32),
+            )
+            counts[name] = len(data)
+            print(f"embedded {name}: {len(data)} images, {emb.shape[1]}-D, flip={params.flip}")
+    return counts
+
+
+def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in ("image_ids", "identities", "embeddings")}

@@ -1,0 +1,114 @@
+"""Stage ``score@LOSS``: score every test pair under every distance variant.
+
+For each test set and each variant (distance in ``score.distances`` x test-time L2
+normalisation in ``score.normalize``), writes one per-pair file
+``OUT/<set>/<distance>_<norm|raw>.csv`` with ``fold, image_id1, image_id2, same,
+score, prediction, status`` and computes the verification metrics of
+:func:`pipeline.metrics.verification_report` (AUC, EER, LFW-protocol accuracy,
+TPR@FPR, FP/FN, bootstrap intervals). Pairs whose image was dropped at detection
+keep a row with ``status = missing`` and no score: they are counted and reported,
+never scored.
+
+Higher score = more likely the same person; for L2 the score is minus the distance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.config import ScoreParams
+from pipeline.distances import PairDistance
+from pipeline.embed import read_embeddings, test_sets
+from pipeline.io import atomic_dir, write_csv, write_json
+from pipeline.metrics import protocol_predictions, rank1_identification, roc_curve, verification_report
+
+ROC_POINTS = 400
+
+
+def variant_name(distance: str, normalize: bool) -> str:
+    return f"{distance}_{'norm' if normalize else 'raw'}"
+
+
+def pair_indices(pairs: pd.DataFrame, image_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row indices of both images of each pair into ``image_ids`` and a mask of complete pairs."""
+    position = {image_id: k for k, image_id in enumerate(image_ids)}
+    first = pairs["image_id1"].map(position)
+    second = pairs["image_id2"].map(position)
+    complete = (first.notna() & second.notna()).to_numpy()
+    return (first.fillna(-1).astype(int).to_numpy(), second.fillna(-1).astype(int).to_numpy(), complete)
+
+
+def score_set(pairs: pd.DataFrame, embeddings: dict[str, np.ndarray], params: ScoreParams, *, seed: int = 0
+              ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """Per-pair tables and metrics of one test set, for every variant."""
+    i, j, complete = pair_indices(pairs, embeddings["image_ids"])
+    emb = embeddings["embeddings"].astype(np.float64)
+    labels = pairs["same"].to_numpy()[complete]
+    folds = pairs["fold"].to_numpy()[complete]
+    tables: dict[str, pd.DataFrame] = {}
+    metrics: dict[str, Any] = {
+        "pairs": int(len(pairs)),
+        "pairs_scored": int(complete.sum()),
+        "pairs_missing": int((~complete).sum()),
+    }
+    if complete.sum() < 2 or len(np.unique(labels)) < 2:
+        raise ValueError(
+            f"only {int(complete.sum())} pairs have both images after detection; cannot score this test set"
+        )
+    rank1 = rank1_identification(emb, list(embeddings["identities"]))
+    metrics["rank1"] = rank1
+    for distance in params.distances:
+        for normalize in params.normalize:
+            name = variant_name(distance, normalize)
+            scorer = PairDistance(kind=distance, normalize=normalize)
+            scores = scorer.scores(emb[i[complete]], emb[j[complete]])
+            report = verification_report(scores, labels, folds, n_boot=params.bootstrap, seed=seed)
+            predictions = protocol_predictions(scores, labels, folds)
+            table = pairs[["fold", "image_id1", "image_id2", "same"]].copy()
+            table["score"] = np.nan
+            table.loc[complete, "score"] = scores
+            table["prediction"] = pd.array([pd.NA] * len(table), dtype="Int64")
+            table.loc[complete, "prediction"] = predictions.astype(int)
+            table["status"] = np.where(complete, "scored", "missing")
+            tables[name] = table
+            metrics[name] = report
+    return tables, metrics
+
+
+def roc_points(scores: np.ndarray, labels: np.ndarray, n: int = ROC_POINTS) -> pd.DataFrame:
+    """The ROC thinned to at most ``n`` points (first and last kept), for plots."""
+    fpr, tpr, _ = roc_curve(scores, labels)
+    if len(fpr) > n:
+        keep = np.unique(np.linspace(0, len(fpr) - 1, n).round().astype(int))
+        fpr, tpr = fpr[keep], tpr[keep]
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr})
+
+
+def run_score(params: ScoreParams, embeddings_dir: str | Path, shards_dir: str | Path, out_dir: str | Path,
+              metrics_path: str | Path, roc_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
+    """Score every test set; write per-pair files, the metrics JSON and ROC points."""
+    all_metrics: dict[str, Any] = {}
+    roc_tables: dict[str, pd.DataFrame] = {}
+    first_variant = variant_name(params.distances[0], params.normalize[0])
+    with atomic_dir(out_dir) as tmp:
+        for name in test_sets(shards_dir):
+            pairs = pd.read_csv(Path(shards_dir) / name / "pairs.csv", dtype={"image_id1": str, "image_id2": str})
+            embeddings = read_embeddings(Path(embeddings_dir) / f"{name}.npz")
+            tables, metrics = score_set(pairs, embeddings, params, seed=seed)
+            for variant, table in tables.items():
+                write_csv(Path(tmp) / name / f"{variant}.csv", table)
+            all_metrics[name] = metrics
+            scored = tables[first_variant][tables[first_variant]["status"] == "scored"]
+            roc_tables[name] = roc_points(scored["score"].to_numpy(), scored["same"].to_numpy())
+            summary = metrics[first_variant]
+            print(f"{name}: {metrics['pairs_scored']} pairs ({metrics['pairs_missing']} missing)  "
+                  f"{first_variant} AUC {summary['auc']:.4f}  acc {summary['accuracy_mean']:.4f}")
+    with atomic_dir(roc_dir) as tmp:
+        for name, table in roc_tables.items():
+            write_csv(Path(tmp) / f"{name}.csv", table)
+    write_json(metrics_path, all_metrics)
+    return all_metrics

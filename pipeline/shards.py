@@ -1,0 +1,210 @@
+"""Stage ``shard``: pack aligned faces into Parquet (and/or WebDataset) shards.
+
+Layout per set::
+
+    OUT/<set>/part-00000.parquet ...   columns: image (JPEG bytes), image_id, identity,
+                                        label (int, index into the set's sorted identities),
+                                        source_path
+    OUT/<set>/shard-00000.tar ...      WebDataset: <key>.jpg + <key>.json (same fields)
+    OUT/<set>/manifest.json            counts, identities, shard files, format
+    OUT/<set>/pairs.csv                test sets: the verification pairs (fold, image_id1, image_id2, same)
+
+Reading: :func:`read_shards` returns a :class:`FaceShards` with every record in
+memory as encoded bytes (decoded on access), which is what the trainer and the
+embedder use; :func:`iter_webdataset` streams tar shards from a path or URL.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipeline.config import ShardParams
+from pipeline.io import atomic_dir, write_csv, write_json
+
+SCHEMA = pa.schema(
+    [
+        ("image", pa.binary()),
+        ("image_id", pa.string()),
+        ("identity", pa.string()),
+        ("label", pa.int32()),
+        ("source_path", pa.string()),
+    ]
+)
+
+
+class ShardError(ValueError):
+    """Shards that are missing or malformed (one-line message)."""
+
+
+def write_set(aligned_dir: Path, out_dir: Path, params: ShardParams, pairs: pd.DataFrame | None, *,
+              desc: str = "shard", progress: bool = True) -> dict:
+    """Pack one aligned set (``aligned_dir/_index.csv`` + JPEGs) into ``out_dir``."""
+    index = pd.read_csv(aligned_dir / "_index.csv", dtype={"image_id": str, "identity": str}, keep_default_na=False)
+    index = index[index["error"] == ""].reset_index(drop=True)
+    identities = sorted(index["identity"].unique())
+    label_of = {name: k for k, name in enumerate(identities)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[str] = []
+    per = params.images_per_shard
+    bar = tqdm(total=len(index), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    for shard_no, start in enumerate(range(0, max(len(index), 1), per)):
+        chunk = index.iloc[start : start + per]
+        if chunk.empty:
+            break
+        blobs = [(aligned_dir / f).read_bytes() for f in chunk["file"]]
+        labels = [label_of[i] for i in chunk["identity"]]
+        if params.format in ("parquet", "both"):
+            table = pa.table(
+                {
+                    "image": blobs,
+                    "image_id": chunk["image_id"].tolist(),
+                    "identity": chunk["identity"].tolist(),
+                    "label": labels,
+                    "source_path": chunk["source_path"].tolist(),
+                },
+                schema=SCHEMA,
+            )
+            name = f"part-{shard_no:05d}.parquet"
+            pq.write_table(table, out_dir / name, row_group_size=1024)
+            files.append(name)
+        if params.format in ("webdataset", "both"):
+            name = f"shard-{shard_no:05d}.tar"
+            _write_tar(out_dir / name, blobs, chunk, labels, start)
+            files.append(name)
+        bar.update(len(chunk))
+    bar.close()
+    if pairs is not None:
+        write_csv(out_dir / "pairs.csv", pairs)
+    manifest = {
+        "format": params.format,
+        "images": int(len(index)),
+        "identities": len(identities),
+        "identity_names": identities,
+        "files": files,
+        "pairs": None if pairs is None else int(len(pairs)),
+    }
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _write_tar(path: Path, blobs: list[bytes], chunk: pd.DataFrame, labels: list[int], start: int) -> None:
+    with tarfile.open(path, "w") as tar:
+        for k, (blob, row, label) in enumerate(zip(blobs, chunk.itertuples(index=False), labels)):
+            key = f"{start + k:09d}"
+            meta = json.dumps(
+                {"image_id": row.image_id, "identity": row.identity, "label": label, "source_path": row.source_path}
+            ).encode()
+            for suffix, payload in ((".jpg", blob), (".json", meta)):
+                info = tarfile.TarInfo(key + suffix)
+                info.size = len(payload)
+                info.mtime = 0
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def run_shard(params: ShardParams, aligned_root: str | Path, pairs: dict[str, pd.DataFrame | None],
+              out_dir: str | Path, *, progress: bool = True) -> dict[str, dict]:
+    """Shard every set found under ``aligned_root``; ``pairs`` maps set name to its pairs."""
+    aligned_root = Path(aligned_root)
+    manifests = {}
+    with atomic_dir(out_dir) as tmp:
+        for name, set_pairs in pairs.items():
+            manifests[name] = write_set(aligned_root / name, Path(tmp) / name, params, set_pairs,
+                                        desc=f"shard {name}", progress=progress)
+    return manifests
+
+
+@dataclass
+class FaceShards:
+    """All records of one set, images kept encoded; ``decode(i)`` gives HxWx3 RGB uint8."""
+
+    images: list[bytes]
+    image_ids: list[str]
+    identities: list[str]
+    labels: np.ndarray
+    identity_names: list[str]
+    pairs: pd.DataFrame | None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def decode(self, i: int) -> np.ndarray:
+        array = cv2.imdecode(np.frombuffer(self.images[i], dtype=np.uint8), cv2.IMREAD_COLOR)
+        if array is None:
+            raise ShardError(f"record {self.image_ids[i]!r}: image bytes cannot be decoded")
+        return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+    def decode_all(self) -> np.ndarray:
+        """``[N, H, W, 3]`` uint8 of every image (for sets that fit in memory)."""
+        if not self.images:
+            raise ShardError("no images in this set")
+        first = self.decode(0)
+        out = np.empty((len(self), *first.shape), dtype=np.uint8)
+        out[0] = first
+        for i in range(1, len(self)):
+            out[i] = self.decode(i)
+        return out
+
+
+def read_shards(set_dir: str | Path) -> FaceShards:
+    """Read a set written by :func:`write_set` (Parquet parts, or tar shards if only those exist)."""
+    set_dir = Path(set_dir)
+    manifest_path = set_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise ShardError(f"{set_dir}: no manifest.json; run the shard stage first (dvc repro shard)")
+    manifest = json.loads(manifest_path.read_text())
+    parquet = [set_dir / f for f in manifest["files"] if f.endswith(".parquet")]
+    records: dict[str, list] = {"image": [], "image_id": [], "identity": [], "label": []}
+    if parquet:
+        for part in parquet:
+            table = pq.read_table(part, columns=list(records))
+            for column in records:
+                records[column].extend(table.column(column).to_pylist())
+    else:
+        for record in iter_webdataset([str(set_dir / f) for f in manifest["files"] if f.endswith(".tar")]):
+            for column in records:
+                records[column].append(record[column])
+    pairs_path = set_dir / "pairs.csv"
+    pairs = pd.read_csv(pairs_path, dtype={"image_id1": str, "image_id2": str}) if pairs_path.is_file() else None
+    return FaceShards(
+        images=records["image"],
+        image_ids=records["image_id"],
+        identities=records["identity"],
+        labels=np.asarray(records["label"], dtype=np.int64),
+        identity_names=list(manifest["identity_names"]),
+        pairs=pairs,
+    )
+
+
+def iter_webdataset(urls: list[str]) -> Iterator[dict]:
+    """Stream records from WebDataset tar shards at local paths or URLs (http, s3 via ``pipe:``...)."""
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            import webdataset as wds
+
+            for sample in wds.WebDataset(url, shardshuffle=False):
+                meta = json.loads(sample["json"])
+                yield {"image": sample["jpg"], **meta}
+            continue
+        with tarfile.open(url) as tar:
+            pending: dict[str, dict] = {}
+            for member in tar:
+                key, _, suffix = member.name.partition(".")
+                data = tar.extractfile(member).read()
+                entry = pending.setdefault(key, {})
+                entry[suffix] = data
+                if "jpg" in entry and "json" in entry:
+                    meta = json.loads(entry["json"])
+                    yield {"image": entry["jpg"], **meta}
+                    del pending[key]

@@ -1,0 +1,445 @@
+"""Stage ``train@LOSS``: train one embedding model with one loss.
+
+* Data: the ``train`` shards, split by image into train/validation (``val_fraction``
+  of each identity's images, seeded). Validation pairs (all same-identity pairs of
+  validation images, and as many random different-identity pairs) give the
+  verification AUC that picks the best epoch.
+* Optimisation: SGD (momentum, weight decay) over the network and the loss's own
+  parameters (class weights); linear warm-up then cosine or step decay, per step.
+  Horizontal flips, optional grayscale. Classifier losses see shuffled batches;
+  pair/triplet losses see P x K batches (P identities x K images).
+* Robustness: a checkpoint after every epoch (model, loss, optimiser, schedule, step,
+  best score) in ``checkpoint_dir``; rerunning the stage resumes from it when it was
+  made with the same settings. Each epoch's randomness is derived from
+  ``(seed, epoch)``, so a resumed run ends exactly where an uninterrupted one does
+  on CPU. A NaN or inf loss stops training with a message naming the loss, the step
+  and the likely cause; the last good checkpoint stays.
+
+Outputs: ``model_dir/model.pt`` (best epoch), ``history.csv`` and ``metrics.json``
+in ``report_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import ModelParams, TrainParams
+from pipeline.io import atomic_file, write_csv, write_json
+from pipeline.shards import FaceShards, read_shards
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class TrainSetup:
+    loss_name: str
+    loss_params: dict[str, Any]
+    model: ModelParams
+    train: TrainParams
+    seed: int
+    image_size: int
+
+
+# --------------------------------------------------------------------------- data
+
+
+def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of training and validation images: ``val_fraction`` of each identity.
+
+    An identity with fewer than 3 images stays wholly in training; every identity
+    keeps at least 2 training images.
+    """
+    rng = np.random.default_rng([seed, 7])
+    train_idx, val_idx = [], []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rng.shuffle(members)
+        n_val = int(round(len(members) * val_fraction)) if len(members) >= 3 else 0
+        n_val = min(n_val, len(members) - 2)
+        val_idx.extend(members[:n_val])
+        train_idx.extend(members[n_val:])
+    return np.sort(np.asarray(train_idx, dtype=np.int64)), np.sort(np.asarray(val_idx, dtype=np.int64))
+
+
+def validation_pairs(labels: np.ndarray, seed: int, max_pairs: int = 6000) -> np.ndarray:
+    """``[M, 3]`` (i, j, same) pairs over validation images: positives and as many negatives."""
+    rng = np.random.default_rng([seed, 11])
+    positives = []
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                positives.append((members[a], members[b], 1))
+    positives = np.asarray(positives, dtype=np.int64).reshape(-1, 3)
+    if len(positives) > max_pairs // 2:
+        positives = positives[rng.choice(len(positives), max_pairs // 2, replace=False)]
+    n_neg = max(len(positives), 1)
+    negatives = []
+    while len(negatives) < n_neg and len(np.unique(labels)) > 1:
+        i, j = rng.integers(0, len(labels), 2)
+        if labels[i] != labels[j]:
+            negatives.append((i, j, 0))
+    return np.concatenate([positives, np.asarray(negatives, dtype=np.int64).reshape(-1, 3)])
+
+
+def to_input(batch_uint8: torch.Tensor, *, grayscale: bool) -> torch.Tensor:
+    """``[B, H, W, 3]`` uint8 -> ``[B, C, H, W]`` float in about [-1, 1] (C = 1 if grayscale)."""
+    x = batch_uint8.permute(0, 3, 1, 2).float()
+    if grayscale:
+        weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+        x = (x * weights).sum(dim=1, keepdim=True)
+    return (x - 127.5) / 128.0
+
+
+def augment(x: torch.Tensor, generator: torch.Generator, *, flip: bool) -> torch.Tensor:
+    """Random horizontal flip of half the batch (per sample), drawn from ``generator``."""
+    if not flip:
+        return x
+    mask = torch.rand(x.shape[0], generator=generator) < 0.5
+    if mask.any():
+        x = x.clone()
+        x[mask] = x[mask].flip(-1)
+    return x
+
+
+# ----------------------------------------------------------------------- schedule
+
+
+def lr_at(step: int, total_steps: int, steps_per_epoch: int, params: TrainParams) -> float:
+    """Learning rate at optimiser ``step`` (0-based): linear warm-up, then the schedule."""
+    warmup = int(params.warmup_epochs * steps_per_epoch)
+    if warmup and step < warmup:
+        return params.lr * (step + 1) / warmup
+    if params.schedule == "constant":
+        return params.lr
+    if params.schedule == "step":
+        epoch = step // max(steps_per_epoch, 1)
+        return params.lr * params.gamma ** sum(epoch >= m for m in params.milestones)
+    progress = (step - warmup) / max(total_steps - warmup, 1)
+    return params.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ------------------------------------------------------------------------- model
+
+
+def build_modules(setup: TrainSetup, num_classes: int) -> tuple[nn.Module, nn.Module]:
+    from pipeline import losses
+    from pipeline.models import build_model
+
+    model = build_model(
+        setup.model.backbone,
+        embedding_size=setup.model.embedding_size,
+        in_channels=1 if setup.model.grayscale else 3,
+        input_size=setup.image_size,
+        dropout=setup.model.dropout,
+        head=setup.model.head,
+    )
+    criterion = losses.build(setup.loss_name, num_classes=num_classes, embedding_size=setup.model.embedding_size,
+                             **setup.loss_params)
+    return model, criterion
+
+
+def fingerprint(setup: TrainSetup, data: FaceShards) -> str:
+    """Hash of everything that defines a run; a checkpoint resumes only a run with the same one."""
+    blob = json.dumps(
+        {
+            "loss": setup.loss_name,
+            "loss_params": setup.loss_params,
+            "model": setup.model.model_dump(),
+            "train": setup.train.model_dump(exclude={"workers", "device"}),
+            "seed": setup.seed,
+            "n": len(data),
+            "ids": hashlib.sha1("\n".join(data.image_ids).encode()).hexdigest(),
+            "code": code_hash(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def code_hash() -> str:
+    """Hash of the source files that shape training, so a code change never resumes an old run."""
+    root = Path(__file__).parent
+    files = [root / "train.py", root / "samplers.py", root / "shards.py"]
+    files += sorted((root / "losses").glob("*.py")) + sorted((root / "models").glob("*.py"))
+    digest = hashlib.sha1()
+    for f in files:
+        if f.is_file():
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise TrainingError("train.device is 'cuda' but no CUDA device is visible; set train.device: auto")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def embed_array(model: nn.Module, images: torch.Tensor, *, grayscale: bool, device: torch.device,
+                batch_size: int = 256, flip: bool = False) -> np.ndarray:
+    """Embeddings ``[N, D]`` (float32) of ``images`` ``[N, H, W, 3]`` uint8, optionally flip-fused."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_input(images[start : start + batch_size].to(device), grayscale=grayscale)
+        e = model(x).float()
+        if flip:
+            e = e + model(x.flip(-1)).float()
+        out.append(e.cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def validation_auc(model: nn.Module, images: torch.Tensor, pairs: np.ndarray, *, grayscale: bool,
+                   device: torch.device) -> float:
+    from pipeline.metrics import roc_auc
+
+    if len(pairs) == 0 or pairs[:, 2].min() == pairs[:, 2].max():
+        return float("nan")
+    emb = embed_array(model, images, grayscale=grayscale, device=device)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    scores = (emb[pairs[:, 0]] * emb[pairs[:, 1]]).sum(axis=1)
+    return float(roc_auc(scores, pairs[:, 2]))
+
+
+# -------------------------------------------------------------------------- train
+
+
+def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, checkpoint_dir: str | Path,
+          report_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Train, checkpointing every epoch; returns the final metrics dict."""
+    from pipeline import losses
+    from pipeline.samplers import PKBatchSampler
+
+    torch.manual_seed(setup.seed)
+    np.random.seed(setup.seed % 2**32)
+    params = setup.train
+    device = pick_device(params.device)
+    data = read_shards(Path(shards_dir) / "train")
+    if len(data.identity_names) < 2:
+        raise TrainingError(f"{shards_dir}/train: need at least 2 identities to train, found {len(data.identity_names)}")
+    train_idx, val_idx = split_train_val(data.labels, params.val_fraction, setup.seed)
+    all_images = torch.from_numpy(data.decode_all())
+    if all_images.shape[1] != setup.image_size:
+        raise TrainingError(f"shards hold {all_images.shape[1]}px faces but align.size is {setup.image_size}")
+    train_images, train_labels = all_images[train_idx], torch.from_numpy(data.labels[train_idx])
+    val_images, val_labels = all_images[val_idx], data.labels[val_idx]
+    pairs = validation_pairs(val_labels, setup.seed)
+
+    model, criterion = build_modules(setup, num_classes=len(data.identity_names))
+    if params.init_from:
+        _load_initial_weights(model, Path(params.init_from))
+    if params.freeze_backbone:
+        model.freeze_backbone(True)
+    model.to(device)
+    criterion.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    trainable = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
+    use_pk = bool(getattr(criterion, "needs_pk_batches", False))
+    if use_pk:
+        sampler = PKBatchSampler(train_labels.tolist(), params.pk_identities, params.pk_images, seed=setup.seed)
+        steps_per_epoch = len(sampler)
+    else:
+        sampler = None
+        steps_per_epoch = len(train_idx) // params.batch_size
+    if params.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, params.max_steps_per_epoch)
+    if steps_per_epoch < 1:
+        raise TrainingError(
+            f"{len(train_idx)} training images are fewer than one batch of {params.batch_size}; lower train.batch_size"
+        )
+    total_steps = steps_per_epoch * params.epochs
+    use_amp = params.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    checkpoint_dir, model_dir, report_dir = Path(checkpoint_dir), Path(model_dir), Path(report_dir)
+    checkpoint_path = checkpoint_dir / "last.pt"
+    key = fingerprint(setup, data)
+    state = {"epoch": 0, "step": 0, "best_auc": -1.0, "best_epoch": 0, "history": []}
+    if checkpoint_path.is_file():
+        saved = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if saved.get("fingerprint") == key and saved["epoch"] <= params.epochs:
+            model.load_state_dict(saved["model"])
+            criterion.load_state_dict(saved["criterion"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scaler.load_state_dict(saved["scaler"])
+            state = saved["state"]
+            print(f"[{setup.loss_name}] resuming from {checkpoint_path} after epoch {state['epoch']}")
+        else:
+            print(f"[{setup.loss_name}] ignoring {checkpoint_path}: it was made with other settings")
+    model.train()
+    criterion.train()
+    started = time.perf_counter()
+    seconds = {"data": 0.0, "compute": 0.0}
+    for epoch in range(state["epoch"], params.epochs):
+        generator = torch.Generator().manual_seed(setup.seed * 1000 + epoch)
+        if use_pk:
+            sampler.set_epoch(epoch)
+            batches = list(sampler)[:steps_per_epoch]
+        else:
+            order = torch.randperm(len(train_idx), generator=generator)
+            batches = [order[k * params.batch_size : (k + 1) * params.batch_size] for k in range(steps_per_epoch)]
+        losses_seen = []
+        bar = tqdm(batches, desc=f"train {setup.loss_name} epoch {epoch + 1}/{params.epochs}", unit="batch",
+                   disable=not progress, dynamic_ncols=True)
+        for batch in bar:
+            t0 = time.perf_counter()
+            index = torch.as_tensor(batch, dtype=torch.long)
+            x = augment(to_input(train_images[index], grayscale=setup.model.grayscale), generator, flip=params.flip)
+            y = train_labels[index]
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            t1 = time.perf_counter()
+            lr = lr_at(state["step"], total_steps, steps_per_epoch, params)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                embeddings = model(x)
+            loss = criterion(embeddings.float(), y)  # margins are computed in fp32
+            try:
+                losses.check_finite(loss, loss_name=setup.loss_name, step=state["step"], params=setup.loss_params)
+            except losses.NonFiniteLossError as err:
+                raise TrainingError(f"{err}. The last good checkpoint is kept at {checkpoint_path}.") from None
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if params.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, params.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            state["step"] += 1
+            losses_seen.append(float(loss.detach()))
+            t2 = time.perf_counter()
+            seconds["data"] += t1 - t0
+            seconds["compute"] += t2 - t1
+            bar.set_postfix(loss=f"{losses_seen[-1]:.3f}", lr=f"{lr:.3g}")
+        auc = validation_auc(model, val_images, pairs, grayscale=setup.model.grayscale, device=device)
+        state["epoch"] = epoch + 1
+        state["history"].append(
+            {"epoch": epoch + 1, "step": state["step"], "lr": lr, "train_loss": float(np.mean(losses_seen)),
+             "val_auc": auc}
+        )
+        print(f"[{setup.loss_name}] epoch {epoch + 1}: loss {np.mean(losses_seen):.4f}  val AUC {auc:.4f}")
+        improved = not math.isnan(auc) and auc > state["best_auc"]
+        if improved or state["best_epoch"] == 0:
+            state["best_auc"], state["best_epoch"] = (auc if not math.isnan(auc) else -1.0), epoch + 1
+            save_model(checkpoint_dir / "best.pt", model, setup, data, epoch + 1, auc)
+        _save_checkpoint(checkpoint_path, key, model, criterion, optimizer, scaler, state)
+    elapsed = time.perf_counter() - started
+    best_path = checkpoint_dir / "best.pt"
+    if not best_path.is_file():
+        raise TrainingError(f"{best_path}: missing although training finished; delete {checkpoint_dir} and rerun")
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_file(model_dir / "model.pt") as tmp:
+        tmp.write_bytes(best_path.read_bytes())
+    history = pd.DataFrame(state["history"])
+    write_csv(report_dir / "history.csv", history)
+    metrics = {
+        "best_epoch": state["best_epoch"],
+        "best_val_auc": state["best_auc"],
+        "final_train_loss": state["history"][-1]["train_loss"],
+        "epochs": params.epochs,
+        "steps": state["step"],
+        "train_images": int(len(train_idx)),
+        "val_images": int(len(val_idx)),
+        "identities": len(data.identity_names),
+    }
+    timing = {
+        "seconds_this_run": round(elapsed, 2),
+        "step_seconds_data": round(seconds["data"], 3),
+        "step_seconds_compute": round(seconds["compute"], 3),
+        "device": str(device),
+    }
+    write_json(report_dir / "metrics.json", metrics)
+    write_json(report_dir / "timing.json", timing)
+    return metrics
+
+
+def _save_checkpoint(path: Path, key: str, model, criterion, optimizer, scaler, state) -> None:
+    with atomic_file(path) as tmp:
+        torch.save(
+            {
+                "fingerprint": key,
+                "epoch": state["epoch"],
+                "model": model.state_dict(),
+                "criterion": criterion.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "state": state,
+            },
+            tmp,
+        )
+
+
+def save_model(path: Path, model: nn.Module, setup: TrainSetup, data: FaceShards, epoch: int, auc: float) -> None:
+    """The deliverable of a run: weights plus what is needed to rebuild and use them."""
+    with atomic_file(path) as tmp:
+        torch.save(
+            {
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "model_params": setup.model.model_dump(),
+                "image_size": setup.image_size,
+                "loss": setup.loss_name,
+                "loss_params": setup.loss_params,
+                "epoch": epoch,
+                "val_auc": auc,
+                "identities": len(data.identity_names),
+            },
+            tmp,
+        )
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by :func:`save_model`; returns ``(model, saved_dict)``."""
+    from pipeline.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"{path}: no trained model; run the train stage first (dvc repro)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    mp = ModelParams(**saved["model_params"])
+    model = build_model(mp.backbone, embedding_size=mp.embedding_size, in_channels=1 if mp.grayscale else 3,
+                        input_size=saved["image_size"], dropout=mp.dropout, head=mp.head)
+    model.load_state_dict(saved["model"])
+    return model.to(device).eval(), saved
+
+
+def _load_initial_weights(model: nn.Module, path: Path) -> None:
+    """Transfer learning: copy every tensor of a saved model whose name and shape match."""
+    if not path.is_file():
+        raise TrainingError(f"train.init_from = {str(path)!r}: file not found")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    weights = saved.get("model", saved)
+    own = model.state_dict()
+    matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise TrainingError(f"train.init_from = {str(path)!r}: no weights match this model's layers")
+    own.update(matched)
+    model.load_state_dict(own)
+    print(f"initialised {len(matched)}/{len(own)} tensors from {path}")
+
+
+def cpu_threads() -> int:
+    return int(os.environ.get("FACEPIPE_THREADS", os.cpu_count() or 1))

@@ -1,0 +1,61 @@
+"""Alignment: the similarity transform, the template, residuals, the contact sheet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.align import ARCFACE_TEMPLATE_112, align_face, apply_transform, contact_sheet, similarity_transform, template
+
+
+def _similarity(angle: float, scale: float, shift: tuple[float, float]) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[scale * c, -scale * s, shift[0]], [scale * s, scale * c, shift[1]]])
+
+
+def test_recovers_a_known_similarity():
+    truth = _similarity(0.3, 1.7, (12.0, -5.0))
+    src = np.random.default_rng(0).random((5, 2)) * 100
+    dst = apply_transform(truth, src)
+    np.testing.assert_allclose(similarity_transform(src, dst), truth, atol=1e-9)
+
+
+def test_never_reflects():
+    src = ARCFACE_TEMPLATE_112.copy()
+    mirrored = src.copy()
+    mirrored[:, 0] = 112 - mirrored[:, 0]
+    matrix = similarity_transform(mirrored, src)
+    assert np.linalg.det(matrix[:, :2]) > 0
+
+
+def test_template_scales_with_size():
+    np.testing.assert_allclose(template(224), ARCFACE_TEMPLATE_112 * 2)
+    assert template(112)[0].tolist() == pytest.approx([38.2946, 51.6963])
+
+
+def test_align_puts_landmarks_on_template():
+    # Landmarks of a face rotated by 20 degrees and scaled 2.5x inside a 400x400 image.
+    truth = _similarity(np.deg2rad(20), 2.5, (80.0, 60.0))
+    landmarks = apply_transform(truth, ARCFACE_TEMPLATE_112)
+    image = np.zeros((400, 400, 3), dtype=np.uint8)
+    for x, y in landmarks:
+        image[int(round(y)) - 2 : int(round(y)) + 3, int(round(x)) - 2 : int(round(x)) + 3] = 255
+    crop, residual = align_face(image, landmarks, 112)
+    assert crop.shape == (112, 112, 3)
+    assert residual < 1e-6
+    for x, y in ARCFACE_TEMPLATE_112:  # the bright dots land on the template points
+        assert crop[int(round(y)), int(round(x))].max() > 100
+    noisy = landmarks + np.random.default_rng(1).normal(0, 3.0, landmarks.shape)
+    _, noisy_residual = align_face(image, noisy, 112)
+    assert 0.2 < noisy_residual < 5.0
+
+
+def test_degenerate_landmarks_raise():
+    with pytest.raises(ValueError, match="coincide"):
+        similarity_transform(np.ones((5, 2)), ARCFACE_TEMPLATE_112)
+
+
+def test_contact_sheet_shape():
+    crops = [np.full((112, 112, 3), k * 20, dtype=np.uint8) for k in range(5)]
+    sheet = contact_sheet(crops, [str(k) for k in range(5)], columns=4)
+    assert sheet.shape == (2 * (112 + 12), 4 * 112, 3)

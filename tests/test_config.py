@@ -1,0 +1,89 @@
+"""params.yaml validation: one clear line per mistake, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def _write(tmp_path: Path, edit) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def test_default_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert "arcface" in params.train_losses and "softmax" in params.train_losses
+    assert params.loss_params("arcface")["margin"] == pytest.approx(0.5)
+    assert params.loss_params("cosface")["margin"] == pytest.approx(0.35)
+
+
+def _set(path: str, value):
+    def edit(params):
+        node = params
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node[key]
+        node[keys[-1]] = value
+
+    return edit
+
+
+BROKEN = [
+    ("unknown top-level key", _set("trian", {"epochs": 3}), "trian"),
+    ("typo in a section key", _set("train.epoch", 3), "train.epoch"),
+    ("negative learning rate", _set("train.lr", -0.1), "train.lr"),
+    ("zero embedding size", _set("model.embedding_size", 0), "model.embedding_size"),
+    ("unknown backbone", _set("model.backbone", "resnet999"), "resnet999"),
+    ("unknown loss", _set("train_losses.arcfase", "losses.arcfase"), "arcfase"),
+    ("arcface margin >= pi", _set("loss.margin", 3.5), "loss"),
+    ("negative cosface margin", _set("losses.cosface.margin", -0.1), "margin"),
+    ("zero scale", _set("loss.scale", 0), "scale"),
+    ("unknown loss param", _set("losses.cosface.marign", 0.3), "marign"),
+    ("missing dataset path", _set("data.train", {"kind": "folder", "path": "/no/such/folder"}), "/no/such/folder"),
+    ("bad distance", _set("score.distances", ["cosine", "manhattan"]), "score.distances"),
+    ("bad threshold", _set("detect.thresholds", [0.6, 0.7, 1.8]), "detect.thresholds"),
+]
+
+
+@pytest.mark.parametrize("label,edit,needle", BROKEN, ids=[b[0] for b in BROKEN])
+def test_broken_params_give_one_line(tmp_path, label, edit, needle):
+    path = _write(tmp_path, edit)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert needle in message
+    assert str(path) in message
+
+
+def test_not_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_cli_exits_2_and_writes_nothing(tmp_path):
+    path = _write(tmp_path, _set("train.lr", -1))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "data", "--params", str(path)],
+        cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "train.lr" in lines[0] and "-1" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

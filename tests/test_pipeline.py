@@ -1,0 +1,126 @@
+"""End to end: the real dvc.yaml on a tiny synthetic config, in a fresh git+DVC project.
+
+Checks what a user relies on: `dvc repro` builds the report; a second `dvc repro`
+runs nothing; changing the ArcFace margin reruns only ArcFace's stages and the
+report; changing a scoring switch reruns only scoring and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "data": {
+        "synthetic": {
+            "train_identities": 8, "train_images_per_identity": 6, "closed_images_per_identity": 2,
+            "open_identities": 6, "domain_identities": 6, "test_images_per_identity": 3,
+            "image_size": 128, "folds": 2, "pairs_per_fold": 8,
+        }
+    },
+    "detect": {"batch_size": 16},
+    "align": {"contact_sheet": 16},
+    "train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "pk_identities": 4, "pk_images": 2},
+    "model": {"embedding_size": 32},
+    "score": {"bootstrap": 20},
+    "train_losses": {"softmax": "losses.softmax", "arcface": "loss"},
+}
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "train_losses" else value
+    return out
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+               PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(os.cpu_count() or 1))
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _set_param(project: Path, dotted: str, value) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    node = params
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    project = tmp_path_factory.mktemp("facepipe")
+    shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], project)
+    _run(["dvc", "init", "-q"], project)
+    first = _run(["dvc", "repro"], project)
+    (project / "first_run.log").write_text(first.stdout)
+    return project
+
+
+def test_repro_builds_the_report(project):
+    log = (project / "first_run.log").read_text()
+    assert {"data", "detect", "align", "shard", "train@softmax", "train@arcface", "score@arcface", "report"} <= _ran(log)
+    table = pd.read_csv(project / "reports" / "comparison.csv")
+    assert set(table["loss"]) == {"softmax", "arcface"}
+    assert set(table["test_set"]) == {"synth_open", "synth_closed", "synth_domain"}
+    assert set(table["variant"]) == {"cosine_norm", "cosine_raw", "l2_norm", "l2_raw"}
+    assert table["auc"].between(0, 1).all()
+    # cosine does not depend on test-time normalisation: a built-in sanity check
+    cos = table[table["distance"] == "cosine"].pivot_table(index=["loss", "test_set"], columns="variant", values="auc")
+    assert (cos["cosine_norm"] - cos["cosine_raw"]).abs().max() < 1e-9
+    index = (project / "reports" / "index.md").read_text()
+    assert "## Readings" in index and "synth_domain" in index
+    detection = json.loads((project / "reports" / "detection.json").read_text())
+    assert detection["train"]["images"] == 8 * 6
+    figures = list((project / "reports" / "figures" / "roc").rglob("*.png"))
+    assert {f.name for f in figures} >= {"smallcnn_cosine_norm.png", "smallcnn_l2_raw.png"}
+    metrics = json.loads((project / "reports" / "metrics" / "arcface.json").read_text())
+    assert metrics["synth_open"]["cosine_norm"]["auc"] == pytest.approx(
+        table.query("loss == 'arcface' and test_set == 'synth_open' and variant == 'cosine_norm'")["auc"].item()
+    )
+
+
+def test_second_repro_runs_nothing(project):
+    status = _run(["dvc", "status"], project)
+    assert "up to date" in status.stdout
+    again = _run(["dvc", "repro"], project)
+    assert _ran(again.stdout) == set()
+
+
+def test_margin_change_reruns_only_arcface(project):
+    _set_param(project, "loss.margin", 0.8)
+    result = _run(["dvc", "repro"], project)
+    assert _ran(result.stdout) == {"train@arcface", "embed@arcface", "score@arcface", "report"}
+
+
+def test_scoring_switch_reruns_only_scoring(project):
+    _set_param(project, "score.bootstrap", 10)
+    result = _run(["dvc", "repro"], project)
+    assert _ran(result.stdout) == {"score@arcface", "score@softmax", "report"}
+    assert "up to date" in _run(["dvc", "status"], project).stdout
