@@ -1,0 +1,179 @@
+"""Shared loss machinery: parameter validation, input checks, the large-margin softmax.
+
+``LargeMarginSoftmax`` holds the class weights, L2-normalises features and
+weights, scales the logits and applies cross-entropy. A margin loss overrides one
+hook, ``target_logit(cos_target) -> modified cos`` (the margin applied to the
+true-class cosine); the few that need more override one other documented hook
+(``cosine`` for sub-centres, ``scale_factor`` for SphereFace's feature norm,
+``regularizer`` for the intra/inter ablation terms).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.losses.params import SCALE, Param
+
+#: Floor for 1 - cos^2 before a square root: keeps d/dcos finite at cos = +-1.
+SIN2_EPS = 1e-12
+
+
+def safe_sin(cos: Tensor) -> Tensor:
+    """sin(theta) >= 0 from cos(theta), any shape; finite gradient at cos = +-1."""
+    return (1.0 - cos * cos).clamp_min(SIN2_EPS).sqrt()
+
+
+def safe_angle(cos: Tensor) -> Tensor:
+    """theta = arccos(cos) in [0, pi] radians, any shape, with a finite gradient everywhere.
+
+    ``torch.acos`` has an infinite derivative at +-1 (reached when an embedding equals
+    or opposes its class weight); ``atan2(sin, cos)`` with a floored ``sin`` does not.
+    Values of ``cos`` slightly outside [-1, 1] from rounding map to 0 or pi.
+    """
+    return torch.atan2(safe_sin(cos), cos)
+
+
+class LossBase(nn.Module):
+    """Base of every loss: declared params, validation, input checks.
+
+    Subclasses set ``name``, ``PARAMS`` and the two flags the trainer reads:
+    ``is_classifier`` (has class ``weight`` and ``logits``) and ``needs_pk_batches``
+    (batches must hold several images of each of several identities: use
+    :class:`pipeline.samplers.PKBatchSampler`). Validated params are in ``self.hparams``.
+    """
+
+    name: ClassVar[str] = "base"
+    PARAMS: ClassVar[dict[str, Param]] = {}
+    is_classifier: ClassVar[bool] = False
+    needs_pk_batches: ClassVar[bool] = False
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Paper defaults of every parameter."""
+        return {key: spec.default for key, spec in cls.PARAMS.items()}
+
+    @classmethod
+    def validate(cls, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Defaults merged with ``params``, each checked; ``ValueError`` on the first bad one."""
+        unknown = sorted(set(params) - set(cls.PARAMS))
+        if unknown:
+            allowed = ", ".join(cls.PARAMS) or "none"
+            raise ValueError(f"{cls.name}: unknown param {unknown[0]!r}; allowed params: {allowed}")
+        out = cls.defaults()
+        for key, value in params.items():
+            out[key] = cls.PARAMS[key].check(cls.name, key, value)
+        cls.check_combination(out)
+        return out
+
+    @classmethod
+    def check_combination(cls, params: dict[str, Any]) -> None:
+        """Cross-parameter checks; override to raise ``ValueError``."""
+
+    def __init__(self, num_classes: int, embedding_size: int, **params: Any) -> None:
+        super().__init__()
+        for label, value, low in (("num_classes", num_classes, 2 if self.is_classifier else 1),
+                                  ("embedding_size", embedding_size, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{self.name}: {label} = {value!r} is not allowed; expected an integer >= {low}")
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.hparams: dict[str, Any] = self.validate(params)
+
+    def extra_repr(self) -> str:
+        items = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+        return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}" + (f", {items}" if items else "")
+
+    def check_inputs(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Raise ``ValueError`` unless embeddings is [B, D] float and labels is [B] int64 in range."""
+        if embeddings.ndim != 2 or embeddings.shape[1] != self.embedding_size:
+            raise ValueError(
+                f"{self.name}: embeddings must have shape [B, {self.embedding_size}], got {list(embeddings.shape)}"
+            )
+        if not embeddings.is_floating_point():
+            raise ValueError(f"{self.name}: embeddings must be floating point, got {embeddings.dtype}")
+        if labels.ndim != 1 or labels.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"{self.name}: labels must have shape [{embeddings.shape[0]}], got {list(labels.shape)}"
+            )
+        if labels.dtype != torch.int64:
+            raise ValueError(f"{self.name}: labels must be int64, got {labels.dtype}")
+        if labels.numel() == 0:
+            raise ValueError(f"{self.name}: empty batch")
+        if self.is_classifier:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= self.num_classes:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"{self.name}: label {bad} is outside [0, {self.num_classes - 1}]")
+
+
+class LargeMarginSoftmax(LossBase):
+    """Normalised-softmax classifier with a margin on the true-class cosine.
+
+    ``weight``: [num_classes, embedding_size] class centres (normalised on use, no bias).
+    logits[i, j] = scale_factor * cos(theta_ij) for j != y_i and
+    scale_factor * target_logit(cos(theta_i,y_i)) for j = y_i; loss = mean cross-entropy
+    + ``regularizer``. Computation runs in float32 even under autocast.
+
+    Hooks (override one): ``target_logit`` (the margin), ``cosine``, ``scale_factor``,
+    ``regularizer``.
+    """
+
+    is_classifier = True
+    PARAMS: ClassVar[dict[str, Param]] = {"scale": SCALE}
+
+    def __init__(self, num_classes: int, embedding_size: int, **params: Any) -> None:
+        super().__init__(num_classes, embedding_size, **params)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        nn.init.xavier_uniform_(self.weight)
+
+    # ---- hooks -------------------------------------------------------------------
+    def target_logit(self, cos_target: Tensor) -> Tensor:
+        """Margin hook: [B] true-class cos(theta) -> [B] modified value (unscaled)."""
+        return cos_target
+
+    def cosine(self, embeddings: Tensor) -> Tensor:
+        """[B, D] float32 features -> [B, C] cosine to each class."""
+        return F.linear(F.normalize(embeddings, dim=1), F.normalize(self.weight.float(), dim=1))
+
+    def scale_factor(self, embeddings: Tensor) -> Tensor | float:
+        """Multiplier of the logits: the constant ``scale`` s (or [B, 1])."""
+        return self.hparams["scale"]
+
+    def regularizer(self, cos: Tensor, labels: Tensor) -> Tensor | float:
+        """Extra scalar added to the cross-entropy (0 for plain margin losses)."""
+        return 0.0
+
+    # ---- public API ----------------------------------------------------------------
+    def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Scaled, margin-applied logits [B, C] that the cross-entropy sees."""
+        return self._cos_and_logits(embeddings, labels)[1]
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy over the batch (+ regularizer): scalar tensor."""
+        self.check_inputs(embeddings, labels)
+        cos, logits = self._cos_and_logits(embeddings, labels)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return F.cross_entropy(logits, labels) + self.regularizer(cos, labels)
+
+    def _cos_and_logits(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            x = embeddings.float()
+            cos = self.cosine(x)
+            index = labels.view(-1, 1)
+            target = self.target_logit(cos.gather(1, index).squeeze(1))
+            logits = cos.scatter(1, index, target.unsqueeze(1).to(cos.dtype))
+            return cos, logits * self.scale_factor(x)
+
+
+def angle_limit_message(loss: str, names: str, values: str, u: float, limit: float) -> str:
+    """Message for a margin whose theta-shift past pi would make the fallback non-monotone."""
+    return (
+        f"{loss}: {names} = {values} shift the angle past pi by up to {u:.4f} rad; "
+        f"the monotonic fallback needs at most {limit:.4f} rad (pi = {math.pi:.4f})"
+    )

@@ -1,0 +1,85 @@
+"""Plain softmax cross-entropy and softmax + Center Loss (Wen et al., 2016)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.losses.base import LossBase
+from pipeline.losses.params import Param
+
+
+class Softmax(LossBase):
+    """Fully connected layer with bias + cross-entropy; no normalisation, no margin.
+
+    ``weight`` [num_classes, embedding_size], ``bias`` [num_classes] (``nn.Linear`` init);
+    logits = x W^T + b.
+    """
+
+    name = "softmax"
+    is_classifier = True
+
+    def __init__(self, num_classes: int, embedding_size: int, **params: Any) -> None:
+        super().__init__(num_classes, embedding_size, **params)
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
+        self.bias = nn.Parameter(torch.empty(num_classes))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(embedding_size)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def logits(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
+        """[B, D] -> [B, C] logits x W^T + b (labels are not used)."""
+        return F.linear(embeddings, self.weight, self.bias)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Mean cross-entropy: scalar tensor."""
+        self.check_inputs(embeddings, labels)
+        return F.cross_entropy(self.logits(embeddings), labels)
+
+
+class CenterLoss(Softmax):
+    """Softmax + center loss: CE + center_weight * 1/2 * mean_i ||x_i - c_{y_i}||^2.
+
+    Both terms are means over the batch (the paper sums both; the ratio lambda is the
+    same). ``centers`` [num_classes, embedding_size] is a buffer (in ``state_dict``,
+    not in ``parameters()``), zero-initialised and updated by the paper's rule, not
+    by the optimizer: after every training-mode forward, with the loss computed on
+    the old centres,
+    delta_j = sum_{i: y_i = j} (c_j - x_i) / (1 + n_j);  c_j <- c_j - center_lr * delta_j.
+    Features are the raw (un-normalised) embeddings.
+    """
+
+    name = "center"
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "center_weight": Param(0.003, float, low=0.0, help="lambda, weight of the center term"),
+        "center_lr": Param(0.5, float, low=0.0, high=1.0, help="alpha, centre update rate"),
+    }
+
+    def __init__(self, num_classes: int, embedding_size: int, **params: Any) -> None:
+        super().__init__(num_classes, embedding_size, **params)
+        self.register_buffer("centers", torch.zeros(num_classes, embedding_size))
+
+    def center_term(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """1/2 * mean_i ||x_i - c_{y_i}||^2 (scalar; gradient only to the embeddings)."""
+        diff = embeddings.float() - self.centers[labels]
+        return 0.5 * diff.pow(2).sum(dim=1).mean()
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        self.check_inputs(embeddings, labels)
+        loss = F.cross_entropy(self.logits(embeddings), labels)
+        loss = loss + self.hparams["center_weight"] * self.center_term(embeddings, labels)
+        if self.training:
+            self.update_centers(embeddings, labels)
+        return loss
+
+    @torch.no_grad()
+    def update_centers(self, embeddings: Tensor, labels: Tensor) -> None:
+        """One centre step from a batch: [B, D] embeddings, [B] labels (see class doc)."""
+        x = embeddings.detach().float()
+        sums = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - x)
+        counts = torch.bincount(labels, minlength=self.num_classes).to(self.centers.dtype)
+        self.centers -= self.hparams["center_lr"] * sums / (1.0 + counts).unsqueeze(1)

@@ -1,0 +1,623 @@
+"""Every loss recomputed by hand (numpy, float64) from its formula, via the public API."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline import losses
+from pipeline.losses import NonFiniteLossError, build, check_finite
+from pipeline.samplers import PKBatchSampler
+
+PI = math.pi
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: intra-op threads only contend on a busy machine (30x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- numpy references
+def np_cos(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    wn = w / np.linalg.norm(w, axis=1, keepdims=True)
+    return xn @ wn.T
+
+
+def np_ce(logits: np.ndarray, y: np.ndarray) -> float:
+    top = logits.max(axis=1, keepdims=True)
+    lse = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    return float(np.mean(lse - logits[np.arange(len(y)), y]))
+
+
+def np_psi(theta: np.ndarray, m: int) -> np.ndarray:
+    k = np.clip(np.floor(m * theta / PI), 0, m - 1)
+    return (-1.0) ** k * np.cos(m * theta) - 2.0 * k
+
+
+def np_target(name: str, cos: np.ndarray, p: dict) -> np.ndarray:
+    """Margin applied to the true-class cos(theta), straight from the formulas (unscaled)."""
+    theta = np.arccos(np.clip(cos, -1.0, 1.0))
+    if name in ("normface", "intra", "inter"):
+        return cos
+    if name == "cosface":
+        return cos - p["margin"]
+    if name in ("arcface", "subcenter"):
+        m = p["margin"]
+        exact = np.cos(theta + m)
+        if p.get("easy_margin"):
+            return np.where(cos > 0, exact, cos)
+        return np.where(theta + m <= PI, exact, cos - m * np.sin(m))
+    if name == "combined":
+        m1, m2, m3 = p["m1"], p["m2"], p["m3"]
+        angle = m1 * theta + m2
+        theta_star = (PI - m2) / m1
+        fallback = cos - (PI - theta_star) * np.sin(theta_star) - m3
+        return np.where(angle <= PI, np.cos(angle) - m3, fallback)
+    raise AssertionError(name)
+
+
+def np_logits(name: str, x: np.ndarray, w: np.ndarray, y: np.ndarray, p: dict, iteration: int = 0) -> np.ndarray:
+    if name == "subcenter":
+        k = p["subcenters"]
+        cos = np_cos(x, w).reshape(len(x), -1, k).max(axis=2)
+    else:
+        cos = np_cos(x, w)
+    rows = np.arange(len(y))
+    out = cos.copy()
+    if name == "sphereface":
+        lam = max(p["lambda_min"], p["lambda_base"] * (1 + p["lambda_gamma"] * iteration) ** (-p["lambda_power"]))
+        theta = np.arccos(np.clip(cos[rows, y], -1, 1))
+        out[rows, y] = (lam * cos[rows, y] + np_psi(theta, p["margin"])) / (1 + lam)
+        return out * np.linalg.norm(x, axis=1, keepdims=True)
+    out[rows, y] = np_target(name, cos[rows, y], p)
+    return out * p["scale"]
+
+
+def np_regularizer(name: str, x: np.ndarray, w: np.ndarray, y: np.ndarray) -> float:
+    if name == "intra":
+        cos = np_cos(x, w)[np.arange(len(y)), y]
+        return float(np.arccos(np.clip(cos, -1, 1)).mean() / PI)
+    if name == "inter":
+        ang = np.arccos(np.clip(np_cos(w, w), -1, 1))
+        c = len(w)
+        per = [(ang[yi].sum() - ang[yi, yi]) / (c - 1) for yi in y]
+        return -float(np.mean(per)) / PI
+    return 0.0
+
+
+def batch(n: int = 24, d: int = 8, c: int = 5, seed: int = 0, loss=None):
+    """Random embeddings; half of them placed near the opposite of their class weight
+    (theta near pi) so the margin fallbacks are exercised."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n,), generator=g)
+    x = torch.randn(n, d, generator=g) * 2.0
+    if loss is not None:
+        w = loss.weight.detach()
+        if w.shape[0] != c:  # subcenter: first sub-centre of each class
+            w = w.view(c, -1, d)[:, 0]
+        half = n // 2
+        x[:half] = -3.0 * w[y[:half]] / w[y[:half]].norm(dim=1, keepdim=True) + 0.4 * torch.randn(half, d, generator=g)
+    return x, y
+
+
+MARGIN_CASES = [
+    ("normface", {"scale": 64.0}),
+    ("normface", {"scale": 20.0}),
+    ("cosface", {}),
+    ("arcface", {}),
+    ("arcface", {"margin": 0.8, "scale": 30.0}),
+    ("arcface", {"easy_margin": True}),
+    ("combined", {"m1": 1.0, "m2": 0.3, "m3": 0.2}),  # CM1
+    ("combined", {"m1": 0.9, "m2": 0.4, "m3": 0.15}),  # CM2
+    ("combined", {"m1": 1.35, "m2": 0.1, "m3": 0.05}),
+    ("subcenter", {}),
+    ("sphereface", {}),
+    ("sphereface", {"margin": 3}),
+    ("intra", {}),
+    ("inter", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "params"), MARGIN_CASES)
+def test_margin_logits_and_loss_match_numpy(name: str, params: dict) -> None:
+    torch.manual_seed(1)
+    loss = build(name, num_classes=5, embedding_size=8, **params)
+    iteration = 0
+    if name == "sphereface":
+        loss.iteration.fill_(37)
+        iteration = 37
+    x, y = batch(loss=loss)
+    p = losses.validate_params(name, params)
+    w = loss.weight.detach().double().numpy()
+    ref_logits = np_logits(name, x.double().numpy(), w, y.numpy(), p, iteration)
+    got = loss.logits(x, y).detach().double().numpy()
+    assert got.shape == (24, 5)
+    np.testing.assert_allclose(got, ref_logits, rtol=1e-5, atol=1e-4)
+    loss.eval()  # sphereface: do not advance the counter
+    ref_loss = np_ce(ref_logits, y.numpy()) + np_regularizer(name, x.double().numpy(), w, y.numpy())
+    assert float(loss(x, y).detach()) == pytest.approx(ref_loss, rel=1e-5, abs=1e-4)
+
+
+def test_random_batch_hits_the_arcface_fallback() -> None:
+    """Guard on the test above: the batch really has targets past theta = pi - m."""
+    loss = build("arcface", 5, 8)
+    x, y = batch(loss=loss)
+    cos = np_cos(x.numpy().astype(np.float64), loss.weight.detach().double().numpy())[np.arange(24), y.numpy()]
+    assert (np.arccos(cos) > PI - 0.5).sum() >= 3
+    assert (np.arccos(cos) < PI - 0.5).sum() >= 3
+
+
+# ---------------------------------------------------------------- known angles in 2-D
+def known_angle_logits(name: str, thetas: list[float], radius: float = 1.0, **params) -> torch.Tensor:
+    """Class weights at angles 0, 2.0, 4.0 rad; embeddings of class 0 at ``thetas``."""
+    loss = build(name, num_classes=3, embedding_size=2, **params)
+    angles = torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64)
+    if name == "subcenter":
+        angles = angles.repeat_interleave(loss.hparams["subcenters"])
+    with torch.no_grad():
+        loss.weight.copy_(torch.stack([angles.cos(), angles.sin()], dim=1) * 5.0)
+    t = torch.tensor(thetas, dtype=torch.float64)
+    x = (torch.stack([t.cos(), t.sin()], dim=1) * radius).float()
+    return loss.logits(x, torch.zeros(len(thetas), dtype=torch.int64)).detach().double()
+
+
+THETAS = [0.3, 1.2, 2.9]
+
+
+def test_arcface_known_angles() -> None:
+    logits = known_angle_logits("arcface", THETAS)
+    # theta = 2.9 > pi - 0.5: fallback cos(2.9) - 0.5*sin(0.5)
+    expected = [44.589229398, -8.246047635, -77.482939805]
+    np.testing.assert_allclose(logits[:, 0], expected, atol=1e-4)
+    # the other classes see plain s*cos(theta - angle_j)
+    np.testing.assert_allclose(logits[:, 1], [64 * math.cos(t - 2.0) for t in THETAS], atol=1e-4)
+    np.testing.assert_allclose(logits[:, 2], [64 * math.cos(t - 4.0) for t in THETAS], atol=1e-4)
+
+
+def test_arcface_easy_margin_known_angles() -> None:
+    logits = known_angle_logits("arcface", THETAS, easy_margin=True)
+    np.testing.assert_allclose(
+        logits[:, 0], [64 * math.cos(0.8), 64 * math.cos(1.7), 64 * math.cos(2.9)], atol=1e-4
+    )  # margin only where cos(theta) > 0, i.e. theta < pi/2; no fallback at 2.9
+
+
+def test_cosface_and_normface_known_angles() -> None:
+    cos = np.cos(THETAS)
+    np.testing.assert_allclose(known_angle_logits("cosface", THETAS)[:, 0], 64 * (cos - 0.35), atol=1e-4)
+    np.testing.assert_allclose(known_angle_logits("normface", THETAS, scale=20.0)[:, 0], 20 * cos, atol=1e-4)
+
+
+def test_combined_cm1_cm2_known_angles() -> None:
+    cm1 = known_angle_logits("combined", THETAS, m1=1.0, m2=0.3, m3=0.2)[:, 0]
+    # theta = 2.9 > pi - 0.3 = 2.8416: fallback cos(2.9) - 0.3*sin(pi - 0.3) - 0.2
+    np.testing.assert_allclose(
+        cm1, [64 * (math.cos(0.6) - 0.2), 64 * (math.cos(1.5) - 0.2), -80.615310532], atol=1e-4
+    )
+    cm2 = known_angle_logits("combined", [0.3, 1.2, 2.9, 3.1], m1=0.9, m2=0.4, m3=0.15)[:, 0]
+    # 0.9*2.9 + 0.4 = 3.01 < pi: exact; 0.9*3.1 + 0.4 = 3.19 > pi: fallback past theta* = 3.04621
+    expected = [64 * (math.cos(0.67) - 0.15), 64 * (math.cos(1.48) - 0.15), -73.046667133, -74.125980157]
+    np.testing.assert_allclose(cm2, expected, atol=1e-4)
+
+
+def test_subcenter_known_angles_use_the_best_subcenter() -> None:
+    loss = build("subcenter", num_classes=2, embedding_size=2, subcenters=3)
+    assert tuple(loss.weight.shape) == (6, 2)
+    # class 0 sub-centres at 1.0, 0.2, 2.5 rad; class 1 sub-centres at 3.0, 3.5, 4.0 rad
+    angles = torch.tensor([1.0, 0.2, 2.5, 3.0, 3.5, 4.0])
+    with torch.no_grad():
+        loss.weight.copy_(torch.stack([angles.cos(), angles.sin()], dim=1))
+    x = torch.tensor([[math.cos(0.5), math.sin(0.5)]])
+    logits = loss.logits(x, torch.tensor([0]))
+    assert logits.shape == (1, 2)
+    # closest class-0 sub-centre is at 0.2 rad: theta = 0.3; class 1 closest at 3.0: theta = 2.5
+    logits = logits.detach()
+    assert float(logits[0, 0]) == pytest.approx(64 * math.cos(0.3 + 0.5), abs=1e-4)
+    assert float(logits[0, 1]) == pytest.approx(64 * math.cos(2.5), abs=1e-4)
+
+
+@pytest.mark.parametrize("m", [0.5, 0.8, 1.5, losses.MAX_MONOTONE_MARGIN])
+def test_arcface_target_is_monotone_in_theta(m: float) -> None:
+    thetas = np.linspace(0.0, PI, 400).tolist()
+    target = known_angle_logits("arcface", thetas, margin=m, scale=1.0)[:, 0].numpy()
+    assert np.all(np.diff(target) <= 1e-6)
+
+
+@pytest.mark.parametrize(("m1", "m2", "m3"), [(1.0, 0.3, 0.2), (0.9, 0.4, 0.15), (1.35, 0.0, 0.0), (2.0, 0.5, 0.1)])
+def test_combined_target_is_monotone_in_theta(m1: float, m2: float, m3: float) -> None:
+    thetas = np.linspace(0.0, PI, 400).tolist()
+    target = known_angle_logits("combined", thetas, m1=m1, m2=m2, m3=m3, scale=1.0)[:, 0].numpy()
+    assert np.all(np.diff(target) <= 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("special", "params"),
+    [
+        ("arcface", {"margin": 0.5}),
+        ("arcface", {"margin": 1.2}),
+        ("cosface", {"margin": 0.35}),
+        ("normface", {}),
+    ],
+)
+def test_combined_reduces_to_arcface_cosface_normface(special: str, params: dict) -> None:
+    m = params.get("margin", 0.0)
+    m1, m2, m3 = {"arcface": (1.0, m, 0.0), "cosface": (1.0, 0.0, m), "normface": (1.0, 0.0, 0.0)}[special]
+    torch.manual_seed(3)
+    ref = build(special, 5, 8, scale=30.0, **params)
+    comb = build("combined", 5, 8, scale=30.0, m1=m1, m2=m2, m3=m3)
+    with torch.no_grad():
+        comb.weight.copy_(ref.weight)
+    x, y = batch(loss=ref, seed=5)
+    torch.testing.assert_close(comb.logits(x, y), ref.logits(x, y), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(comb(x, y), ref(x, y), atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- gradients at cos = +-1
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("arcface", {}),
+        ("arcface", {"easy_margin": True}),
+        ("cosface", {}),
+        ("normface", {}),
+        ("sphereface", {}),
+        ("combined", {"m1": 1.0, "m2": 0.3, "m3": 0.2}),
+        ("combined", {"m1": 0.9, "m2": 0.4, "m3": 0.15}),
+        ("subcenter", {}),
+        ("intra", {}),
+        ("inter", {}),
+    ],
+)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize("exact", [True, False])
+def test_gradients_finite_at_cos_plus_minus_one(name: str, params: dict, sign: float, exact: bool) -> None:
+    """``exact``: axis-aligned weights, so float32 cos is exactly +-1 (acos' is infinite there)."""
+    torch.manual_seed(0)
+    loss = build(name, num_classes=4, embedding_size=6, **params)
+    labels = torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        if exact:
+            loss.weight.copy_(3.0 * torch.eye(6)[torch.arange(loss.weight.shape[0]) % 6])
+        if name == "subcenter":  # all sub-centres of a class equal, so cos is exactly +-1
+            k = loss.hparams["subcenters"]
+            loss.weight.copy_(loss.weight.view(4, k, 6)[:, :1].expand(4, k, 6).reshape(-1, 6))
+            centres = loss.weight.view(4, k, 6)[:, 0]
+        else:
+            centres = loss.weight
+        x = (sign * 2.0 * centres[labels]).clone().requires_grad_(True)
+    cos_target = np_cos(x.detach().double().numpy(), centres.detach().double().numpy())[np.arange(4), labels.numpy()]
+    np.testing.assert_allclose(cos_target, sign, atol=1e-6)
+    if exact:
+        assert torch.all(loss.cosine(x.detach()).gather(1, labels.view(-1, 1)) == sign)
+    value = loss(x, labels)
+    value.backward()
+    assert torch.isfinite(value)
+    assert torch.isfinite(x.grad).all()
+    assert torch.isfinite(loss.weight.grad).all()
+
+
+# ---------------------------------------------------------------- sphereface
+def test_sphereface_psi_piecewise_values_m4() -> None:
+    thetas = torch.tensor([0.0, 0.3, 1.0, 2.0, 3.0, PI], dtype=torch.float64)
+    got = losses.psi(thetas.cos(), 4).numpy()
+    # k = 0, 0, 1, 2, 3, 3  ->  (-1)^k cos(4 theta) - 2k
+    expected = [1.0, 0.362357754, -1.346356379, -4.145500034, -6.843853959, -7.0]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    grid = torch.linspace(0, PI, 2001, dtype=torch.float64)
+    values = losses.psi(grid.cos(), 4)
+    assert torch.all(values[1:] <= values[:-1] + 1e-9)  # monotone and continuous
+    assert float((values[1:] - values[:-1]).abs().max()) < 0.02
+
+
+def test_sphereface_target_is_norm_times_psi_without_lambda() -> None:
+    thetas = [0.3, 1.0, 2.0, 3.0]
+    logits = known_angle_logits("sphereface", thetas, radius=2.0, lambda_base=0.0, lambda_min=0.0)
+    expected = 2.0 * np_psi(np.array(thetas), 4)
+    np.testing.assert_allclose(logits[:, 0].numpy(), expected, atol=1e-4)
+    np.testing.assert_allclose(logits[:, 1].numpy(), 2.0 * np.cos(np.array(thetas) - 2.0), atol=1e-4)
+
+
+def test_sphereface_lambda_schedule_and_counter_in_state_dict() -> None:
+    loss = build("sphereface", 3, 4)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    assert int(loss.iteration) == 0 and loss.current_lambda() == 1000.0
+    for _ in range(3):
+        loss(x, y)
+    assert int(loss.iteration) == 3
+    assert loss.current_lambda() == pytest.approx(1000.0 / (1 + 0.12 * 3))
+    loss.eval()
+    loss(x, y)
+    loss.logits(x, y)
+    assert int(loss.iteration) == 3  # evaluation does not advance the schedule
+    state = loss.state_dict()
+    assert int(state["iteration"]) == 3
+    fresh = build("sphereface", 3, 4)
+    fresh.load_state_dict(state)
+    assert int(fresh.iteration) == 3 and fresh.current_lambda() == loss.current_lambda()
+    fresh.iteration.fill_(10_000)
+    assert fresh.current_lambda() == 5.0  # floor lambda_min
+    custom = build("sphereface", 3, 4, lambda_base=100.0, lambda_gamma=0.5, lambda_power=2.0, lambda_min=1.0)
+    custom.iteration.fill_(4)
+    assert custom.current_lambda() == pytest.approx(100.0 * 3.0**-2)
+
+
+# ---------------------------------------------------------------- triplet / contrastive
+def np_triplet(x: np.ndarray, y: np.ndarray, alpha: float, mining: str) -> tuple[float, dict]:
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    n = len(y)
+    d = np.array([[np.sum((z[i] - z[j]) ** 2) for j in range(n)] for i in range(n)])
+    terms, branches = [], {"outside": 0, "inside": 0}
+    for a in range(n):
+        pos = [p for p in range(n) if p != a and y[p] == y[a]]
+        neg = [q for q in range(n) if y[q] != y[a]]
+        if not pos or not neg:
+            continue
+        if mining == "batch_hard":
+            terms.append(max(0.0, max(d[a, pos]) - min(d[a, neg]) + alpha))
+            continue
+        for p in pos:
+            farther = [d[a, q] for q in neg if d[a, q] > d[a, p]]
+            if farther:
+                branches["outside"] += 1
+                dn = min(farther)
+            else:
+                branches["inside"] += 1
+                dn = max(d[a, neg])
+            terms.append(max(0.0, d[a, p] - dn + alpha))
+    return float(np.mean(terms)), branches
+
+
+@pytest.mark.parametrize("mining", ["batch_hard", "semi_hard"])
+@pytest.mark.parametrize("alpha", [0.5, 0.2])
+def test_triplet_matches_brute_force(mining: str, alpha: float) -> None:
+    g = torch.Generator().manual_seed(7)
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2, 3])  # identity 3 has no positive
+    x = torch.randn(10, 4, generator=g) * 3.0
+    loss = build("triplet", 4, 4, margin=alpha, mining=mining)
+    ref, branches = np_triplet(x.double().numpy(), y.numpy(), alpha, mining)
+    assert float(loss(x, y).detach()) == pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert ref > 0
+    if mining == "semi_hard":
+        assert branches["outside"] > 0 and branches["inside"] > 0  # both rules exercised
+
+
+def test_triplet_needs_positives_and_is_pk() -> None:
+    loss = build("triplet", 3, 4)
+    assert loss.needs_pk_batches and not loss.is_classifier
+    with pytest.raises(ValueError, match="PKBatchSampler"):
+        loss(torch.randn(3, 4), torch.tensor([0, 1, 2]))
+
+
+def test_contrastive_by_hand() -> None:
+    angles = np.array([0.0, 0.5, 0.8, 1.0])
+    norms = np.array([3.0, 0.5, 1.0, 2.0])  # the loss normalises
+    x = torch.tensor(np.stack([np.cos(angles), np.sin(angles)], 1) * norms[:, None], dtype=torch.float32)
+    y = torch.tensor([0, 0, 1, 1])
+
+    def chord(a: float, b: float) -> float:
+        return 2 * math.sin(abs(a - b) / 2)
+
+    pos = [chord(0.0, 0.5), chord(0.8, 1.0)]
+    neg = [chord(0.0, 0.8), chord(0.0, 1.0), chord(0.5, 0.8), chord(0.5, 1.0)]
+    for m in (1.0, 0.6):
+        expected = np.mean([0.5 * d**2 for d in pos]) + np.mean([0.5 * max(0.0, m - d) ** 2 for d in neg])
+        loss = build("contrastive", 2, 2, margin=m)
+        assert float(loss(x, y).detach()) == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="positive"):
+        loss(x, torch.tensor([0, 1, 2, 3]))
+
+
+def test_pair_losses_finite_gradient_for_identical_embeddings() -> None:
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], requires_grad=True)
+    y = torch.tensor([0, 0, 1, 1])
+    for name, params in [("contrastive", {}), ("triplet", {}), ("triplet", {"mining": "semi_hard"})]:
+        x.grad = None
+        build(name, 2, 2, **params)(x, y).backward()
+        assert torch.isfinite(x.grad).all(), name
+
+
+# ---------------------------------------------------------------- center loss
+def test_center_loss_value_and_update_rule_two_steps() -> None:
+    loss = build("center", num_classes=3, embedding_size=2, center_weight=0.1, center_lr=0.5)
+    with torch.no_grad():
+        loss.weight.zero_()
+        loss.bias.zero_()  # CE = log 3 for every sample
+    x = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    y = torch.tensor([0, 0, 1])
+    # step 1: centres start at 0
+    assert float(loss(x, y).detach()) == pytest.approx(math.log(3) + 0.1 * 0.5 * (1 + 9 + 4) / 3, rel=1e-6)
+    # c0 -= 0.5 * ((0-1) + (0-3)) / (1+2) -> 2/3 ; c1 -= 0.5 * (0-2)/(1+1) -> 0.5 ; c2 untouched
+    torch.testing.assert_close(loss.centers, torch.tensor([[2 / 3, 0.0], [0.0, 0.5], [0.0, 0.0]]))
+    # step 2 uses the updated centres
+    dist2 = (1 - 2 / 3) ** 2 + (3 - 2 / 3) ** 2 + (2 - 0.5) ** 2
+    assert float(loss(x, y).detach()) == pytest.approx(math.log(3) + 0.1 * 0.5 * dist2 / 3, rel=1e-6)
+    # c0 -= 0.5 * ((2/3-1) + (2/3-3)) / 3 -> 10/9 ; c1 -= 0.5 * (0.5-2)/2 -> 0.875
+    torch.testing.assert_close(loss.centers, torch.tensor([[10 / 9, 0.0], [0.0, 0.875], [0.0, 0.0]]))
+    assert "centers" in loss.state_dict()
+    assert all(p is not loss.centers for p in loss.parameters())
+    loss.eval()
+    loss(x, y)
+    torch.testing.assert_close(loss.centers, torch.tensor([[10 / 9, 0.0], [0.0, 0.875], [0.0, 0.0]]))
+
+
+def test_center_loss_gradient_reaches_embeddings_not_centres() -> None:
+    loss = build("center", 3, 2, center_weight=1.0)
+    x = torch.randn(4, 2, requires_grad=True)
+    loss(x, torch.tensor([0, 1, 2, 0])).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert not loss.centers.requires_grad
+
+
+def test_softmax_logits_are_affine() -> None:
+    loss = build("softmax", 4, 3)
+    x = torch.randn(5, 3)
+    assert tuple(loss.bias.shape) == (4,)
+    torch.testing.assert_close(loss.logits(x, torch.zeros(5, dtype=torch.int64)), x @ loss.weight.T + loss.bias)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    ref = np_ce((x @ loss.weight.T + loss.bias).detach().double().numpy(), y.numpy())
+    assert float(loss(x, y).detach()) == pytest.approx(ref, rel=1e-5)
+
+
+# ---------------------------------------------------------------- registry and validation
+def test_registry_api() -> None:
+    names = losses.available()
+    for required in ("softmax", "normface", "sphereface", "cosface", "arcface", "combined", "subcenter",
+                     "triplet", "contrastive", "center"):
+        assert required in names and losses.REGISTRY[required].name == required
+    assert {n for n in names if losses.REGISTRY[n].needs_pk_batches} == {"triplet", "contrastive"}
+    assert {n for n in names if not losses.REGISTRY[n].is_classifier} == {"triplet", "contrastive"}
+    assert losses.defaults("arcface") == {"scale": 64.0, "margin": 0.5, "easy_margin": False}
+    assert losses.defaults("cosface") == {"scale": 64.0, "margin": 0.35}
+    assert losses.defaults("sphereface") == {
+        "margin": 4, "lambda_base": 1000.0, "lambda_gamma": 0.12, "lambda_power": 1.0, "lambda_min": 5.0
+    }
+    assert losses.defaults("triplet") == {"margin": 0.5, "mining": "batch_hard"}
+    assert losses.defaults("contrastive") == {"margin": 1.0}
+    assert losses.defaults("center") == {"center_weight": 0.003, "center_lr": 0.5}
+    assert losses.defaults("subcenter")["subcenters"] == 3
+    assert losses.validate_params("arcface", {"margin": 0.8}) == {"scale": 64.0, "margin": 0.8, "easy_margin": False}
+    assert losses.validate_params("sphereface", {"margin": 3.0})["margin"] == 3
+    for name in names:
+        module = build(name, 7, 5)
+        if module.is_classifier:
+            rows = 7 * module.hparams.get("subcenters", 1)
+            assert tuple(module.weight.shape) == (rows, 5)
+            assert module.logits(torch.randn(2, 5), torch.tensor([0, 6])).shape == (2, 7)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "needle"),
+    [
+        ("arcface", {"scale": 0.0}, "scale"),
+        ("normface", {"scale": -1.0}, "scale"),
+        ("arcface", {"margin": -0.1}, "margin"),
+        ("arcface", {"margin": 3.2}, "margin"),
+        ("arcface", {"margin": "0.5"}, "margin"),
+        ("arcface", {"easy_margin": 1}, "easy_margin"),
+        ("cosface", {"margin": -0.35}, "margin"),
+        ("cosface", {"margin": float("nan")}, "margin"),
+        ("sphereface", {"margin": 2.5}, "margin"),
+        ("sphereface", {"margin": 0}, "margin"),
+        ("sphereface", {"lambda_min": -1.0}, "lambda_min"),
+        ("combined", {"m1": 0.0}, "m1"),
+        ("combined", {"m1": -1.0}, "m1"),
+        ("combined", {"m2": -0.1}, "m2"),
+        ("combined", {"m3": -0.2}, "m3"),
+        ("combined", {"m1": 4.0, "m2": 0.0, "m3": 0.0}, "m1"),  # fallback would not be monotone
+        ("subcenter", {"subcenters": 0}, "subcenters"),
+        ("triplet", {"mining": "hardest"}, "mining"),
+        ("triplet", {"margin": -0.5}, "margin"),
+        ("contrastive", {"margin": 0.0}, "margin"),
+        ("center", {"center_lr": 1.5}, "center_lr"),
+        ("center", {"center_weight": -0.003}, "center_weight"),
+        ("arcface", {"margn": 0.5}, "margn"),
+        ("normface", {"margin": 0.5}, "margin"),
+        ("softmax", {"scale": 64}, "scale"),
+    ],
+)
+def test_invalid_params_raise_value_error_naming_the_param(name: str, params: dict, needle: str) -> None:
+    with pytest.raises(ValueError, match=needle) as err:
+        build(name, 5, 8, **params)
+    assert name in str(err.value)
+    with pytest.raises(ValueError, match=needle):
+        losses.validate_params(name, params)
+
+
+def test_unknown_loss_and_bad_sizes() -> None:
+    with pytest.raises(ValueError, match="known losses: .*arcface"):
+        build("arcfce", 5, 8)
+    with pytest.raises(ValueError, match="num_classes"):
+        build("arcface", 1, 8)
+    with pytest.raises(ValueError, match="embedding_size"):
+        build("arcface", 5, 0)
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    loss = build("arcface", 5, 8)
+    with pytest.raises(ValueError, match=r"\[B, 8\]"):
+        loss(torch.randn(4, 7), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="int64"):
+        loss(torch.randn(4, 8), torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="label 5"):
+        loss(torch.randn(2, 8), torch.tensor([0, 5]))
+
+
+def test_check_finite_message() -> None:
+    check_finite(torch.tensor(1.5), loss_name="arcface", step=3, params={})
+    with pytest.raises(NonFiniteLossError) as err:
+        check_finite(torch.tensor(float("nan")), loss_name="arcface", step=120, params={"margin": 1.4, "scale": 64.0})
+    message = str(err.value)
+    assert message.startswith("arcface loss became nan at step 120")
+    assert "margin=1.4" in message and "lower loss.margin or the learning rate" in message
+    assert err.value.step == 120 and err.value.loss_name == "arcface"
+    with pytest.raises(NonFiniteLossError, match="sphereface loss became inf at step 7.*lambda_min=5"):
+        check_finite(float("inf"), loss_name="sphereface", step=7, params=losses.defaults("sphereface"))
+    with pytest.raises(NonFiniteLossError, match="losses.subcenter.margin"):
+        check_finite(float("nan"), loss_name="subcenter", step=1, params={"margin": 0.5})
+    with pytest.raises(NonFiniteLossError, match="triplet loss became -inf at step 0"):
+        check_finite(float("-inf"), loss_name="triplet", step=0)
+
+
+# ---------------------------------------------------------------- training smoke tests
+SMOKE = {
+    "softmax": {},
+    "normface": {"scale": 16.0},
+    "sphereface": {},
+    "cosface": {"scale": 16.0},
+    "arcface": {"scale": 16.0},
+    "combined": {"scale": 16.0},
+    "subcenter": {"scale": 16.0},
+    "triplet": {},
+    "contrastive": {},
+    "center": {"center_weight": 0.01},
+    "intra": {"scale": 16.0},
+    "inter": {"scale": 16.0},
+}
+
+
+def blobs(n_classes: int = 10, dim: int = 32, per_class: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(n_classes, dim, generator=g)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    return centres[y] + 0.5 * torch.randn(len(y), dim, generator=g), y
+
+
+@pytest.mark.parametrize("name", list(SMOKE))
+def test_training_lowers_the_loss(name: str) -> None:
+    torch.manual_seed(0)
+    x, y = blobs()
+    net = nn.Linear(32, 16)
+    loss = build(name, num_classes=10, embedding_size=16, **SMOKE[name])
+    opt = torch.optim.SGD([*net.parameters(), *loss.parameters()], lr=0.05, momentum=0.9)
+
+    def full_loss() -> float:
+        loss.eval()
+        with torch.no_grad():
+            value = float(loss(net(x), y))
+        loss.train()
+        return value
+
+    if loss.needs_pk_batches:
+        sampler = PKBatchSampler(y.tolist(), p=5, k=4, seed=0, batches_per_epoch=40)
+        batches = [torch.tensor(b) for b in sampler]
+    else:
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randperm(len(y), generator=g)[:40] for _ in range(40)]
+    before = full_loss()
+    for step, idx in enumerate(batches):
+        value = loss(net(x[idx]), y[idx])
+        check_finite(value, loss_name=name, step=step)
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    after = full_loss()
+    print(f"{name}: {before:.4f} -> {after:.4f} ({after / before:.3f})")
+    assert after < 0.5 * before, (before, after)
