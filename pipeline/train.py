@@ -321,7 +321,9 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
             try:
                 losses.check_finite(loss, loss_name=setup.loss_name, step=state["step"], params=setup.loss_params)
             except losses.NonFiniteLossError as err:
-                raise TrainingError(f"{err}. The last good checkpoint is kept at {checkpoint_path}.") from None
+                kept = (f"the last good checkpoint (epoch {state['epoch']}) is kept at {checkpoint_path}"
+                        if checkpoint_path.is_file() else "no checkpoint had been written yet")
+                raise TrainingError(f"{err}; {kept}") from None
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if params.clip_grad_norm:

@@ -1,0 +1,198 @@
+"""Throughput of the detect stage on real LFW photos: ``mtcnn`` package vs ``TorchMTCNN``.
+
+Prints images/s for the package one image per call, the package batched (a list of
+arrays per call) and ``TorchMTCNN.detect`` batched, their ratios, and how often the two
+batched detectors agree (same face count and main-face box IoU >= 0.9).
+
+    .venv/bin/python bench/bench_detect.py --n 200 --batch-size 32
+
+The batched runs alternate (package, torch, package, torch, ...) for ``--repeats`` rounds
+so that both see the same machine load; the figure reported is each one's best round.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+_PACKAGE_DETECTOR = None
+
+
+def package_detect(images: list[np.ndarray], batch_size: int) -> list[list[dict]]:
+    """The ``mtcnn`` package's batched reference: ``MTCNN().detect_faces(list_of_arrays)``
+    on consecutive chunks of ``batch_size`` HxWx3 uint8 RGB images; one list of dicts per image."""
+    global _PACKAGE_DETECTOR
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; expected a positive int")
+    if _PACKAGE_DETECTOR is None:
+        from mtcnn import MTCNN
+
+        _PACKAGE_DETECTOR = MTCNN()
+    out: list[list[dict]] = []
+    for c in range(0, len(images), batch_size):
+        out.extend(_PACKAGE_DETECTOR.detect_faces(list(images[c:c + batch_size])))
+    return out
+
+
+def load_lfw(images_dir: Path, n: int) -> list[np.ndarray]:
+    """First ``n`` images in sorted (identity, file) order, taking each identity's first image
+    before any second one. Returns HxWx3 uint8 RGB arrays."""
+    import cv2
+
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"{images_dir} not found; expected LFW as <dir>/<Name>/<Name>_NNNN.jpg")
+    per_id = [sorted(p for p in d.iterdir() if p.suffix.lower() == ".jpg")
+              for d in sorted(images_dir.iterdir()) if d.is_dir()]
+    files: list[Path] = []
+    rank = 0
+    while len(files) < n and any(len(f) > rank for f in per_id):
+        files += [f[rank] for f in per_id if len(f) > rank][: n - len(files)]
+        rank += 1
+    if len(files) < n:
+        raise ValueError(f"--n {n}: only {len(files)} images under {images_dir}")
+    out = []
+    for f in files:
+        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"{f} could not be decoded as an image")
+        out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    return out
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    """IoU of two (x, y, w, h) boxes."""
+    ix = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def agreement(ref: list[list[dict]], got: list[list[dict]]) -> tuple[float, list[int]]:
+    """Fraction of images with equal face counts and (if any) main-face IoU >= 0.9; failing indices."""
+    bad = []
+    for k, (r, g) in enumerate(zip(ref, got)):
+        if len(r) != len(g):
+            bad.append(k)
+        elif r:
+            main_r = max(r, key=lambda d: d["confidence"])
+            main_g = max(g, key=lambda d: d["confidence"])
+            if _iou(main_r["box"], main_g["box"]) < 0.9:
+                bad.append(k)
+    return 1.0 - len(bad) / max(len(ref), 1), bad
+
+
+def _same(ref: list[dict], got: list[dict]) -> bool:
+    """Same faces in the same order: equal int boxes and keypoints, confidences within 1e-4."""
+    return len(ref) == len(got) and all(
+        list(r["box"]) == list(g["box"]) and abs(float(r["confidence"]) - g["confidence"]) < 1e-4
+        and {k: list(map(int, v)) for k, v in r["keypoints"].items()} == g["keypoints"]
+        for r, g in zip(ref, got))
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _timed(fn) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="number of LFW images")
+    ap.add_argument("--images-dir", type=Path, default=Path("/work/shared/data/lfw-dev/images"))
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--per-image-n", type=int, default=50,
+                    help="images for the (slow) package one-image-per-call run; 0 skips it")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating rounds of the two batched runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    args = ap.parse_args()
+    if args.n < 1 or args.batch_size < 1 or args.repeats < 1:
+        ap.error("--n, --batch-size and --repeats must be positive")
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import torch
+
+    from pipeline.mtcnn_torch import TorchMTCNN, to_package_format
+
+    images = load_lfw(args.images_dir, args.n)
+    detector = TorchMTCNN(num_threads=args.threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mode = (f"{detector.num_threads} worker threads x 1 torch thread" if detector.num_threads > 1
+            else "1 thread")
+    print(f"machine: {_cpu_name()}, {cores} cores usable, load average at start {os.getloadavg()[0]:.2f}")
+    print(f"torch {torch.__version__}: TorchMTCNN uses {mode} (torch.get_num_threads() outside detect: "
+          f"{torch.get_num_threads()}); TensorFlow: default thread pools (all cores)")
+    print(f"images: {len(images)} from {args.images_dir} ({images[0].shape[1]}x{images[0].shape[0]} first), "
+          f"batch size {args.batch_size}")
+
+    def run_torch() -> list[list[dict]]:
+        out: list[list[dict]] = []
+        for c in range(0, len(images), args.batch_size):
+            out.extend([[to_package_format(d) for d in dets] for dets in detector.detect(images[c:c + args.batch_size])])
+        return out
+
+    # warm-up (TF graph tracing, oneDNN primitive creation) on one batch each
+    package_detect(images[: args.batch_size], args.batch_size)
+    detector.detect(images[: args.batch_size])
+    from mtcnn import MTCNN  # TensorFlow is already loaded by package_detect
+
+    single = MTCNN()
+    single.detect_faces(images[0])
+
+    rows: dict[str, float] = {}
+    single_ref: list[list[dict]] = []
+    if args.per_image_n > 0:
+        sub = images[: args.per_image_n]
+        dt, single_ref = _timed(lambda: [single.detect_faces(img) for img in sub])
+        rows["package, one image per call"] = len(sub) / dt
+
+    best_pkg = best_torch = float("inf")
+    ref = got = None
+    for _ in range(args.repeats):
+        dt, ref = _timed(lambda: package_detect(images, args.batch_size))
+        best_pkg = min(best_pkg, dt)
+        dt, got = _timed(run_torch)
+        best_torch = min(best_torch, dt)
+    rows[f"package batched (batch {args.batch_size})"] = len(images) / best_pkg
+    rows[f"TorchMTCNN batched (batch {args.batch_size})"] = len(images) / best_torch
+
+    for name, ips in rows.items():
+        print(f"  {name:40s} {ips:8.2f} images/s")
+    pkg_b = rows[f"package batched (batch {args.batch_size})"]
+    print(f"TorchMTCNN / package batched:           {rows[f'TorchMTCNN batched (batch {args.batch_size})'] / pkg_b:.2f}x")
+    if args.per_image_n > 0:
+        print(f"package batched / package per image:    {pkg_b / rows['package, one image per call']:.2f}x")
+    frac, bad = agreement(ref, got)
+    exact = sum(_same(r, g) for r, g in zip(ref, got))
+    print(f"agreement (same count, main-face IoU >= 0.9): {frac:.4f} ({len(images) - len(bad)}/{len(images)}); "
+          f"identical rounded boxes+keypoints: {exact}/{len(images)}")
+    if bad:
+        print(f"  disagreeing image indices: {bad[:20]}")
+    if single_ref:
+        frac1, _ = agreement(single_ref, got)
+        exact1 = sum(_same(r, g) for r, g in zip(single_ref, got))
+        pkg_self = sum(_same(r, g) for r, g in zip(single_ref, ref))
+        print(f"vs the package one image per call (first {len(single_ref)}): agreement {frac1:.4f}, "
+              f"TorchMTCNN identical {exact1}/{len(single_ref)}, package batched identical {pkg_self}/{len(single_ref)}")
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Training: the split, the schedule, a real short run, resume after SIGKILL, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline.config import ModelParams, ShardParams, TrainParams
+from pipeline.shards import write_set
+from pipeline.train import TrainingError, TrainSetup, load_model, lr_at, split_train_val, train, validation_pairs
+from tests.conftest import write_image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_split_keeps_identities_and_fraction():
+    labels = np.repeat(np.arange(5), [10, 10, 3, 2, 20])
+    tr, va = split_train_val(labels, 0.2, seed=0)
+    assert set(tr).isdisjoint(va) and len(tr) + len(va) == len(labels)
+    for label, n in zip(range(5), [10, 10, 3, 2, 20]):
+        n_val = int(np.isin(va, np.flatnonzero(labels == label)).sum())
+        assert n_val == {10: 2, 3: 1, 2: 0, 20: 4}[n]
+    again_tr, _ = split_train_val(labels, 0.2, seed=0)
+    assert np.array_equal(tr, again_tr)
+
+
+def test_validation_pairs_balanced():
+    labels = np.repeat(np.arange(6), 3)
+    pairs = validation_pairs(labels, seed=0)
+    same = pairs[:, 2] == 1
+    assert same.sum() == 6 * 3 and (~same).sum() == same.sum()
+    assert (labels[pairs[same, 0]] == labels[pairs[same, 1]]).all()
+    assert (labels[pairs[~same, 0]] != labels[pairs[~same, 1]]).all()
+
+
+def test_lr_schedule():
+    params = TrainParams(lr=0.1, warmup_epochs=1, schedule="cosine")
+    assert lr_at(0, 100, 10, params) == pytest.approx(0.01)
+    assert lr_at(9, 100, 10, params) == pytest.approx(0.1)
+    assert lr_at(99, 100, 10, params) < 0.001
+    step = TrainParams(lr=0.1, warmup_epochs=0, schedule="step", milestones=[2, 4], gamma=0.1)
+    assert [round(lr_at(e * 10, 60, 10, step), 6) for e in range(6)] == [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
+
+
+def _shards(root: Path, n_ids: int = 6, per: int = 8) -> Path:
+    """Tiny shards whose identities differ in colour and stripe pattern (learnable)."""
+    aligned = root / "aligned"
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n_ids):
+        base = rng.integers(40, 215, 3)
+        for k in range(per):
+            img = np.clip(base + rng.normal(0, 25, (112, 112, 3)), 0, 255).astype(np.uint8)
+            img[:, (i * 15) % 100 : (i * 15) % 100 + 8] = 255
+            name = f"id{i}/{k}.jpg"
+            write_image(aligned / name, img, quality=95)
+            rows.append({"image_id": name, "identity": f"id{i}", "source_path": name, "file": name,
+                         "residual": 0.0, "error": ""})
+    pd.DataFrame(rows).to_csv(aligned / "_index.csv", index=False)
+    write_set(aligned, root / "shards" / "train", ShardParams(), None, progress=False)
+    return root / "shards"
+
+
+def _setup(loss="arcface", **train_overrides) -> TrainSetup:
+    train_params = dict(epochs=3, batch_size=8, warmup_epochs=0, lr=0.05, val_fraction=0.25)
+    train_params.update(train_overrides)
+    params = {"scale": 16.0, "margin": 0.3} if loss == "arcface" else {}
+    return TrainSetup(loss_name=loss, loss_params=params, model=ModelParams(embedding_size=16),
+                      train=TrainParams(**train_params), seed=3, image_size=112)
+
+
+def test_short_run_learns_and_saves(tmp_path):
+    shards = _shards(tmp_path)
+    metrics = train(_setup(), shards, tmp_path / "model", tmp_path / "ckpt", tmp_path / "report", progress=False)
+    history = pd.read_csv(tmp_path / "report" / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert metrics["best_val_auc"] == pytest.approx(history["val_auc"].max())
+    model, saved = load_model(tmp_path / "model" / "model.pt")
+    assert saved["epoch"] == metrics["best_epoch"]
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 112, 112)).shape == (2, 16)
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    shards = _shards(tmp_path)
+    with pytest.raises(TrainingError) as err:
+        train(_setup(lr=1e30), shards, tmp_path / "model", tmp_path / "ckpt", tmp_path / "report", progress=False)
+    message = str(err.value)
+    assert "arcface" in message and "step" in message and "margin" in message
+
+
+def _project(tmp_path: Path, epochs: int) -> Path:
+    project = tmp_path / f"project{epochs}"
+    (project / "data").mkdir(parents=True)
+    _shards(project / "data")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update(epochs=epochs, batch_size=8, warmup_epochs=0, lr=0.05, val_fraction=0.25)
+    params["model"]["embedding_size"] = 16
+    params["loss"].update(scale=16.0, margin=0.3)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    return project
+
+
+def _train_cli(project: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "arcface", "--no-progress"], cwd=project,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    epochs = 4
+    clean = _project(tmp_path / "clean", epochs)
+    assert _train_cli(clean).wait(timeout=600) == 0
+
+    crashed = _project(tmp_path / "crashed", epochs)
+    proc = _train_cli(crashed)
+    checkpoint = crashed / "data" / "checkpoints" / "arcface" / "last.pt"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # mid-epoch 3
+    proc.wait()
+    resumed = _train_cli(crashed)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resuming from" in out
+
+    def history(project):
+        return pd.read_csv(project / "reports" / "train" / "arcface" / "history.csv")
+
+    pd.testing.assert_frame_equal(history(clean), history(crashed), check_exact=False, rtol=1e-5)
+    a = json.loads((clean / "reports" / "train" / "arcface" / "metrics.json").read_text())
+    b = json.loads((crashed / "reports" / "train" / "arcface" / "metrics.json").read_text())
+    assert a == b
