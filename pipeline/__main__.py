@@ -7,6 +7,8 @@ one line and exit status 2 before anything is written.
 from __future__ import annotations
 
 import functools
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -119,7 +121,18 @@ def shard(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> 
 @stage
 def train(loss: str = typer.Argument(..., help="A loss named in params.yaml train_losses."),
           params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Train one embedding model with LOSS (checkpoints every epoch; resumes after a crash)."""
+    """Train one embedding model with LOSS (checkpoints every epoch; resumes after a crash).
+
+    Set FACEPIPE_NPROC=N to train with N processes (torchrun + DistributedDataParallel:
+    NCCL on GPUs, gloo on CPU); the global batch stays train.batch_size.
+    """
+    nproc = int(os.environ.get("FACEPIPE_NPROC", "1") or 1)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _params(params_file)  # fail fast, once, before starting N processes
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "pipeline", "train", loss, "--params", str(params_file),
+                   "--progress" if progress else "--no-progress"]
+        raise typer.Exit(subprocess.call(command))
     from pipeline.train import TrainSetup
     from pipeline.train import train as run_train
 
@@ -128,7 +141,8 @@ def train(loss: str = typer.Argument(..., help="A loss named in params.yaml trai
                        train=params.train, seed=params.seed, image_size=params.align.size)
     metrics = run_train(setup, paths.SHARDS, paths.model_dir(loss), paths.checkpoint_dir(loss),
                         paths.train_report_dir(loss), progress=progress)
-    typer.echo(f"{loss}: best epoch {metrics['best_epoch']} with validation AUC {metrics['best_val_auc']:.4f}")
+    if metrics:  # empty on ranks other than 0 of a distributed run
+        typer.echo(f"{loss}: best epoch {metrics['best_epoch']} with validation AUC {metrics['best_val_auc']:.4f}")
 
 
 @app.command()

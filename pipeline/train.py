@@ -106,17 +106,6 @@ def to_input(batch_uint8: torch.Tensor, *, grayscale: bool) -> torch.Tensor:
     return (x - 127.5) / 128.0
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, *, flip: bool) -> torch.Tensor:
-    """Random horizontal flip of half the batch (per sample), drawn from ``generator``."""
-    if not flip:
-        return x
-    mask = torch.rand(x.shape[0], generator=generator) < 0.5
-    if mask.any():
-        x = x.clone()
-        x[mask] = x[mask].flip(-1)
-    return x
-
-
 # ----------------------------------------------------------------------- schedule
 
 
@@ -224,16 +213,93 @@ def validation_auc(model: nn.Module, images: torch.Tensor, pairs: np.ndarray, *,
 # -------------------------------------------------------------------------- train
 
 
+@dataclass
+class Distributed:
+    """Where this process sits in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return Distributed(rank, world, local_rank), device
+
+
+class _TrainStep(nn.Module):
+    """Network and loss as one module, so DistributedDataParallel syncs the class weights too."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, amp_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model, self.criterion, self.amp_dtype = model, criterion, amp_dtype
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            embeddings = self.model(x)
+        return self.criterion(embeddings.float(), y)  # margins are computed in fp32
+
+
+def _epoch_batches(epoch: int, n_train: int, setup: TrainSetup, sampler, steps: int, generator: torch.Generator,
+                   dist: Distributed) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's ``(indices, flip mask)`` per step; identical draws on every rank."""
+    params = setup.train
+    if sampler is not None:  # P x K: each rank gets its own whole P x K batches
+        sampler.set_epoch(epoch)
+        global_batches = [torch.as_tensor(b, dtype=torch.long) for b in list(sampler)[:steps]]
+        return [(b, torch.rand(len(b), generator=generator) < 0.5) for b in global_batches]
+    order = torch.randperm(n_train, generator=generator)
+    out = []
+    per_rank = params.batch_size // dist.world
+    for k in range(steps):
+        batch = order[k * params.batch_size : (k + 1) * params.batch_size]
+        flips = torch.rand(len(batch), generator=generator) < 0.5
+        lo = dist.rank * per_rank
+        out.append((batch[lo : lo + per_rank], flips[lo : lo + per_rank]))
+    return out
+
+
 def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, checkpoint_dir: str | Path,
           report_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train, checkpointing every epoch; returns the final metrics dict."""
+    """Train, checkpointing every epoch; returns the final metrics dict.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1``) each rank trains on its slice of every
+    global batch (``train.batch_size`` images in all) with DistributedDataParallel;
+    only rank 0 validates and writes checkpoints, the model and the reports.
+    """
     from pipeline import losses
     from pipeline.samplers import PKBatchSampler
 
     torch.manual_seed(setup.seed)
     np.random.seed(setup.seed % 2**32)
     params = setup.train
-    device = pick_device(params.device)
+    dist, device = init_distributed(pick_device(params.device))
+    if dist.enabled and params.batch_size % dist.world:
+        raise TrainingError(f"train.batch_size = {params.batch_size} must be divisible by the {dist.world} processes")
     data = read_shards(Path(shards_dir) / "train")
     if len(data.identity_names) < 2:
         raise TrainingError(f"{shards_dir}/train: need at least 2 identities to train, found {len(data.identity_names)}")
@@ -243,6 +309,8 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         raise TrainingError(f"shards hold {all_images.shape[1]}px faces but align.size is {setup.image_size}")
     train_images, train_labels = all_images[train_idx], torch.from_numpy(data.labels[train_idx])
     val_images, val_labels = all_images[val_idx], data.labels[val_idx]
+    if device.type == "cuda":
+        train_images = train_images.pin_memory()
     pairs = validation_pairs(val_labels, setup.seed)
 
     model, criterion = build_modules(setup, num_classes=len(data.identity_names))
@@ -254,11 +322,24 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
     criterion.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    trainable = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
+        if dist.enabled:  # one set of BatchNorm statistics over the global batch (GPU only)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    amp_dtype = None
+    if params.amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    step_module = _TrainStep(model, criterion, amp_dtype)
+    trainable = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    runner: nn.Module = step_module
+    if dist.enabled:
+        runner = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=params.freeze_backbone)
     use_pk = bool(getattr(criterion, "needs_pk_batches", False))
     if use_pk:
-        sampler = PKBatchSampler(train_labels.tolist(), params.pk_identities, params.pk_images, seed=setup.seed)
+        sampler = PKBatchSampler(train_labels.tolist(), params.pk_identities, params.pk_images, seed=setup.seed,
+                                 num_replicas=dist.world, rank=dist.rank)
         steps_per_epoch = len(sampler)
     else:
         sampler = None
@@ -270,8 +351,6 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
             f"{len(train_idx)} training images are fewer than one batch of {params.batch_size}; lower train.batch_size"
         )
     total_steps = steps_per_epoch * params.epochs
-    use_amp = params.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     checkpoint_dir, model_dir, report_dir = Path(checkpoint_dir), Path(model_dir), Path(report_dir)
     checkpoint_path = checkpoint_dir / "last.pt"
@@ -285,41 +364,39 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
             optimizer.load_state_dict(saved["optimizer"])
             scaler.load_state_dict(saved["scaler"])
             state = saved["state"]
-            print(f"[{setup.loss_name}] resuming from {checkpoint_path} after epoch {state['epoch']}")
-        else:
+            if dist.is_main:
+                print(f"[{setup.loss_name}] resuming from {checkpoint_path} after epoch {state['epoch']}")
+        elif dist.is_main:
             print(f"[{setup.loss_name}] ignoring {checkpoint_path}: it was made with other settings")
-    model.train()
-    criterion.train()
+    runner.train()
     started = time.perf_counter()
     seconds = {"data": 0.0, "compute": 0.0}
     for epoch in range(state["epoch"], params.epochs):
         generator = torch.Generator().manual_seed(setup.seed * 1000 + epoch)
-        if use_pk:
-            sampler.set_epoch(epoch)
-            batches = list(sampler)[:steps_per_epoch]
-        else:
-            order = torch.randperm(len(train_idx), generator=generator)
-            batches = [order[k * params.batch_size : (k + 1) * params.batch_size] for k in range(steps_per_epoch)]
+        batches = _epoch_batches(epoch, len(train_idx), setup, sampler, steps_per_epoch, generator, dist)
         losses_seen = []
         bar = tqdm(batches, desc=f"train {setup.loss_name} epoch {epoch + 1}/{params.epochs}", unit="batch",
-                   disable=not progress, dynamic_ncols=True)
-        for batch in bar:
+                   disable=not (progress and dist.is_main), dynamic_ncols=True)
+        lr = params.lr
+        for index, flips in bar:
             t0 = time.perf_counter()
-            index = torch.as_tensor(batch, dtype=torch.long)
-            x = augment(to_input(train_images[index], grayscale=setup.model.grayscale), generator, flip=params.flip)
-            y = train_labels[index]
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = to_input(train_images[index].to(device, non_blocking=True), grayscale=setup.model.grayscale)
+            if params.flip and flips.any():
+                x[flips.to(device)] = x[flips.to(device)].flip(-1)
+            y = train_labels[index].to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             t1 = time.perf_counter()
             lr = lr_at(state["step"], total_steps, steps_per_epoch, params)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                embeddings = model(x)
-            loss = criterion(embeddings.float(), y)  # margins are computed in fp32
+            loss = runner(x, y)
+            shown = loss.detach().clone()
+            if dist.enabled:  # every rank sees the same value, so all stop together on NaN
+                torch.distributed.all_reduce(shown)
+                shown /= dist.world
             try:
-                losses.check_finite(loss, loss_name=setup.loss_name, step=state["step"], params=setup.loss_params)
+                losses.check_finite(shown, loss_name=setup.loss_name, step=state["step"], params=setup.loss_params)
             except losses.NonFiniteLossError as err:
                 kept = (f"the last good checkpoint (epoch {state['epoch']}) is kept at {checkpoint_path}"
                         if checkpoint_path.is_file() else "no checkpoint had been written yet")
@@ -332,24 +409,28 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
             scaler.step(optimizer)
             scaler.update()
             state["step"] += 1
-            losses_seen.append(float(loss.detach()))
+            losses_seen.append(float(shown))
             t2 = time.perf_counter()
             seconds["data"] += t1 - t0
             seconds["compute"] += t2 - t1
             bar.set_postfix(loss=f"{losses_seen[-1]:.3f}", lr=f"{lr:.3g}")
-        auc = validation_auc(model, val_images, pairs, grayscale=setup.model.grayscale, device=device)
         state["epoch"] = epoch + 1
-        state["history"].append(
-            {"epoch": epoch + 1, "step": state["step"], "lr": lr, "train_loss": float(np.mean(losses_seen)),
-             "val_auc": auc}
-        )
-        print(f"[{setup.loss_name}] epoch {epoch + 1}: loss {np.mean(losses_seen):.4f}  val AUC {auc:.4f}")
-        improved = not math.isnan(auc) and auc > state["best_auc"]
-        if improved or state["best_epoch"] == 0:
-            state["best_auc"], state["best_epoch"] = (auc if not math.isnan(auc) else -1.0), epoch + 1
-            save_model(checkpoint_dir / "best.pt", model, setup, data, epoch + 1, auc)
-        _save_checkpoint(checkpoint_path, key, model, criterion, optimizer, scaler, state)
+        if dist.is_main:
+            auc = validation_auc(model, val_images, pairs, grayscale=setup.model.grayscale, device=device)
+            state["history"].append(
+                {"epoch": epoch + 1, "step": state["step"], "lr": lr, "train_loss": float(np.mean(losses_seen)),
+                 "val_auc": auc}
+            )
+            print(f"[{setup.loss_name}] epoch {epoch + 1}: loss {np.mean(losses_seen):.4f}  val AUC {auc:.4f}")
+            if (not math.isnan(auc) and auc > state["best_auc"]) or state["best_epoch"] == 0:
+                state["best_auc"], state["best_epoch"] = (auc if not math.isnan(auc) else -1.0), epoch + 1
+                save_model(checkpoint_dir / "best.pt", model, setup, data, epoch + 1, auc)
+            _save_checkpoint(checkpoint_path, key, model, criterion, optimizer, scaler, state)
+        runner.train()
+        dist.barrier()
     elapsed = time.perf_counter() - started
+    if not dist.is_main:
+        return {}
     best_path = checkpoint_dir / "best.pt"
     if not best_path.is_file():
         raise TrainingError(f"{best_path}: missing although training finished; delete {checkpoint_dir} and rerun")
@@ -373,6 +454,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         "step_seconds_data": round(seconds["data"], 3),
         "step_seconds_compute": round(seconds["compute"], 3),
         "device": str(device),
+        "processes": dist.world,
     }
     write_json(report_dir / "metrics.json", metrics)
     write_json(report_dir / "timing.json", timing)

@@ -101,13 +101,13 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
     assert "arcface" in message and "step" in message and "margin" in message
 
 
-def _project(tmp_path: Path, epochs: int) -> Path:
+def _project(tmp_path: Path, epochs: int, *, model: dict | None = None, train: dict | None = None) -> Path:
     project = tmp_path / f"project{epochs}"
     (project / "data").mkdir(parents=True)
     _shards(project / "data")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update(epochs=epochs, batch_size=8, warmup_epochs=0, lr=0.05, val_fraction=0.25)
-    params["model"]["embedding_size"] = 16
+    params["train"].update(epochs=epochs, batch_size=8, warmup_epochs=0, lr=0.05, val_fraction=0.25, **(train or {}))
+    params["model"].update(embedding_size=16, **(model or {}))
     params["loss"].update(scale=16.0, margin=0.3)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     return project
@@ -147,3 +147,29 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     a = json.loads((clean / "reports" / "train" / "arcface" / "metrics.json").read_text())
     b = json.loads((crashed / "reports" / "train" / "arcface" / "metrics.json").read_text())
     assert a == b
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    """FACEPIPE_NPROC=2 (torchrun, DDP over gloo) equals one process with the same global batch.
+
+    BatchNorm is the one thing that cannot match on CPU (each rank normalises over its
+    own half batch; SyncBatchNorm needs a GPU), so the backbone is frozen (BN in eval
+    mode) and the head has no BN: what is left is exactly the data split across ranks,
+    the gradient averaging and the loss's class weights, which must agree to rounding.
+    """
+    setting = {"model": {"head": "pool_fc"}, "train": {"freeze_backbone": True}}
+    single = _project(tmp_path / "single", 3, **setting)
+    assert _train_cli(single).wait(timeout=600) == 0
+    double = _project(tmp_path / "double", 3, **setting)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FACEPIPE_NPROC="2", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "arcface", "--no-progress"], cwd=double,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    timing = json.loads((double / "reports" / "train" / "arcface" / "timing.json").read_text())
+    assert timing["processes"] == 2
+    one = pd.read_csv(single / "reports" / "train" / "arcface" / "history.csv")
+    two = pd.read_csv(double / "reports" / "train" / "arcface" / "history.csv")
+    assert one["step"].tolist() == two["step"].tolist()
+    assert one["train_loss"].iloc[0] != one["train_loss"].iloc[-1]  # it did train
+    np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(two["val_auc"], one["val_auc"], atol=1e-4)
