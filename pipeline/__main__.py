@@ -157,6 +157,20 @@ def embed(loss: str = typer.Argument(...), params_file: Path = ParamsOption) -> 
               device=params.train.device)
 
 
+@app.command("embed-pretrained")
+@stage
+def embed_pretrained(name: str = typer.Argument(..., help="A model named in params.yaml pretrained."),
+                     params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Embed every test image with an off-the-shelf model (e.g. dlib's ResNet), from the original images."""
+    from pipeline.embed import run_embed_pretrained
+
+    params = _params(params_file)
+    if name not in params.pretrained:
+        raise ConfigError(f"{params_file}: pretrained.{name} is not configured")
+    run_embed_pretrained(name, params.pretrained[name], paths.DETECT, paths.SHARDS, paths.embeddings_dir(name),
+                         progress=progress)
+
+
 @app.command()
 @stage
 def score(loss: str = typer.Argument(...), params_file: Path = ParamsOption) -> None:
@@ -164,7 +178,7 @@ def score(loss: str = typer.Argument(...), params_file: Path = ParamsOption) -> 
     from pipeline.score import run_score
 
     params = _params(params_file)
-    params.loss_params(loss)
+    params.check_model(loss)
     run_score(params.score, paths.embeddings_dir(loss), paths.SHARDS, paths.scores_dir(loss),
               paths.metrics_file(loss), paths.roc_dir(loss), seed=params.seed)
 

@@ -176,6 +176,18 @@ class ReportParams(_Strict):
     log_fpr: bool = True
 
 
+class PretrainedParams(_Strict):
+    """An off-the-shelf model embedded and scored beside the trained ones (``pretrained.<name>``)."""
+
+    upsample: int = Field(1, ge=0, le=3)
+    jitter: int = Field(0, ge=0, le=100)
+    mtcnn_fallback: bool = True
+
+
+#: Pretrained backends (``pipeline.baselines``): name -> install hint.
+PRETRAINED_BACKENDS = {"dlib": "pip install -r requirements-dlib.txt"}
+
+
 class Params(_Strict):
     seed: int = Field(0, ge=0)
     data: DataParams
@@ -187,9 +199,19 @@ class Params(_Strict):
     loss: dict[str, Any] = Field(default_factory=dict)
     losses: dict[str, dict[str, Any]] = Field(default_factory=dict)
     train_losses: dict[str, str]
+    pretrained: dict[str, PretrainedParams] = Field(default_factory=dict)
     embed: EmbedParams = EmbedParams()
     score: ScoreParams = ScoreParams()
     report: ReportParams = ReportParams()
+
+    @property
+    def models(self) -> list[str]:
+        """Every model in the comparison: one per trained loss, then the pretrained ones."""
+        return [*self.train_losses, *self.pretrained]
+
+    def check_model(self, name: str) -> None:
+        if name not in self.models:
+            raise ConfigError(f"model {name!r} is not configured (train_losses and pretrained: {', '.join(self.models)})")
 
     def loss_params(self, name: str) -> dict[str, Any]:
         """The params section of loss ``name`` as a plain dict (``{}`` for none)."""
@@ -289,6 +311,11 @@ def _check_losses(path: Path, params: Params, raw: dict[str, Any]) -> None:
         raise ConfigError(
             f"{path}: model.backbone = {params.model.backbone!r}: unknown backbone (known: {', '.join(backbones)})"
         )
+    for name in params.pretrained:
+        if name not in PRETRAINED_BACKENDS:
+            raise ConfigError(f"{path}: pretrained.{name}: unknown pretrained model (known: {', '.join(PRETRAINED_BACKENDS)})")
+        if name in params.train_losses:
+            raise ConfigError(f"{path}: pretrained.{name}: the name is also a trained loss; names must be unique")
     if params.report.in_domain is not None and params.report.in_domain not in params.data.tests:
         raise ConfigError(f"{path}: report.in_domain = {params.report.in_domain!r}: not one of data.tests")
     for name in params.report.cross_domain:

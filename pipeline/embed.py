@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import EmbedParams
+from pipeline.config import EmbedParams, PretrainedParams
 from pipeline.io import atomic_dir
 from pipeline.shards import read_shards
 from pipeline.train import embed_array, load_model, pick_device
@@ -54,3 +54,33 @@ def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Pat
 def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in ("image_ids", "identities", "embeddings")}
+
+
+def run_embed_pretrained(name: str, params: PretrainedParams, detect_dir: str | Path, shards_dir: str | Path,
+                         out_dir: str | Path, *, progress: bool = True) -> dict[str, int]:
+    """Embed the test sets with an off-the-shelf model, from the ORIGINAL images.
+
+    The images are the ones the detect stage kept (so every model is compared on the
+    same pairs); the pretrained model uses its own detection and alignment recipe,
+    with our MTCNN box as a fallback when its detector misses (``mtcnn_fallback``).
+    """
+    import pandas as pd
+
+    if name != "dlib":  # pragma: no cover - the config schema only admits known backends
+        raise ValueError(f"unknown pretrained model {name!r}")
+    from pipeline.baselines.dlib_resnet import DlibFaceEmbedder, save_embeddings
+
+    embedder = DlibFaceEmbedder()
+    counts = {}
+    with atomic_dir(out_dir) as tmp:
+        for set_name in test_sets(shards_dir):
+            rows = pd.read_parquet(Path(detect_dir) / f"{set_name}.parquet")
+            rows = rows[rows["status"] == "ok"].reset_index(drop=True)
+            boxes = rows[["box_x", "box_y", "box_w", "box_h"]].to_numpy() if params.mtcnn_fallback else None
+            emb, ok, reasons = embedder.embed_images(rows["path"].tolist(), boxes=boxes, upsample=params.upsample,
+                                                     jitter=params.jitter, progress=progress)
+            counts[set_name] = save_embeddings(Path(tmp) / f"{set_name}.npz", rows["image_id"].tolist(),
+                                               rows["identity"].tolist(), emb, ok)
+            fallback = sum("MTCNN box" in r for r in reasons)
+            print(f"{name} embedded {set_name}: {counts[set_name]}/{len(rows)} images ({fallback} via the MTCNN box)")
+    return counts

@@ -45,7 +45,7 @@ def _tpr(metrics: dict, fpr: float) -> float | None:
 def comparison_rows(params: Params) -> pd.DataFrame:
     """One row per loss x test set x variant, from ``reports/metrics/<loss>.json``."""
     rows = []
-    for loss in params.train_losses:
+    for loss in params.models:
         path = paths.metrics_file(loss)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing; run `dvc repro score@{loss}` first")
@@ -150,7 +150,7 @@ def cross_domain(params: Params, rows: pd.DataFrame) -> pd.DataFrame:
     primary = variant_name(params.report.primary_distance, params.report.primary_normalize)
     view = rows[rows["variant"] == primary].set_index(["loss", "test_set"])["auc"]
     out = []
-    for loss in params.train_losses:
+    for loss in params.models:
         for target in params.report.cross_domain:
             a = view.get((loss, params.report.in_domain))
             b = view.get((loss, target))
