@@ -111,10 +111,21 @@ def shard(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> 
     from pipeline.shards import run_shard
 
     params = _params(params_file)
-    pairs = {name: read_index(paths.DATASETS, name).pairs for name in ["train", *params.data.tests]}
+    pairs = {name: _pairs_with_paths(read_index(paths.DATASETS, name)) for name in ["train", *params.data.tests]}
     manifests = run_shard(params.shard, paths.ALIGNED, pairs, paths.SHARDS, progress=progress)
     for name, m in manifests.items():
         typer.echo(f"{name}: {m['images']} images, {m['identities']} identities, {len(m['files'])} shard file(s)")
+
+
+def _pairs_with_paths(image_set):
+    """The set's pairs with the source path of both images (so score files name the files)."""
+    if image_set.pairs is None:
+        return None
+    where = dict(zip(image_set.images["image_id"], image_set.images["path"]))
+    pairs = image_set.pairs.copy()
+    pairs["path1"] = pairs["image_id1"].map(where)
+    pairs["path2"] = pairs["image_id2"].map(where)
+    return pairs
 
 
 @app.command()

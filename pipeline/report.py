@@ -137,6 +137,7 @@ def comparison_markdown(rows: pd.DataFrame, sig: pd.DataFrame) -> str:
                 "TPR@FPR=1e-2": [_fmt(v) for v in group["tpr@fpr=1e-2"]],
                 "EER": [_fmt(v) for v in group["eer"]],
                 "vs best (DeLong)": group["vs_best"].fillna("–"),
+                "pairs scored (missing)": [f"{a} ({b})" for a, b in zip(group["pairs_scored"], group["pairs_missing"])],
             }
         )
         parts.append(f"### {test_set}\n\n{markdown_table(view)}\n")

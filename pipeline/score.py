@@ -3,7 +3,7 @@
 For each test set and each variant (distance in ``score.distances`` x test-time L2
 normalisation in ``score.normalize``), writes one per-pair file
 ``OUT/<set>/<distance>_<norm|raw>.csv`` with ``fold, image_id1, image_id2, same,
-score, prediction, status`` and computes the verification metrics of
+path1, path2, score, prediction, status`` and computes the verification metrics of
 :func:`pipeline.metrics.verification_report` (AUC, EER, LFW-protocol accuracy,
 TPR@FPR, FP/FN, bootstrap intervals). Pairs whose image was dropped at detection
 keep a row with ``status = missing`` and no score: they are counted and reported,
@@ -68,7 +68,8 @@ def score_set(pairs: pd.DataFrame, embeddings: dict[str, np.ndarray], params: Sc
             scores = scorer.scores(emb[i[complete]], emb[j[complete]])
             report = verification_report(scores, labels, folds, n_boot=params.bootstrap, seed=seed)
             predictions = protocol_predictions(scores, labels, folds)
-            table = pairs[["fold", "image_id1", "image_id2", "same"]].copy()
+            columns = ["fold", "image_id1", "image_id2", "same"] + [c for c in ("path1", "path2") if c in pairs]
+            table = pairs[columns].copy()
             table["score"] = np.nan
             table.loc[complete, "score"] = scores
             table["prediction"] = pd.array([pd.NA] * len(table), dtype="Int64")
