@@ -1,18 +1,26 @@
 """Built-in synthetic face dataset, generated deterministically from a seed.
 
-Each face is painted in a *canonical* frontal frame (face units: 1 unit is about
-10 cm, x to the subject's left in the image = right, y down, eye line at y = 0,
-face centre at x = 0) as premultiplied RGBA albedo plus a height field ``z``
-(towards the camera). The height field gives per-pixel normals for Lambert +
-Blinn-Phong shading and lets head pose (yaw, pitch, radians) be rendered by
-inverting the orthographic projection of the height field with a few Newton
-steps per output pixel. In-plane rotation, scale and position are a similarity
-on top. Backgrounds, lighting, blur, noise and JPEG quality vary per image.
+Each face is painted in a *canonical* frontal frame (face units, 1 unit ~ 10 cm; x grows
+to the image right, i.e. the subject's left; y grows down; the eyes lie on y = 0, centred
+on x = 0) as premultiplied RGBA albedo plus a height field ``z`` towards the camera. The
+height field gives per-pixel normals for wrapped-Lambert + Blinn-Phong shading, and head
+pose (yaw, pitch; radians) is rendered by inverting the orthographic projection of the
+height field with a few Newton steps per output pixel. In-plane rotation (roll), scale and
+position are a similarity on top.
+
+Per identity: face geometry, skin tone, hair colour/style, iris colour, facial hair, moles.
+Per image: pose, scale/position, light direction/intensity/colour, exposure/gamma,
+expression, gaze, hair volume/hairline/tint, glasses, clothes, background, blur, sensor
+noise, JPEG quality. Domain "b" draws darker skin tones and harsher, colder light.
+
+Every identity and image has its own ``numpy.random.default_rng`` seeded from (seed, set
+or group name, identity index, image index), so output bytes do not depend on the number
+of workers, and changing one count does not change the other images.
 
 Public API: :func:`generate_synthetic` (writes the four sets and their pairs),
 :func:`render_face`, :func:`face_landmarks`, :func:`sample_identity`,
-:func:`sample_variation` and the :class:`FaceIdentity` / :class:`ImageVariation`
-dataclasses.
+:func:`sample_variation`, :func:`identity_rng`, :func:`image_rng`, and the
+:class:`FaceIdentity` / :class:`ImageVariation` dataclasses.
 """
 
 from __future__ import annotations
@@ -51,8 +59,8 @@ _IRIS_P = np.array([0.35, 0.25, 0.12, 0.08, 0.14, 0.06])
 # ----------------------------------------------------------------------------- dataclasses
 @dataclass(frozen=True)
 class FaceIdentity:
-    """Everything fixed for one person. Lengths are face units (~10 cm), angles radians,
-    colours linear-ish RGB in [0, 1]."""
+    """Everything fixed for one person. Lengths in face units (~10 cm), angles in radians,
+    colours RGB in [0, 1]."""
 
     face_width: float  # half-width of the head at the cheekbones
     skull_height: float  # eye line to top of skull
@@ -166,7 +174,7 @@ def sample_identity(rng: np.random.Generator, domain: str = "a") -> FaceIdentity
         hp = np.array([0.55, 0.3, 0.08, 0.02, 0.01, 0.0, 0.03, 0.01])
     hair_idx = rng.choice(len(_HAIR), p=hp / hp.sum())
     hair = _HAIR[hair_idx] * (1 + rng.normal(0, 0.06, 3))
-    brow = hair * 0.55 + np.array([0.10, 0.07, 0.05]) * 0.45 if hair_idx in (4, 6, 7) else hair * 0.9
+    brow = hair * 0.4 + np.array([0.10, 0.07, 0.05]) * 0.6 if hair_idx in (3, 4, 5, 6, 7) else hair * 0.85
     ip = _IRIS_P.copy()
     if tone > 0.45:
         ip = np.array([0.6, 0.3, 0.07, 0.01, 0.01, 0.01])
@@ -227,14 +235,14 @@ def sample_variation(rng: np.random.Generator, domain: str = "a") -> ImageVariat
         roll=float(np.clip(rng.normal(0, 0.12), -0.26, 0.26)),
         scale=u(0.24, 0.32), shift_x=u(-0.06, 0.06), shift_y=u(-0.06, 0.06),
         light_azimuth=az, light_elevation=el, light_intensity=intensity, ambient=ambient,
-        light_color=color, exposure=u(0.75, 1.3), gamma=u(0.8, 1.25),
+        light_color=color, exposure=u(0.75, 1.25), gamma=u(0.85, 1.2),
         smile=smile, mouth_open=mouth_open, eye_open=float(np.clip(rng.normal(0.9, 0.12), 0.5, 1.15)),
         brow_raise=float(np.clip(rng.normal(0, 0.015), -0.03, 0.04)),
         gaze_x=float(np.clip(rng.normal(0, 0.3), -1, 1)), gaze_y=float(np.clip(rng.normal(0, 0.2), -1, 1)),
         clothes=_rgb(clothes),
         blur=float(abs(rng.normal(0, 0.7))), noise=float(u(0.5, 5.0)),
         jpeg_quality=int(rng.integers(55, 96)), detail_seed=int(rng.integers(0, 2**31 - 1)),
-        hair_volume=u(0.7, 1.3), hairline_shift=u(-0.05, 0.05), hair_tint=u(0.85, 1.15),
+        hair_volume=u(0.6, 1.4), hairline_shift=u(-0.07, 0.07), hair_tint=u(0.8, 1.2),
         glasses=int(rng.choice(3, p=[0.84, 0.08, 0.08])), glasses_color=_rgb(rng.uniform(0.02, 0.45, 3)),
     )
 
@@ -383,9 +391,9 @@ def _hair_cover(idn: FaceIdentity, cv: _Canvas, X, Y, vol: float, shift: float, 
 
 class _IdentityLayers:
     """Per-identity canonical layers: ``base`` (back hair, neck, ears, face with its fixed
-    details), ``cap`` (hair over the face), ``torso_cover`` (where clothes show, (H, W)),
+    details), hair texture for the per-image hair cap, ``torso_cover`` (clothes, (H, W)),
     height field ``z`` (H, W), ``depth_stack`` (H, W, 3: z, dz/dx, dz/dy), unit ``normals``
-    (H, W, 3) and ambient occlusion ``ao`` (H, W)."""
+    (3, H, W) and ambient occlusion ``ao`` (H, W)."""
 
     def __init__(self, idn: FaceIdentity, ppu: int):
         rng = np.random.default_rng(idn.texture_seed)
@@ -428,6 +436,11 @@ class _IdentityLayers:
             back = base.edge(bw - np.abs(X)) * base.edge(Y + 0.3) * base.edge(L - Y)
             base.paint(everywhere, back, hair_img * 0.8, spec=0.2)
             z_back = 0.25 * depth * back
+        # back of the skull, just outside the outline: fills holes that strong yaw opens there
+        skull = base.edge(_head_half_width(idn, ys, grow=0.14)[:, None] - np.abs(X), soft=3.0)
+        skull = skull * _smoothstep(-0.45, -0.2, Y) * base.edge(0.3 - Y, soft=3.0)
+        bald = idn.hair_style in ("bald", "buzz")
+        base.paint(everywhere, skull, skin_img * 0.8 if bald else hair_img * 0.7, spec=0.1)
         base.paint(everywhere, neck, skin_img * 0.9, spec=0.05)
         ear_x = float(_head_half_width(idn, np.float32(0.17))) + 0.015
         ax, ay = 0.07 * idn.ear_size, 0.17 * idn.ear_size
@@ -460,13 +473,14 @@ class _IdentityLayers:
         self.z = zz
         gy, gx = np.gradient(zz)
         gx, gy = np.clip(gx * ppu, -3, 3), np.clip(gy * ppu, -3, 3)
-        n = np.stack([-gx, -gy, np.ones_like(gx)], -1)
-        self.normals = (n / np.linalg.norm(n, axis=-1, keepdims=True)).astype(np.float32)
+        inv_len = 1.0 / np.sqrt(gx * gx + gy * gy + 1.0)
+        self.normals = np.stack([-gx * inv_len, -gy * inv_len, inv_len]).astype(np.float32)  # (3, H, W)
         self.depth_stack = np.stack([zz, gx, gy], -1).astype(np.float32)
         ao = np.clip(1 + 2.5 * (zz - cv2.GaussianBlur(zz, (0, 0), ppu * 0.12)), 0.55, 1.1)
         ao *= 1 - 0.45 * neck * _smoothstep(idn.chin_height + 0.3, idn.chin_height - 0.05, Y) * (1 - head)
         self.ao = ao.astype(np.float32)
         self.torso_cover = (torso * (1 - base.data[..., 3])).astype(np.float32)
+        self.torso_row = int(np.searchsorted(ys, yb - 0.05))  # no clothes above this row
 
 
 @functools.lru_cache(maxsize=16)
@@ -608,6 +622,7 @@ def _paint_mouth(cv: _Canvas, idn: FaceIdentity, var: ImageVariation) -> None:
 
 # ----------------------------------------------------------------------------- pose and output
 def _rotation(var: ImageVariation) -> np.ndarray:
+    """Head rotation (3, 3): pitch about x after yaw about y (radians), canonical -> camera."""
     cy, sy = math.cos(var.yaw), math.sin(var.yaw)
     cp, sp = math.cos(var.pitch), math.sin(var.pitch)
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
@@ -616,6 +631,7 @@ def _rotation(var: ImageVariation) -> np.ndarray:
 
 
 def _ppu(size: int) -> int:
+    """Canonical canvas pixels per face unit for an output image of ``size`` pixels."""
     return int(max(20, round(0.33 * size)))
 
 
@@ -627,6 +643,7 @@ def _similarity(var: ImageVariation, size: int):
 
 
 def _to_px(ppu: int, x, y):
+    """Face units -> canonical canvas pixel coordinates (float32 x, y)."""
     return ((x - _X0) * ppu - 0.5).astype(np.float32), ((y - _Y0) * ppu - 0.5).astype(np.float32)
 
 
@@ -727,7 +744,8 @@ def render_face(identity: FaceIdentity, variation: ImageVariation, size: int) ->
     layers = _layers(identity, ppu)
     cv = _Canvas(ppu, layers.base.data.copy())
     clothes = np.array([*variation.clothes, 1.0, 0.03], np.float32)
-    cv.data += layers.torso_cover[..., None] * clothes  # clothes under everything
+    r0 = layers.torso_row  # clothes under everything
+    cv.data[r0:] += layers.torso_cover[r0:, :, None] * clothes
     Lc, Hc = _light_vectors(variation)
     _paint_eyes(cv, identity, variation, Lc)
     _paint_mouth(cv, identity, variation)
@@ -742,10 +760,11 @@ def render_face(identity: FaceIdentity, variation: ImageVariation, size: int) ->
     if variation.glasses:  # glasses over the hair
         _paint_glasses(_Canvas(ppu, d), identity, variation)
     # shading in the canonical frame: wrapped Lambert * ambient occlusion + Blinn-Phong
-    n = layers.normals.reshape(-1, 3)
-    ndl = (n @ Lc.astype(np.float32)).reshape(d.shape[:2])
+    nx, ny, nz = layers.normals
+    Lc, Hc = Lc.astype(np.float32), Hc.astype(np.float32)
+    ndl = nx * Lc[0] + ny * Lc[1] + nz * Lc[2]
     shade = (variation.ambient + variation.light_intensity * np.clip((ndl + 0.2) / 1.2, 0, 1)) * layers.ao
-    ndh = np.clip(n @ Hc.astype(np.float32), 0, 1).reshape(d.shape[:2])
+    ndh = np.clip(nx * Hc[0] + ny * Hc[1] + nz * Hc[2], 0, 1)
     ndh *= ndh  # ndh ** 16
     ndh *= ndh
     ndh *= ndh
@@ -762,12 +781,12 @@ def render_face(identity: FaceIdentity, variation: ImageVariation, size: int) ->
     light = np.asarray(variation.light_color, np.float32) * variation.exposure
     bg_gain = 0.6 + 0.4 * light
     img = fg[..., :3] * light + bg * (1 - fg[..., 3:4]) * bg_gain
-    if variation.gamma != 1.0:
-        img = np.clip(img, 0, 1) ** np.float32(variation.gamma)
     if variation.blur > 0.25:
         img = cv2.GaussianBlur(img, (0, 0), variation.blur * size / 160)
-    img = img * np.float32(255.0) + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(variation.noise)
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(variation.noise / 255.0)
+    # tone curve out = in ** gamma through a 4096-entry table, then 8 bits
+    lut = np.round(255.0 * np.linspace(0.0, 1.0, 4096) ** variation.gamma).astype(np.uint8)
+    return lut[(np.clip(img, 0.0, 1.0) * 4095.0 + 0.5).astype(np.int32)]
 
 
 def face_landmarks(identity: FaceIdentity, variation: ImageVariation, size: int) -> np.ndarray:
@@ -961,9 +980,10 @@ def generate_synthetic(
     total = sum(s.identities * s.images_per_identity for s in specs)
     n_workers = workers if workers is not None else (len(os.sched_getaffinity(0))
                                                      if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    n_workers = min(n_workers, len(tasks))
     from tqdm.auto import tqdm
 
-    with tqdm(total=total, unit="img", desc="synthetic faces", disable=not progress) as bar:
+    with tqdm(total=total, unit="img", desc="synthetic faces", disable=not progress, mininterval=1.0) as bar:
         if n_workers <= 1:
             for task in tasks:
                 bar.update(_render_identity_task(task))

@@ -36,7 +36,8 @@ class EmbeddingModel(nn.Module):
         in_channels / input_size: the input the model was built for.
         feature_shape: backbone output without the batch dim, e.g. ``(512, 7, 7)``.
         config: the :func:`build_model` keyword arguments, so that
-            ``build_model(**model.config)`` rebuilds the same architecture.
+            ``build_model(**model.config)`` rebuilds the same architecture (pass
+            ``pretrained_backbone=False`` when the weights come from a checkpoint).
         backbone_frozen: whether :meth:`freeze_backbone` is in effect.
     """
 

@@ -1,0 +1,118 @@
+"""Time one training step (forward + backward + SGD) of each backbone at 112×112.
+
+Model: ``build_model(backbone)`` (512-D ``bn_dropout_fc_bn`` head) + a 1000-class
+linear classifier and cross-entropy, SGD (momentum 0.9, weight decay 5e-4), random
+inputs. Prints milliseconds per step, per image and images per second, on the CPU
+(``torch.set_num_threads(os.cpu_count())`` unless ``--threads``) and, when CUDA is
+available, on the GPU with autocast (bf16 where supported, else fp16 with a grad
+scaler) and channels_last.
+
+    python bench/bench_train_step.py
+    python bench/bench_train_step.py --backbones smallcnn resnet18 --batch-size 32 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.models import available_backbones, build_model, count_parameters  # noqa: E402
+
+DEFAULT_BACKBONES = ["smallcnn", "resnet18", "resnet34", "resnet50", "iresnet50"]
+CPU_BATCH = {"smallcnn": 64, "resnet18": 64, "resnet34": 32, "resnet50": 16}
+CUDA_BATCH = {"smallcnn": 256, "resnet18": 256}
+
+
+def _time_steps(
+    backbone: str, device: torch.device, batch: int, steps: int, warmup: int, amp: bool,
+    channels_last: bool, input_size: int, classes: int,
+) -> tuple[list[float], int]:
+    """(seconds per step for ``steps`` timed steps after ``warmup`` ones, model parameters)."""
+    torch.manual_seed(0)
+    model = build_model(backbone, input_size=input_size).to(device).train()
+    classifier = nn.Linear(model.embedding_size, classes).to(device)
+    params = [*model.parameters(), *classifier.parameters()]
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x = torch.rand(batch, 3, input_size, input_size, device=device) * 2 - 1
+    y = torch.randint(0, classes, (batch,), device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if (cuda and torch.cuda.is_bf16_supported()) else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda and dtype == torch.float16)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=amp):
+            loss = nn.functional.cross_entropy(classifier(model(x)).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    times = []
+    for i in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times, count_parameters(model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES, choices=available_backbones())
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch for every backbone (default: 64 smallcnn/resnet18, 32 resnet34, 16 others on CPU)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU intra-op threads")
+    parser.add_argument("--input-size", type=int, default=112)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
+    parser.add_argument("--cpu-channels-last", action="store_true", help="also use channels_last on CPU")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    devices = [d for d in args.devices if d == "cpu" or torch.cuda.is_available()]
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()} (os.cpu_count()={os.cpu_count()}), "
+          f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    print(f"input {args.input_size}x{args.input_size}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"median reported")
+    header = f"{'device':<28} {'backbone':<11} {'params':>7} {'batch':>5} {'ms/step':>9} {'ms/img':>7} {'img/s':>8}"
+    print(header)
+    print("-" * len(header))
+    for device_name in devices:
+        device = torch.device(device_name)
+        cuda = device.type == "cuda"
+        label = "cpu fp32" + (" channels_last" if args.cpu_channels_last else "")
+        if cuda:
+            label = f"cuda {'bf16' if torch.cuda.is_bf16_supported() else 'fp16'} channels_last"
+        for backbone in args.backbones:
+            table = CUDA_BATCH if cuda else CPU_BATCH
+            batch = args.batch_size or table.get(backbone, 128 if cuda else 16)
+            times, params = _time_steps(
+                backbone, device, batch, args.steps, args.warmup, amp=cuda,
+                channels_last=cuda or args.cpu_channels_last,
+                input_size=args.input_size, classes=args.classes,
+            )
+            sec = statistics.median(times)
+            print(f"{label:<28} {backbone:<11} {params / 1e6:>6.1f}M {batch:>5} {sec * 1e3:>9.1f} "
+                  f"{sec * 1e3 / batch:>7.2f} {batch / sec:>8.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
