@@ -84,10 +84,6 @@ def write_parquet(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
         frame.to_parquet(tmp, index=False)
 
 
-def read_json(path: str | os.PathLike[str]) -> Any:
-    return json.loads(Path(path).read_text())
-
-
 def _json_default(value: Any) -> Any:
     # numpy scalars and arrays, Paths
     if hasattr(value, "tolist"):
