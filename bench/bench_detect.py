@@ -2,9 +2,16 @@
 
 Prints images/s for the package one image per call, the package batched (a list of
 arrays per call) and ``TorchMTCNN.detect`` batched, their ratios, and how often the two
-batched detectors agree (same face count and main-face box IoU >= 0.9).
+batched detectors agree (same face count and main-face box IoU >= 0.9). Then the
+detect stage itself (``pipeline.detect.detect_set``: reading and decoding the files,
+detection, choice of the central face) on the same files, and its ratio to the
+package's batched mode, which is given its images already decoded.
+
+With ``--coverage`` the stage then runs over every image under ``--images-dir`` and
+prints the share in which it found a face.
 
     .venv/bin/python bench/bench_detect.py --n 200 --batch-size 32
+    .venv/bin/python bench/bench_detect.py --n 500 --coverage
 
 The batched runs alternate (package, torch, package, torch, ...) for ``--repeats`` rounds
 so that both see the same machine load; the figure reported is each one's best round.
@@ -41,9 +48,9 @@ def package_detect(images: list[np.ndarray], batch_size: int) -> list[list[dict]
     return out
 
 
-def load_lfw(images_dir: Path, n: int) -> list[np.ndarray]:
+def load_lfw(images_dir: Path, n: int) -> tuple[list[Path], list[np.ndarray]]:
     """First ``n`` images in sorted (identity, file) order, taking each identity's first image
-    before any second one. Returns HxWx3 uint8 RGB arrays."""
+    before any second one. Returns the files and their HxWx3 uint8 RGB arrays."""
     import cv2
 
     if not images_dir.is_dir():
@@ -63,7 +70,29 @@ def load_lfw(images_dir: Path, n: int) -> list[np.ndarray]:
         if bgr is None:
             raise ValueError(f"{f} could not be decoded as an image")
         out.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    return out
+    return files, out
+
+
+def stage_frame(files: list[Path]):
+    """The detect stage's input: one row per image (``image_id``, ``path``, ``identity``)."""
+    import pandas as pd
+
+    return pd.DataFrame({"image_id": [f"{f.parent.name}/{f.name}" for f in files],
+                         "path": [str(f) for f in files],
+                         "identity": [f.parent.name for f in files]})
+
+
+def run_stage(files: list[Path], batch_size: int, progress: bool = False):
+    """(seconds, detect_set output) of the detect stage with default params on ``files``."""
+    from pipeline.config import DetectParams
+    from pipeline.detect import TorchDetector, detect_set
+
+    params = DetectParams(batch_size=batch_size)
+    detector = TorchDetector(params)
+    frame = stage_frame(files)
+    t = time.perf_counter()
+    out = detect_set(frame, detector, params, progress=progress)
+    return time.perf_counter() - t, out
 
 
 def _iou(a: list[float], b: list[float]) -> float:
@@ -122,6 +151,8 @@ def main() -> None:
                     help="images for the (slow) package one-image-per-call run; 0 skips it")
     ap.add_argument("--repeats", type=int, default=2, help="alternating rounds of the two batched runs")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
+    ap.add_argument("--coverage", action="store_true",
+                    help="also run the detect stage over every image in --images-dir and report the share found")
     args = ap.parse_args()
     if args.n < 1 or args.batch_size < 1 or args.repeats < 1:
         ap.error("--n, --batch-size and --repeats must be positive")
@@ -131,7 +162,7 @@ def main() -> None:
 
     from pipeline.mtcnn_torch import TorchMTCNN, to_package_format
 
-    images = load_lfw(args.images_dir, args.n)
+    files, images = load_lfw(args.images_dir, args.n)
     detector = TorchMTCNN(num_threads=args.threads)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mode = (f"{detector.num_threads} worker threads x 1 torch thread" if detector.num_threads > 1
@@ -191,6 +222,20 @@ def main() -> None:
         pkg_self = sum(_same(r, g) for r, g in zip(single_ref, ref))
         print(f"vs the package one image per call (first {len(single_ref)}): agreement {frac1:.4f}, "
               f"TorchMTCNN identical {exact1}/{len(single_ref)}, package batched identical {pkg_self}/{len(single_ref)}")
+
+    stage_s, stage_out = run_stage(files, args.batch_size)
+    stage_rate = len(files) / stage_s
+    found = int((stage_out["status"] == "ok").sum())
+    print(f"detect stage (read + decode + detect + choose face, batch {args.batch_size}): {stage_rate:.2f} images/s, "
+          f"{stage_rate / pkg_b:.2f}x the package batched on pre-decoded images; face found in {found}/{len(files)}")
+    if args.coverage:
+        every = sorted(args.images_dir.glob("*/*.jpg"))
+        cov_s, cov_out = run_stage(every, args.batch_size, progress=sys.stderr.isatty())
+        ok = cov_out["status"] == "ok"
+        print(f"coverage: the detect stage found a face in {int(ok.sum())}/{len(every)} images "
+              f"({100 * ok.mean():.2f}%) of {args.images_dir} at {len(every) / cov_s:.1f} images/s")
+        for _, row in cov_out[~ok].iterrows():
+            print(f"  dropped {row['image_id']}: {row['reason']}")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

@@ -7,16 +7,25 @@ inputs. Prints milliseconds per step, per image and images per second, on the CP
 available, on the GPU with autocast (bf16 where supported, else fp16 with a grad
 scaler) and channels_last.
 
+With ``--shards DIR`` it also runs the real trainer (``pipeline.train.train``, the
+loss from ``--loss``, params.yaml's model and train sections) on those shards for a
+few hundred steps and compares its time per step with the bare step above on the
+same backbone and batch, in the same process: the difference is the share of step time
+spent outside forward/backward/SGD (data wait, the margin loss, NaN checks, logging).
+
     python bench/bench_train_step.py
     python bench/bench_train_step.py --backbones smallcnn resnet18 --batch-size 32 --steps 5
+    python bench/bench_train_step.py --backbones smallcnn --shards data/shards --loss arcface
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,6 +81,38 @@ def _time_steps(
     return times, count_parameters(model)
 
 
+def pipeline_overhead(shards: Path, loss: str, params_file: Path, steps: int, threads: int) -> None:
+    """Real trainer vs bare step on the same backbone and batch; prints the overhead share."""
+    from pipeline.config import load_params
+    from pipeline.train import TrainSetup, train
+
+    params = load_params(params_file, check_paths=False)
+    train_params = params.train.model_copy(update={"epochs": 2, "max_steps_per_epoch": steps, "warmup_epochs": 0})
+    setup = TrainSetup(loss_name=loss, loss_params=params.loss_params(loss), model=params.model,
+                       train=train_params, seed=params.seed, image_size=params.align.size)
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        metrics = train(setup, shards, tmp / "model", tmp / "ckpt", tmp / "report", progress=False)
+        timing = json.loads((tmp / "report" / "timing.json").read_text())
+    n_steps = metrics["steps"]
+    identities = metrics["identities"]
+    step_s = (timing["step_seconds_data"] + timing["step_seconds_compute"]) / n_steps
+    data_s = timing["step_seconds_data"] / n_steps
+    loop_s = timing["seconds_this_run"] / n_steps
+    bare, _ = _time_steps(params.model.backbone, torch.device("cpu"), params.train.batch_size, steps=20, warmup=3,
+                          amp=False, channels_last=False, input_size=params.align.size, classes=identities)
+    bare_s = statistics.median(bare)
+    print(f"\ntrainer on {shards} ({loss}, {params.model.backbone}, batch {params.train.batch_size}, "
+          f"{identities} identities, {n_steps} steps in 2 epochs):")
+    print(f"  bare forward/backward/SGD step      {bare_s * 1e3:8.1f} ms")
+    print(f"  trainer step (data + loss + logging) {step_s * 1e3:8.1f} ms   of which data wait {data_s * 1e3:.1f} ms")
+    print(f"  trainer loop incl. validation/ckpt   {loop_s * 1e3:8.1f} ms")
+    print(f"  overhead outside forward/backward: {100 * (1 - bare_s / step_s):.1f}% of step time "
+          f"(data wait alone {100 * data_s / step_s:.1f}%); "
+          f"{100 * (1 - bare_s / loop_s):.1f}% including per-epoch validation and checkpoints")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbones", nargs="+", default=DEFAULT_BACKBONES, choices=available_backbones())
@@ -84,6 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
     parser.add_argument("--cpu-channels-last", action="store_true", help="also use channels_last on CPU")
+    parser.add_argument("--shards", type=Path, help="also time the real trainer on these shards (shards dir)")
+    parser.add_argument("--loss", default="arcface", help="loss for --shards")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file for --shards")
+    parser.add_argument("--trainer-steps", type=int, default=100, help="steps per epoch for --shards (2 epochs)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -112,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
             sec = statistics.median(times)
             print(f"{label:<28} {backbone:<11} {params / 1e6:>6.1f}M {batch:>5} {sec * 1e3:>9.1f} "
                   f"{sec * 1e3 / batch:>7.2f} {batch / sec:>8.1f}", flush=True)
+    if args.shards:
+        pipeline_overhead(args.shards, args.loss, args.params, args.trainer_steps, args.threads)
 
 
 if __name__ == "__main__":

@@ -523,7 +523,3 @@ def _load_initial_weights(model: nn.Module, path: Path) -> None:
     own.update(matched)
     model.load_state_dict(own)
     print(f"initialised {len(matched)}/{len(own)} tensors from {path}")
-
-
-def cpu_threads() -> int:
-    return int(os.environ.get("FACEPIPE_THREADS", os.cpu_count() or 1))

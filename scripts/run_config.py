@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -57,13 +58,39 @@ def git(*args: str, cwd: Path = REPO) -> str:
 
 
 def prepare_worktree(workdir: Path, commit: str) -> None:
+    """Create the run's worktree at ``commit``, or move an existing one there.
+
+    An existing worktree keeps its DVC cache, ``data/`` and what its last run wrote:
+    ``dvc.lock`` and the report files (tracked by git, so a checkout would reset them
+    to the committed default run and DVC would then rerun every stage).
+    """
     if (workdir / ".git").exists():
-        # Keep the worktree (and its DVC cache and outputs) but move it to the commit.
-        git("checkout", "--quiet", "--detach", "--force", commit, cwd=workdir)
+        lock = workdir / "dvc.lock"
+        kept = [lock] + [workdir / p for p in (report_outputs(lock) if lock.is_file() else [])]
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = Path(tmp)
+            for path in kept:
+                if path.exists():
+                    copy_path(path, saved / path.relative_to(workdir))
+            git("checkout", "--quiet", "--detach", "--force", commit, cwd=workdir)
+            for path in kept:
+                backup = saved / path.relative_to(workdir)
+                if backup.exists():
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    copy_path(backup, path)
         return
     workdir.parent.mkdir(parents=True, exist_ok=True)
     git("worktree", "prune")
     git("worktree", "add", "--quiet", "--detach", str(workdir), commit)
+
+
+def copy_path(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target)
+    else:
+        shutil.copy2(source, target)
 
 
 def report_outputs(lock_file: Path) -> list[str]:
@@ -71,6 +98,41 @@ def report_outputs(lock_file: Path) -> list[str]:
     lock = yaml.safe_load(lock_file.read_text()) or {}
     paths = {out["path"] for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])}
     return sorted(p for p in paths if p.startswith("reports/"))
+
+
+def stream_repro(cmd: list[str], workdir: Path, env: dict) -> dict[str, float]:
+    """Run ``dvc repro``, echoing its output; seconds per stage it ran (from its log)."""
+    seconds: dict[str, float] = {}
+    current, since = None, time.time()
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        if line.startswith("Running stage '"):
+            if current:
+                seconds[current] = round(time.time() - since, 1)
+            current, since = line.split("'")[1], time.time()
+    if current:
+        seconds[current] = round(time.time() - since, 1)
+    if proc.wait() != 0:
+        fail(f"dvc repro failed in {workdir}; fix the cause and rerun this command (finished stages are kept)")
+    return seconds
+
+
+def run_record(previous_file: Path, params_file: Path, this_run: dict) -> dict:
+    """run.json: every run that built this report, newest last, and the latest time of each stage."""
+    runs = []
+    if previous_file.is_file() and not this_run["forced"]:
+        runs = json.loads(previous_file.read_text()).get("runs", [])
+    runs.append(this_run)
+    latest: dict[str, float] = {}
+    for run in runs:
+        latest.update(run.get("stage_seconds", {}))
+    return {
+        "params_file": str(params_file),
+        "runs": runs,
+        "wall_s_all_runs": round(sum(run["repro_wall_s"] for run in runs), 1),
+        "latest_stage_seconds": latest,
+    }
 
 
 def cpu_name() -> str:
@@ -113,15 +175,21 @@ def main() -> None:
 
     env = dict(os.environ)
     env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    if subprocess.run([sys.executable, "-m", "pipeline", "validate"], cwd=workdir, env=env).returncode != 0:
+    python = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+    if subprocess.run([python, "-m", "pipeline", "validate"], cwd=workdir, env=env).returncode != 0:
         fail(f"{args.params}: invalid params (see the line above); nothing was run")
+
+    if "dlib" in (params.get("pretrained") or {}):
+        check = "from pipeline.baselines.dlib_resnet import import_dlib, model_files; import_dlib(); model_files()"
+        if subprocess.run([python, "-c", check], cwd=workdir, env=env).returncode != 0:
+            fail(f"{args.params} scores the dlib baseline (pretrained.dlib): install the optional extra with "
+                 f"'.venv/bin/pip install -r requirements-dlib.txt', or delete pretrained.dlib from the file")
 
     started = time.time()
     start_stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
     cmd = ["dvc", "repro"] + (["--force"] if args.force else [])
     print(f"run_config: {' '.join(cmd)} in {workdir.relative_to(REPO)} (commit {commit[:10]})", flush=True)
-    if subprocess.run(cmd, cwd=workdir, env=env).returncode != 0:
-        fail(f"dvc repro failed in {workdir}; fix the cause and rerun this command (finished stages are kept)")
+    stage_seconds = stream_repro(cmd, workdir, env)
     wall = time.time() - started
 
     dest = REPO / "reports" / name
@@ -129,23 +197,19 @@ def main() -> None:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for path in report_outputs(workdir / "dvc.lock"):
-        source, target = workdir / path, staging / Path(path).relative_to("reports")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, target)
-        elif source.is_file():
-            shutil.copy2(source, target)
+        if (workdir / path).exists():
+            copy_path(workdir / path, staging / Path(path).relative_to("reports"))
     shutil.copy2(workdir / "params.yaml", staging / "params.yaml")
     shutil.copy2(workdir / "dvc.lock", staging / "dvc.lock")
-    run = {
-        "params_file": str(args.params),
+    this_run = {
         "commit": commit,
         "started": start_stamp,
         "repro_wall_s": round(wall, 1),
         "forced": args.force,
+        "stage_seconds": stage_seconds,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
     }
-    (staging / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    (staging / "run.json").write_text(json.dumps(run_record(dest / "run.json", args.params, this_run), indent=2) + "\n")
     old = REPO / "reports" / f".{name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if dest.exists():

@@ -1,18 +1,23 @@
 """End to end: the real dvc.yaml on a tiny synthetic config, in a fresh git+DVC project.
 
 Checks what a user relies on: `dvc repro` builds the report; a second `dvc repro`
-runs nothing; changing the ArcFace margin reruns only ArcFace's stages and the
-report; changing a scoring switch reruns only scoring and the report.
+runs nothing; a run killed (SIGKILL) inside every stage in turn and restarted ends
+with the same report as the clean run; changing the ArcFace margin reruns only
+ArcFace's stages and the report; changing a scoring switch reruns only scoring and
+the report.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -46,10 +51,13 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _env() -> dict:
+    return dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
+                PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(os.cpu_count() or 1))
+
+
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", DVC_NO_ANALYTICS="1",
-               PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(os.cpu_count() or 1))
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -69,15 +77,41 @@ def _set_param(project: Path, dotted: str, value) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def _new_project(where: Path, params: dict) -> Path:
+    shutil.copytree(ROOT / "pipeline", where / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", where / "dvc.yaml")
+    (where / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], where)
+    _run(["dvc", "init", "-q"], where)
+    return where
+
+
+def _repro_killed_in(project: Path, stage: str, delay: float) -> bool:
+    """Start `dvc repro`, SIGKILL it (and its stage process) `delay` s into `stage`.
+
+    Returns False when the run finished before reaching the stage (nothing left to kill).
+    """
+    proc = subprocess.Popen(["dvc", "repro"], cwd=project, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if f"Running stage '{stage}'" in line:
+                time.sleep(delay)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=60)
+                return True
+        proc.wait(timeout=60)
+        return False
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    project = tmp_path_factory.mktemp("facepipe")
-    shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
     params = _merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], project)
-    _run(["dvc", "init", "-q"], project)
+    project = _new_project(tmp_path_factory.mktemp("facepipe"), params)
     first = _run(["dvc", "repro"], project)
     (project / "first_run.log").write_text(first.stdout)
     return project
@@ -111,6 +145,42 @@ def test_second_repro_runs_nothing(project):
     assert "up to date" in status.stdout
     again = _run(["dvc", "repro"], project)
     assert _ran(again.stdout) == set()
+
+
+def test_dvc_plots_and_metrics_load_without_errors(project):
+    shown = json.loads(_run(["dvc", "plots", "show", "--json"], project).stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    names = set(shown["data"])
+    assert {"reports/roc/arcface/synth_open.csv", "reports/roc/softmax/synth_domain.csv",
+            "reports/train/arcface/history.csv"} <= names
+    roc = shown["data"]["reports/roc/arcface/synth_open.csv"][0]["content"]
+    assert {"fpr", "tpr"} <= set(roc["data"]["values"][0])
+    assert "fpr" in json.dumps(roc["encoding"]["x"]) and "tpr" in json.dumps(roc["encoding"]["y"])
+    metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], project).stdout)
+    assert "reports/metrics/arcface.json" in json.dumps(metrics)
+
+
+def test_killed_anywhere_then_rerun_gives_the_clean_report(project, tmp_path):
+    """SIGKILL `dvc repro` at a random point inside each stage in turn, restart, compare."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    crashed = _new_project(tmp_path / "crashed", params)
+    stages = ["data", "detect", "align", "shard", "train@softmax", "embed@softmax", "score@softmax",
+              "train@arcface", "embed@arcface", "score@arcface", "report"]
+    rng = random.Random(7)
+    killed = [stage for stage in stages if _repro_killed_in(crashed, stage, rng.uniform(0.0, 2.5))]
+    assert len(killed) >= 6, f"only killed inside {killed}"
+    _run(["dvc", "repro"], crashed)
+    assert "up to date" in _run(["dvc", "status"], crashed).stdout
+    clean_table = pd.read_csv(project / "reports" / "comparison.csv")
+    crashed_table = pd.read_csv(crashed / "reports" / "comparison.csv")
+    pd.testing.assert_frame_equal(crashed_table, clean_table)
+    for loss in ("softmax", "arcface"):
+        name = f"reports/metrics/{loss}.json"
+        assert json.loads((crashed / name).read_text()) == json.loads((project / name).read_text())
+    # no temporary leftovers anywhere in the outputs
+    leftovers = [p for p in (crashed / "data").rglob("*") if ".tmp" in p.name]
+    leftovers += [p for p in (crashed / "reports").rglob("*") if ".tmp" in p.name]
+    assert leftovers == []
 
 
 def test_margin_change_reruns_only_arcface(project):
