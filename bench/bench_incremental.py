@@ -18,6 +18,8 @@ two or three default runs; nothing in this workspace is modified.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import os
 import re
@@ -112,20 +114,28 @@ def main() -> None:
         run(["dvc", "checkout", "--quiet"], clone, env, check=False)
         for margin in ("0.2", "0.65"):
             run(["dvc", "exp", "run", "--queue", "-S", f"loss.margin={margin}"], clone, env)
+        # two experiments at once: give each half the cores, or their torch threads fight
+        queue_env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
         started = time.perf_counter()
-        run(["dvc", "queue", "start", "-j", "2"], clone, env)
+        run(["dvc", "queue", "start", "-j", "2"], clone, queue_env)
         while True:
             time.sleep(10)
             _, status = run(["dvc", "queue", "status"], clone, env)
             if not re.search(r"\b(Queued|Running)\b", status):
                 break
         queue_s = time.perf_counter() - started
-        print(f"dvc queue start -j 2 (margins 0.2 and 0.65): {queue_s:.0f} s = {queue_s / full_s:.2f} of the full run")
+        print(f"OMP_NUM_THREADS={queue_env['OMP_NUM_THREADS']} dvc queue start -j 2 (margins 0.2 and 0.65): "
+              f"{queue_s:.0f} s = {queue_s / full_s:.2f} of the full run")
+        for name in re.findall(r"^\S+\s+(\S+)\s+\S+ [AP]M\s+Success", status, flags=re.M):
+            _, logs = run(["dvc", "queue", "logs", name], clone, env, check=False)
+            print(f"  {name}: stages run: {', '.join(stages_run(logs))}")
         print(status)
-        _, show = run(["dvc", "exp", "show", "--no-pager", "--md", "--keep",
-                       "--drop", ".*", "--keep", "Experiment|loss.margin|arcface.json:synth_open.cosine_norm.auc$"],
-                      clone, env, check=False)
-        print(show[-3000:])
+        _, show = run(["dvc", "exp", "show", "--no-pager", "--csv"], clone, env, check=False)
+        auc = "reports/metrics/arcface.json:synth_open.cosine_norm.auc"
+        print(f"{'experiment':<14}{'rev':<10}{'loss.margin':>12}{'ArcFace open-set AUC':>22}")
+        for row in csv.DictReader(io.StringIO(show)):
+            print(f"{row.get('Experiment') or '':<14}{row.get('rev', ''):<10}{row.get('loss.margin', ''):>12}"
+                  f"{row.get(auc, ''):>22}")
 
     if not args.keep and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

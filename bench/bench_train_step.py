@@ -42,11 +42,11 @@ CUDA_BATCH = {"smallcnn": 256, "resnet18": 256}
 
 def _time_steps(
     backbone: str, device: torch.device, batch: int, steps: int, warmup: int, amp: bool,
-    channels_last: bool, input_size: int, classes: int,
+    channels_last: bool, input_size: int, classes: int, embedding_size: int = 512, head: str = "bn_dropout_fc_bn",
 ) -> tuple[list[float], int]:
     """(seconds per step for ``steps`` timed steps after ``warmup`` ones, model parameters)."""
     torch.manual_seed(0)
-    model = build_model(backbone, input_size=input_size).to(device).train()
+    model = build_model(backbone, input_size=input_size, embedding_size=embedding_size, head=head).to(device).train()
     classifier = nn.Linear(model.embedding_size, classes).to(device)
     params = [*model.parameters(), *classifier.parameters()]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -101,11 +101,12 @@ def pipeline_overhead(shards: Path, loss: str, params_file: Path, steps: int, th
     data_s = timing["step_seconds_data"] / n_steps
     loop_s = timing["seconds_this_run"] / n_steps
     bare, _ = _time_steps(params.model.backbone, torch.device("cpu"), params.train.batch_size, steps=20, warmup=3,
-                          amp=False, channels_last=False, input_size=params.align.size, classes=identities)
+                          amp=False, channels_last=False, input_size=params.align.size, classes=identities,
+                          embedding_size=params.model.embedding_size, head=params.model.head)
     bare_s = statistics.median(bare)
     print(f"\ntrainer on {shards} ({loss}, {params.model.backbone}, batch {params.train.batch_size}, "
           f"{identities} identities, {n_steps} steps in 2 epochs):")
-    print(f"  bare forward/backward/SGD step      {bare_s * 1e3:8.1f} ms")
+    print(f"  bare forward/backward/SGD step (same model, {params.model.embedding_size}-D, softmax head) {bare_s * 1e3:8.1f} ms")
     print(f"  trainer step (data + loss + logging) {step_s * 1e3:8.1f} ms   of which data wait {data_s * 1e3:.1f} ms")
     print(f"  trainer loop incl. validation/ckpt   {loop_s * 1e3:8.1f} ms")
     print(f"  overhead outside forward/backward: {100 * (1 - bare_s / step_s):.1f}% of step time "

@@ -17,9 +17,11 @@ embedder use; :func:`iter_webdataset` streams tar shards from a path or URL.
 from __future__ import annotations
 
 import io
+import os
 import json
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,8 +154,17 @@ class FaceShards:
         first = self.decode(0)
         out = np.empty((len(self), *first.shape), dtype=np.uint8)
         out[0] = first
-        for i in range(1, len(self)):
-            out[i] = self.decode(i)
+
+        def decode_range(start: int, stop: int) -> None:
+            for i in range(start, stop):
+                out[i] = self.decode(i)
+
+        # OpenCV releases the GIL while decoding, so threads use every core
+        workers = max(1, min(os.cpu_count() or 1, 16))
+        step = max(1, -(-(len(self) - 1) // workers))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(decode_range, a, min(a + step, len(self))) for a in range(1, len(self), step)]:
+                future.result()
         return out
 
 

@@ -51,6 +51,18 @@ def test_round_trip(tmp_path, fmt):
         assert [r["image_id"] for r in records] == shards.image_ids
 
 
+def test_decode_all_matches_one_by_one_decoding(tmp_path):
+    """decode_all splits the work over threads; every slot must hold its own image."""
+    aligned = _aligned(tmp_path, n_ids=4, per=9)
+    write_set(aligned, tmp_path / "out", ShardParams(format="parquet"), None, progress=False)
+    shards = read_shards(tmp_path / "out")
+    all_images = shards.decode_all()
+    assert all_images.shape == (36, 112, 112, 3)
+    for k in range(len(shards)):
+        np.testing.assert_array_equal(all_images[k], shards.decode(k))
+    assert len({all_images[k].tobytes() for k in range(len(shards))}) == 36
+
+
 def test_missing_manifest(tmp_path):
     with pytest.raises(ShardError, match="no manifest.json"):
         read_shards(tmp_path)
