@@ -14,10 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import typer
+from pipeline import cpu
 
-from pipeline import paths
-from pipeline.config import ConfigError, Params, load_params
+cpu.pin_instruction_set()  # before numpy / cv2 / torch load: same kernels on every x86-64 host
+
+import typer  # noqa: E402
+
+from pipeline import paths  # noqa: E402
+from pipeline.config import ConfigError, Params, load_params  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="The params file to use.")
@@ -50,6 +54,7 @@ def stage(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _params(path: Path) -> Params:
+    cpu.thread_count()  # a bad FACEPIPE_THREADS stops here, before any work, like a bad param
     return load_params(path)
 
 

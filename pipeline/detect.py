@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from pipeline import cpu
 from pipeline.config import DetectParams
 from pipeline.images import BadImage, load_rgb
 from pipeline.io import atomic_dir, write_csv, write_json, write_parquet
@@ -84,6 +85,7 @@ class TorchDetector:
             min_face_size=params.min_face_size,
             scale_factor=params.scale_factor,
             thresholds=tuple(params.thresholds),
+            num_threads=cpu.thread_count(),
         )
 
     def detect(self, images: list[np.ndarray]) -> list[list[Face]]:

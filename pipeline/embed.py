@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import cpu
 from pipeline.config import EmbedParams, PretrainedParams
 from pipeline.io import atomic_dir
 from pipeline.shards import read_shards
@@ -29,6 +30,8 @@ def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Pat
               *, device: str = "auto") -> dict[str, int]:
     """Embed every test set; returns the number of images embedded per set."""
     dev = pick_device(device)
+    if dev.type == "cpu":
+        torch.set_num_threads(cpu.thread_count())
     model, saved = load_model(model_path, dev)
     grayscale = bool(saved["model_params"].get("grayscale", False))
     counts = {}

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from pipeline import cpu
 from pipeline.config import ModelParams, TrainParams
 from pipeline.io import atomic_file, write_csv, write_json
 from pipeline.shards import FaceShards, read_shards
@@ -237,6 +238,8 @@ class Distributed:
 def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
     """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cpu":  # the thread count decides the last bits of the gradients
+        torch.set_num_threads(max(1, cpu.thread_count() // max(world, 1)))
     if world <= 1:
         return Distributed(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -245,8 +248,6 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
         device = torch.device("cuda", local_rank)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     return Distributed(rank, world, local_rank), device
 
 
@@ -455,6 +456,9 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         "step_seconds_compute": round(seconds["compute"], 3),
         "device": str(device),
         "processes": dist.world,
+        # what decides the last bits on a CPU: same kernels + threads => same metrics on any x86-64 host
+        "cpu_kernels": cpu.kernels(),
+        "threads_per_process": torch.get_num_threads(),
     }
     write_json(report_dir / "metrics.json", metrics)
     write_json(report_dir / "timing.json", timing)

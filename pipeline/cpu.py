@@ -1,0 +1,95 @@
+"""CPU settings that decide results: the instruction set and the number of threads.
+
+numpy, OpenCV, OpenBLAS, MKL, oneDNN and PyTorch each pick their fastest kernels for
+the CPU they find at import time. Kernels written for different instruction sets
+(AVX2 vs AVX-512) round differently in the last bit, and a last-bit difference in a
+float pixel can flip a uint8 value: the same seed then renders slightly different
+synthetic faces on two machines, and every number downstream moves.
+
+:func:`pin_instruction_set` caps every one of those libraries at AVX2 + FMA (x86-64-v3,
+which every x86 server since 2013 has) through the environment variables they read
+when they load. It must run before numpy, cv2 or torch is imported, so
+``python -m pipeline`` calls it first; a library already loaded in the process is not
+affected. Variables the user has already set are left alone, and
+``FACEPIPE_NATIVE_CPU=1`` skips the pinning (fastest kernels, results tied to the CPU).
+Off x86-64 it does nothing.
+
+The thread count matters too: PyTorch splits convolution gradients and reductions
+across its threads, so 1, 2 and 3 threads train to different last bits.
+:func:`thread_count` is the one number every stage uses: the cores this process may
+run on, or ``FACEPIPE_THREADS`` when set. A fresh clone on another x86-64 machine
+reproduces the committed metrics exactly when it uses the same thread count as the
+reference run (2); on a bigger machine, ``FACEPIPE_THREADS=2 dvc repro`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+# variable -> value that caps the library at AVX2 (+FMA); read once, when the library loads
+PINNED_ENVIRONMENT: dict[str, str] = {
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR AVX512F AVX512_SKX",  # numpy's dispatch
+    "OPENCV_CPU_DISABLE": "AVX512-SKX",  # OpenCV dispatch
+    "OPENBLAS_CORETYPE": "Haswell",  # OpenBLAS inside numpy and OpenCV
+    "MKL_CBWR": "AVX2",  # MKL's conditional numerical reproducibility mode
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN: PyTorch's CPU convolutions and matmuls
+    "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own vectorised kernels
+}
+NATIVE_SWITCH = "FACEPIPE_NATIVE_CPU"
+THREADS_VARIABLE = "FACEPIPE_THREADS"
+
+
+def pin_instruction_set(environ: os._Environ[str] | dict[str, str] | None = None) -> dict[str, str]:
+    """Set the variables of :data:`PINNED_ENVIRONMENT` that are not set yet; return what was set.
+
+    Does nothing off x86-64, when ``FACEPIPE_NATIVE_CPU`` is set to a true value, or for
+    a variable the caller already set (so a user's own choice wins).
+    """
+    env = os.environ if environ is None else environ
+    if env.get(NATIVE_SWITCH, "").strip().lower() in {"1", "true", "yes", "on"}:
+        return {}
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return {}
+    applied = {name: value for name, value in PINNED_ENVIRONMENT.items() if name not in env}
+    env.update(applied)
+    return applied
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the whole machine)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_count(environ: os._Environ[str] | dict[str, str] | None = None) -> int:
+    """Threads for PyTorch on the CPU: ``FACEPIPE_THREADS`` if set, else :func:`available_cores`.
+
+    Raises :class:`~pipeline.config.ConfigError` (exit status 2) naming the variable when
+    it is not a positive integer.
+    """
+    from pipeline.config import ConfigError
+
+    env = os.environ if environ is None else environ
+    raw = env.get(THREADS_VARIABLE, "").strip()
+    if not raw:
+        return available_cores()
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"{THREADS_VARIABLE}={raw!r}: expected a positive whole number of threads (or unset)")
+    return value
+
+
+def kernels() -> str:
+    """Which kernels this process's numeric libraries run: ``avx2`` (pinned), ``native`` or the machine."""
+    if os.environ.get(NATIVE_SWITCH, "").strip().lower() in {"1", "true", "yes", "on"}:
+        return "native"
+    if platform.machine().lower() not in {"x86_64", "amd64"}:
+        return platform.machine().lower()
+    if all(os.environ.get(name) == value for name, value in PINNED_ENVIRONMENT.items()):
+        return "avx2"
+    return "mixed"  # some variables set by the user to other values
