@@ -121,7 +121,8 @@ def main() -> None:
         for margin in ("0.2", "0.65"):
             run(["dvc", "exp", "run", "--queue", "-S", f"loss.margin={margin}"], clone, env)
         # two experiments at once: give each half the cores, or their torch threads fight
-        queue_env = dict(env, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // 2)))
+        half = str(max(1, (os.cpu_count() or 2) // 2))
+        queue_env = dict(env, FACEPIPE_THREADS=half, OMP_NUM_THREADS=half)
         started = time.perf_counter()
         run(["dvc", "queue", "start", "-j", "2"], clone, queue_env)
         while True:
@@ -130,7 +131,7 @@ def main() -> None:
             if not re.search(r"\b(Queued|Running)\b", status):
                 break
         queue_s = time.perf_counter() - started
-        print(f"OMP_NUM_THREADS={queue_env['OMP_NUM_THREADS']} dvc queue start -j 2 (margins 0.2 and 0.65): "
+        print(f"FACEPIPE_THREADS={half} dvc queue start -j 2 (margins 0.2 and 0.65): "
               f"{queue_s:.0f} s = {queue_s / full_s:.2f} of the full run")
         for name in re.findall(r"^\S+\s+(\S+)\s+\S+ [AP]M\s+Success", status, flags=re.M):
             _, logs = run(["dvc", "queue", "logs", name], clone, env, check=False)
