@@ -4,8 +4,10 @@ Both sides deliver the same thing the trainer consumes: shuffled batches of
 ``[B, 3, H, W]`` float tensors in [-1, 1] with a random horizontal flip, from the same
 aligned faces (the shard stage's Parquet shards vs the align stage's JPEG folders).
 
-* shards: what ``pipeline.train`` does: read the shards, decode every JPEG once into a
-  uint8 array (``FaceShards.decode_all``), then per step index it, flip and normalise;
+* shards: what ``pipeline.train`` does (``BatchPrefetcher``), in both of its input modes:
+  ``upfront`` decodes every JPEG once into a uint8 array and copies batches out of it;
+  ``per_batch`` keeps only the JPEG bytes and decodes each batch on worker threads
+  while the previous one is consumed; then flip and normalise;
 * ImageFolder: ``DataLoader(ImageFolder(root, transforms), shuffle=True, num_workers=W)``
   with ``RandomHorizontalFlip`` + ``PILToTensor`` + the same normalisation, decoding
   every image every epoch, as most face-recognition training code does.
@@ -25,35 +27,36 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.shards import read_shards  # noqa: E402
-from pipeline.train import to_input  # noqa: E402
+from pipeline.train import BatchPrefetcher, batch_source, to_input  # noqa: E402
 
 
-def shard_epochs(shards_dir: Path, epochs: int, batch: int, threads: int) -> list[tuple[int, float]]:
-    """(images, seconds) per epoch through the trainer's own input path."""
+def shard_epochs(shards_dir: Path, epochs: int, batch: int, threads: int, mode: str) -> list[tuple[int, float]]:
+    """(images, seconds) per epoch through the trainer's own input path (``train.decode = mode``)."""
     torch.set_num_threads(threads)
     out = []
     t0 = time.perf_counter()
     data = read_shards(shards_dir)
-    images = torch.from_numpy(data.decode_all())
+    _, fill = batch_source(data, mode)
+    records = np.arange(len(data))
     labels = torch.from_numpy(data.labels)
-    decode_s = time.perf_counter() - t0
+    setup_s = time.perf_counter() - t0
     generator = torch.Generator().manual_seed(0)
     for epoch in range(epochs):
         t0 = time.perf_counter()
-        order = torch.randperm(len(images), generator=generator)
+        order = torch.randperm(len(data), generator=generator)
+        batches = [(order[k : k + batch], torch.rand(batch, generator=generator) < 0.5)
+                   for k in range(0, len(order) - batch + 1, batch)]
         seen = 0
-        for k in range(0, len(order) - batch + 1, batch):
-            index = order[k : k + batch]
-            x = to_input(images[index], grayscale=False)
-            flips = torch.rand(len(index), generator=generator) < 0.5
+        for images, y, flips in BatchPrefetcher(fill, data.image_shape(), records, labels, batches, workers=threads):
+            x = to_input(images, grayscale=False)
             x[flips] = x[flips].flip(-1)
-            y = labels[index]
             seen += len(y)
-        out.append((seen, time.perf_counter() - t0 + (decode_s if epoch == 0 else 0.0)))
+        out.append((seen, time.perf_counter() - t0 + (setup_s if epoch == 0 else 0.0)))
     return out
 
 
@@ -99,17 +102,25 @@ def main() -> None:
 
     threads = max(1, args.workers)
     folder = imagefolder_epochs(args.aligned, args.epochs, args.batch_size, args.workers)
-    shards = shard_epochs(args.shards, args.epochs, args.batch_size, threads)
+    runs = {"ImageFolder": folder}
+    for mode in ("upfront", "per_batch"):
+        runs[f"shards {mode}"] = shard_epochs(args.shards, args.epochs, args.batch_size, threads, mode)
     print(f"machine: {os.cpu_count()} cores; {folder[0][0]} images/epoch, batch {args.batch_size}, "
           f"{args.workers} workers/threads, {args.epochs} epochs")
-    print(f"{'input':<14}{'epoch 1 img/s':>15}{'later img/s':>14}{'all img/s':>12}")
-    for name, runs in (("ImageFolder", folder), ("shards", shards)):
-        later = rate(runs[1:]) if len(runs) > 1 else float("nan")
-        print(f"{name:<14}{rate(runs[:1]):>15.0f}{later:>14.0f}{rate(runs):>12.0f}")
-    print(f"ratio shards/ImageFolder: epoch 1 {rate(shards[:1]) / rate(folder[:1]):.1f}x, "
-          f"later epochs {rate(shards[1:]) / rate(folder[1:]):.1f}x, "
-          f"{args.epochs} epochs {rate(shards) / rate(folder):.1f}x")
-
+    print(f"{'input':<20}{'epoch 1 img/s':>15}{'later img/s':>14}{'all img/s':>12}")
+    for name, epochs in runs.items():
+        later = rate(epochs[1:]) if len(epochs) > 1 else float("nan")
+        print(f"{name:<20}{rate(epochs[:1]):>15.0f}{later:>14.0f}{rate(epochs):>12.0f}")
+    data = read_shards(args.shards)
+    encoded = sum(len(b) for b in data.images)
+    decoded = len(data) * int(np.prod(data.image_shape()))
+    print(f"training images held in memory: per_batch {encoded / 2**20:.1f} MiB of JPEG bytes, "
+          f"upfront {decoded / 2**20:.1f} MiB decoded ({decoded / encoded:.1f}x), for {len(data)} faces")
+    for mode in ("upfront", "per_batch"):
+        shards = runs[f"shards {mode}"]
+        print(f"ratio shards {mode}/ImageFolder: epoch 1 {rate(shards[:1]) / rate(folder[:1]):.1f}x, "
+              f"later epochs {rate(shards[1:]) / rate(folder[1:]):.1f}x, "
+              f"{args.epochs} epochs {rate(shards) / rate(folder):.1f}x")
 
 if __name__ == "__main__":
     main()

@@ -143,7 +143,8 @@ class TrainParams(_Strict):
     pk_images: int = Field(4, ge=2)
     init_from: str | None = None
     freeze_backbone: bool = False
-    workers: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0)  # threads preparing batches; 0 = the stage's thread count
+    decode: Literal["auto", "upfront", "per_batch"] = "auto"  # how batches get pixels (same bits either way)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
     clip_grad_norm: float = Field(0.0, ge=0.0)

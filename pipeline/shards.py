@@ -10,8 +10,8 @@ Layout per set::
     OUT/<set>/pairs.csv                test sets: the verification pairs (fold, image_id1, image_id2, same)
 
 Reading: :func:`read_shards` returns a :class:`FaceShards` with every record in
-memory as encoded bytes (decoded on access), which is what the trainer and the
-embedder use; :func:`iter_webdataset` streams tar shards from a path or URL.
+memory as encoded bytes (decoded on access: the trainer decodes batch by batch, the
+embedder a whole test set); :func:`iter_webdataset` streams tar shards from a path or URL.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import io
 import os
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,23 +147,29 @@ class FaceShards:
             raise ShardError(f"record {self.image_ids[i]!r}: image bytes cannot be decoded")
         return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
 
-    def decode_all(self) -> np.ndarray:
-        """``[N, H, W, 3]`` uint8 of every image (for sets that fit in memory)."""
+    def image_shape(self) -> tuple[int, int, int]:
+        """``(H, W, 3)`` of the images (all records of a set share it)."""
         if not self.images:
             raise ShardError("no images in this set")
-        first = self.decode(0)
-        out = np.empty((len(self), *first.shape), dtype=np.uint8)
-        out[0] = first
+        return tuple(self.decode(0).shape)  # type: ignore[return-value]
 
-        def decode_range(start: int, stop: int) -> None:
-            for i in range(start, stop):
-                out[i] = self.decode(i)
+    def decode_into(self, out: np.ndarray, indices: Sequence[int] | np.ndarray) -> None:
+        """Decode records ``indices`` into ``out[:len(indices)]`` (``[n, H, W, 3]`` uint8).
 
-        # OpenCV releases the GIL while decoding, so threads use every core
+        OpenCV releases the GIL while decoding, so calls on several threads use several cores.
+        """
+        for row, i in enumerate(indices):
+            out[row] = self.decode(int(i))
+
+    def decode_all(self, indices: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """``[N, H, W, 3]`` uint8 of every image, or of ``indices`` in that order, decoded on all cores."""
+        chosen = np.arange(len(self)) if indices is None else np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(chosen), *self.image_shape()), dtype=np.uint8)
         workers = max(1, min(os.cpu_count() or 1, 16))
-        step = max(1, -(-(len(self) - 1) // workers))
+        step = max(1, -(-len(chosen) // workers))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for future in [pool.submit(decode_range, a, min(a + step, len(self))) for a in range(1, len(self), step)]:
+            for future in [pool.submit(self.decode_into, out[a : a + step], chosen[a : a + step])
+                           for a in range(0, len(chosen), step)]:
                 future.result()
         return out
 

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def fingerprint(setup: TrainSetup, data: FaceShards) -> str:
             "loss": setup.loss_name,
             "loss_params": setup.loss_params,
             "model": setup.model.model_dump(),
-            "train": setup.train.model_dump(exclude={"workers", "device"}),
+            "train": setup.train.model_dump(exclude={"workers", "device", "decode"}),
             "seed": setup.seed,
             "n": len(data),
             "ids": hashlib.sha1("\n".join(data.image_ids).encode()).hexdigest(),
@@ -284,6 +285,107 @@ def _epoch_batches(epoch: int, n_train: int, setup: TrainSetup, sampler, steps: 
     return out
 
 
+Fill = Callable[[np.ndarray, np.ndarray], None]  # (out [n, H, W, 3] uint8, record indices [n]) -> None
+
+
+def batch_source(data: FaceShards, mode: str, *, processes_per_machine: int = 1) -> tuple[str, Fill]:
+    """How training batches get their pixels: ``("upfront" | "per_batch", fill)``.
+
+    ``upfront`` decodes every image once into one uint8 array and copies batches out of
+    it (fastest; needs H*W*3 bytes per image); ``per_batch`` keeps only the JPEG bytes and
+    decodes each batch when it is needed (a fraction of the memory; CASIA-WebFace at 112 px
+    is 17 GB decoded). ``auto`` takes ``upfront`` when the decoded set fits in a quarter of
+    the available memory (at most 8 GiB), shared by the training processes on this machine.
+    Decoding is exact, so both give the same bits and the same trained model.
+    """
+    if mode == "auto":
+        decoded_bytes = len(data) * math.prod(data.image_shape())
+        budget = min(8 * 2**30, _available_memory() // 4) // max(1, processes_per_machine)
+        mode = "upfront" if decoded_bytes <= budget else "per_batch"
+    if mode == "upfront":
+        decoded = data.decode_all()
+
+        def copy_out(out: np.ndarray, records: np.ndarray) -> None:
+            np.take(decoded, records, axis=0, out=out)
+
+        return mode, copy_out
+    if mode == "per_batch":
+        return mode, data.decode_into
+    raise ValueError(f"train.decode = {mode!r}; expected auto, upfront or per_batch")
+
+
+def _available_memory() -> int:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:  # psutil comes with DVC; this is only a fallback
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+class BatchPrefetcher:
+    """Fill the next batches on worker threads while the current batch trains.
+
+    With ``fill`` from :func:`batch_source` in ``per_batch`` mode only the encoded shards
+    stay in memory and each rank decodes just its own slice of each global batch (OpenCV
+    releases the GIL, so the threads use several cores).
+
+    Args:
+        fill: writes the pixels of some records into a batch slice (see :func:`batch_source`).
+        shape: ``(H, W, 3)`` of one image.
+        records: ``[n_train]`` record index in the shards of each training position.
+        labels: ``[n_train]`` int64 class of each training position.
+        batches: this rank's ``(positions, flips)`` per step (see ``_epoch_batches``).
+        workers: filling threads; ``depth``: batches prepared ahead of the one training.
+        pin: allocate page-locked batches (CUDA), so the copy to the GPU can be non-blocking.
+
+    Iterating yields ``(images [B, H, W, 3] uint8, labels [B] int64, flips [B] bool)``;
+    ``wait_seconds`` is how long the trainer waited for its batches.
+    """
+
+    def __init__(self, fill: Fill, shape: tuple[int, ...], records: np.ndarray, labels: torch.Tensor,
+                 batches: list[tuple[torch.Tensor, torch.Tensor]], *, workers: int, depth: int = 3,
+                 pin: bool = False, chunk: int = 16) -> None:
+        self.fill, self.shape, self.records, self.labels, self.batches = fill, tuple(shape), records, labels, batches
+        self.workers, self.depth, self.pin, self.chunk = max(1, workers), max(1, depth), pin, max(1, chunk)
+        self.wait_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        upcoming = iter(self.batches)
+        pending: deque = deque()
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="decode") as pool:
+
+            def submit() -> None:
+                positions, flips = next(upcoming)
+                records = self.records[positions.numpy()]
+                images = torch.empty((len(records), *self.shape), dtype=torch.uint8, pin_memory=self.pin)
+                pixels = images.numpy()
+                parts = [pool.submit(self.fill, pixels[a : a + self.chunk], records[a : a + self.chunk])
+                         for a in range(0, len(records), self.chunk)]
+                pending.append((images, self.labels[positions], flips, parts))
+
+            for _ in range(min(self.depth, len(self.batches))):
+                submit()
+            while pending:
+                images, labels, flips, parts = pending.popleft()
+                started = time.perf_counter()
+                for part in parts:
+                    part.result()
+                self.wait_seconds += time.perf_counter() - started
+                if len(pending) < self.depth:
+                    try:
+                        submit()
+                    except StopIteration:
+                        pass
+                yield images, labels, flips
+
+
 def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, checkpoint_dir: str | Path,
           report_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Train, checkpointing every epoch; returns the final metrics dict.
@@ -305,13 +407,14 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
     if len(data.identity_names) < 2:
         raise TrainingError(f"{shards_dir}/train: need at least 2 identities to train, found {len(data.identity_names)}")
     train_idx, val_idx = split_train_val(data.labels, params.val_fraction, setup.seed)
-    all_images = torch.from_numpy(data.decode_all())
-    if all_images.shape[1] != setup.image_size:
-        raise TrainingError(f"shards hold {all_images.shape[1]}px faces but align.size is {setup.image_size}")
-    train_images, train_labels = all_images[train_idx], torch.from_numpy(data.labels[train_idx])
-    val_images, val_labels = all_images[val_idx], data.labels[val_idx]
-    if device.type == "cuda":
-        train_images = train_images.pin_memory()
+    if data.image_shape()[0] != setup.image_size:
+        raise TrainingError(f"shards hold {data.image_shape()[0]}px faces but align.size is {setup.image_size}")
+    train_labels = torch.from_numpy(data.labels[train_idx])
+    val_images = torch.from_numpy(data.decode_all(val_idx))  # validation: a small set, decoded once
+    val_labels = data.labels[val_idx]
+    input_mode, fill = batch_source(data, params.decode,
+                                    processes_per_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    fill_workers = params.workers or cpu.thread_count()
     pairs = validation_pairs(val_labels, setup.seed)
 
     model, criterion = build_modules(setup, num_classes=len(data.identity_names))
@@ -376,15 +479,17 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         generator = torch.Generator().manual_seed(setup.seed * 1000 + epoch)
         batches = _epoch_batches(epoch, len(train_idx), setup, sampler, steps_per_epoch, generator, dist)
         losses_seen = []
-        bar = tqdm(batches, desc=f"train {setup.loss_name} epoch {epoch + 1}/{params.epochs}", unit="batch",
+        loader = BatchPrefetcher(fill, data.image_shape(), train_idx, train_labels, batches, workers=fill_workers,
+                                 pin=device.type == "cuda")
+        bar = tqdm(loader, desc=f"train {setup.loss_name} epoch {epoch + 1}/{params.epochs}", unit="batch",
                    disable=not (progress and dist.is_main), dynamic_ncols=True)
         lr = params.lr
-        for index, flips in bar:
+        for images, labels, flips in bar:
             t0 = time.perf_counter()
-            x = to_input(train_images[index].to(device, non_blocking=True), grayscale=setup.model.grayscale)
+            x = to_input(images.to(device, non_blocking=True), grayscale=setup.model.grayscale)
             if params.flip and flips.any():
                 x[flips.to(device)] = x[flips.to(device)].flip(-1)
-            y = train_labels[index].to(device, non_blocking=True)
+            y = labels.to(device, non_blocking=True)
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             t1 = time.perf_counter()
@@ -415,6 +520,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
             seconds["data"] += t1 - t0
             seconds["compute"] += t2 - t1
             bar.set_postfix(loss=f"{losses_seen[-1]:.3f}", lr=f"{lr:.3g}")
+        seconds["data"] += loader.wait_seconds
         state["epoch"] = epoch + 1
         if dist.is_main:
             auc = validation_auc(model, val_images, pairs, grayscale=setup.model.grayscale, device=device)
@@ -456,6 +562,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         "step_seconds_compute": round(seconds["compute"], 3),
         "device": str(device),
         "processes": dist.world,
+        "input": input_mode,  # upfront (decoded once) or per_batch (JPEG bytes in memory)
         # what decides the last bits on a CPU: same kernels + threads => same metrics on any x86-64 host
         "cpu_kernels": cpu.kernels(),
         "threads_per_process": torch.get_num_threads(),

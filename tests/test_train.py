@@ -17,8 +17,10 @@ import torch
 import yaml
 
 from pipeline.config import ModelParams, ShardParams, TrainParams
-from pipeline.shards import write_set
-from pipeline.train import TrainingError, TrainSetup, load_model, lr_at, split_train_val, train, validation_pairs
+from pipeline import train as train_module
+from pipeline.shards import read_shards, write_set
+from pipeline.train import (BatchPrefetcher, TrainingError, TrainSetup, batch_source, load_model, lr_at,
+                            split_train_val, train, validation_pairs)
 from tests.conftest import write_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +93,54 @@ def test_short_run_learns_and_saves(tmp_path):
     assert saved["epoch"] == metrics["best_epoch"]
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 112, 112)).shape == (2, 16)
+
+
+@pytest.mark.parametrize("mode", ["upfront", "per_batch"])
+@pytest.mark.parametrize("depth", [1, 3, 50])
+def test_prefetched_batches_hold_the_right_images_in_order(tmp_path, mode, depth):
+    data = read_shards(_shards(tmp_path, n_ids=5, per=7) / "train")
+    decoded = data.decode_all()
+    records = np.random.default_rng(1).permutation(len(data))[:30]  # training positions -> records
+    labels = torch.from_numpy(data.labels[records])
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randperm(30, generator=g)[:b], torch.rand(b, generator=g) < 0.5) for b in (8, 8, 5, 8, 1)]
+    chosen, fill = batch_source(data, mode)
+    assert chosen == mode
+    loader = BatchPrefetcher(fill, data.image_shape(), records, labels, batches, workers=3, depth=depth, chunk=3)
+    seen = list(loader)
+    assert len(seen) == len(loader) == 5
+    for (images, got_labels, flips), (positions, want_flips) in zip(seen, batches):
+        np.testing.assert_array_equal(images.numpy(), decoded[records[positions.numpy()]])
+        assert torch.equal(got_labels, labels[positions]) and torch.equal(flips, want_flips)
+    assert loader.wait_seconds >= 0
+
+
+def test_auto_decodes_upfront_only_when_the_set_fits(tmp_path, monkeypatch):
+    data = read_shards(_shards(tmp_path, n_ids=3, per=4) / "train")
+    decoded_bytes = len(data) * 112 * 112 * 3
+    monkeypatch.setattr(train_module, "_available_memory", lambda: 4 * decoded_bytes)
+    assert batch_source(data, "auto")[0] == "upfront"
+    assert batch_source(data, "auto", processes_per_machine=2)[0] == "per_batch"  # each rank holds a copy
+    monkeypatch.setattr(train_module, "_available_memory", lambda: 4 * decoded_bytes - 4)
+    assert batch_source(data, "auto")[0] == "per_batch"
+    with pytest.raises(ValueError, match="train.decode = 'lazy'"):
+        batch_source(data, "lazy")
+
+
+def test_per_batch_decoding_trains_the_same_model_as_decoding_upfront(tmp_path):
+    shards = _shards(tmp_path)
+    results = {}
+    for mode in ("upfront", "per_batch"):
+        out = tmp_path / mode
+        metrics = train(_setup(decode=mode, workers=2), shards, out / "model", out / "ckpt", out / "report",
+                        progress=False)
+        timing = json.loads((out / "report" / "timing.json").read_text())
+        assert timing["input"] == mode
+        weights = torch.load(out / "model" / "model.pt", weights_only=False)["model"]
+        results[mode] = (metrics, weights)
+    assert results["upfront"][0] == results["per_batch"][0]
+    for name, tensor in results["upfront"][1].items():
+        assert torch.equal(tensor, results["per_batch"][1][name]), name
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
