@@ -136,7 +136,11 @@ def _pairs_with_paths(image_set):
 @app.command()
 @stage
 def train(loss: str = typer.Argument(..., help="A loss named in params.yaml train_losses."),
-          params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+          params_file: Path = ParamsOption, progress: bool = ProgressOption,
+          shards: str = typer.Option(str(paths.SHARDS), "--shards",
+                                     help="Shards to train on: a directory or a URL (https://, s3://, file://) "
+                                          "holding train/manifest.json, e.g. the shard stage's output copied "
+                                          "to object storage.")) -> None:
     """Train one embedding model with LOSS (checkpoints every epoch; resumes after a crash).
 
     Set FACEPIPE_NPROC=N to train with N processes (torchrun + DistributedDataParallel:
@@ -146,7 +150,7 @@ def train(loss: str = typer.Argument(..., help="A loss named in params.yaml trai
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _params(params_file)  # fail fast, once, before starting N processes
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "pipeline", "train", loss, "--params", str(params_file),
+                   "-m", "pipeline", "train", loss, "--params", str(params_file), "--shards", shards,
                    "--progress" if progress else "--no-progress"]
         raise typer.Exit(subprocess.call(command))
     from pipeline.train import TrainSetup
@@ -155,7 +159,7 @@ def train(loss: str = typer.Argument(..., help="A loss named in params.yaml trai
     params = _params(params_file)
     setup = TrainSetup(loss_name=loss, loss_params=params.loss_params(loss), model=params.model,
                        train=params.train, seed=params.seed, image_size=params.align.size)
-    metrics = run_train(setup, paths.SHARDS, paths.model_dir(loss), paths.checkpoint_dir(loss),
+    metrics = run_train(setup, shards, paths.model_dir(loss), paths.checkpoint_dir(loss),
                         paths.train_report_dir(loss), progress=progress)
     if metrics:  # empty on ranks other than 0 of a distributed run
         typer.echo(f"{loss}: best epoch {metrics['best_epoch']} with validation AUC {metrics['best_val_auc']:.4f}")

@@ -11,14 +11,16 @@ Layout per set::
 
 Reading: :func:`read_shards` returns a :class:`FaceShards` with every record in
 memory as encoded bytes (decoded on access: the trainer decodes batch by batch, the
-embedder a whole test set); :func:`iter_webdataset` streams tar shards from a path or URL.
+embedder a whole test set), from a local directory or a URL-style location;
+:func:`iter_webdataset` streams tar shards from a path, a URL or a ``pipe:`` command.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import json
+import os
+import subprocess
 import tarfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -174,26 +176,74 @@ class FaceShards:
         return out
 
 
+def is_url(location: str | Path) -> bool:
+    """True for URL-style locations (``https://``, ``s3://``, ``file://``, ...) and ``pipe:`` commands."""
+    text = str(location)
+    return "://" in text or text.startswith("pipe:")
+
+
+def join_location(location: str | Path, name: str) -> str:
+    """``location/name`` for a local directory or a URL-style location."""
+    if is_url(location):
+        return f"{str(location).rstrip('/')}/{name}"
+    return str(Path(location) / name)
+
+
+def _read_bytes(location: str) -> bytes:
+    """The whole file at a local path or a URL (any protocol fsspec knows: http(s), s3 with s3fs, ...)."""
+    if not is_url(location):
+        return Path(location).read_bytes()
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location)
+    return fs.cat_file(path)
+
+
+def _open_stream(location: str):
+    """A readable binary stream: a local file, a URL through fsspec, or the stdout of a ``pipe:`` command."""
+    if location.startswith("pipe:"):
+        proc = subprocess.Popen(location[len("pipe:"):], shell=True, stdout=subprocess.PIPE)
+        return proc.stdout
+    if "://" in location:
+        import fsspec
+
+        return fsspec.open(location, "rb").open()
+    return open(location, "rb")
+
+
 def read_shards(set_dir: str | Path) -> FaceShards:
-    """Read a set written by :func:`write_set` (Parquet parts, or tar shards if only those exist)."""
-    set_dir = Path(set_dir)
-    manifest_path = set_dir / "manifest.json"
-    if not manifest_path.is_file():
-        raise ShardError(f"{set_dir}: no manifest.json; run the shard stage first (dvc repro shard)")
-    manifest = json.loads(manifest_path.read_text())
-    parquet = [set_dir / f for f in manifest["files"] if f.endswith(".parquet")]
+    """Read a set written by :func:`write_set` from a local directory or a URL-style location.
+
+    Parquet parts are read when the manifest lists any, else the WebDataset tar shards
+    (streamed). ``set_dir`` may be ``https://host/shards/train``, ``s3://bucket/shards/train``
+    (with s3fs installed) or ``file:///...``: training and embedding then read straight
+    from object storage, with only the encoded images held in memory.
+    """
+    if str(set_dir).startswith("pipe:"):
+        raise ShardError(f"{set_dir}: a set is read from a directory or URL; pipe: works for single tar shards")
+    try:
+        manifest = json.loads(_read_bytes(join_location(set_dir, "manifest.json")))
+    except FileNotFoundError:
+        raise ShardError(f"{set_dir}: no manifest.json; run the shard stage first (dvc repro shard)") from None
+    except ImportError as err:
+        raise ShardError(f"{set_dir}: reading this kind of location needs {err.name}; pip install it") from None
+    except OSError as err:
+        raise ShardError(f"{set_dir}: cannot read manifest.json ({err})") from None
+    parquet = [join_location(set_dir, f) for f in manifest["files"] if f.endswith(".parquet")]
     records: dict[str, list] = {"image": [], "image_id": [], "identity": [], "label": []}
     if parquet:
         for part in parquet:
-            table = pq.read_table(part, columns=list(records))
+            table = pq.read_table(pa.BufferReader(_read_bytes(part)), columns=list(records))
             for column in records:
                 records[column].extend(table.column(column).to_pylist())
     else:
-        for record in iter_webdataset([str(set_dir / f) for f in manifest["files"] if f.endswith(".tar")]):
+        for record in iter_webdataset([join_location(set_dir, f) for f in manifest["files"] if f.endswith(".tar")]):
             for column in records:
                 records[column].append(record[column])
-    pairs_path = set_dir / "pairs.csv"
-    pairs = pd.read_csv(pairs_path, dtype={"image_id1": str, "image_id2": str}) if pairs_path.is_file() else None
+    pairs = None
+    if manifest.get("pairs") is not None:
+        pairs = pd.read_csv(io.BytesIO(_read_bytes(join_location(set_dir, "pairs.csv"))),
+                            dtype={"image_id1": str, "image_id2": str})
     return FaceShards(
         images=records["image"],
         image_ids=records["image_id"],
@@ -205,23 +255,27 @@ def read_shards(set_dir: str | Path) -> FaceShards:
 
 
 def iter_webdataset(urls: list[str]) -> Iterator[dict]:
-    """Stream records from WebDataset tar shards at local paths or URLs (http, s3 via ``pipe:``...)."""
-    for url in urls:
-        if "://" in url or url.startswith("pipe:"):
-            import webdataset as wds
+    """Stream records from WebDataset tar shards: local paths, URLs (fsspec) or ``pipe:CMD``.
 
-            for sample in wds.WebDataset(url, shardshuffle=False):
-                meta = json.loads(sample["json"])
-                yield {"image": sample["jpg"], **meta}
-            continue
-        with tarfile.open(url) as tar:
-            pending: dict[str, dict] = {}
-            for member in tar:
-                key, _, suffix = member.name.partition(".")
-                data = tar.extractfile(member).read()
-                entry = pending.setdefault(key, {})
-                entry[suffix] = data
-                if "jpg" in entry and "json" in entry:
-                    meta = json.loads(entry["json"])
-                    yield {"image": entry["jpg"], **meta}
-                    del pending[key]
+    Each record is ``{"image": JPEG bytes, "image_id", "identity", "label", "source_path"}``;
+    a tar is read front to back (``r|``), so a remote shard is never downloaded whole.
+    """
+    for url in urls:
+        stream = _open_stream(url)
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                pending: dict[str, dict] = {}
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, suffix = member.name.partition(".")
+                    entry = pending.setdefault(key, {})
+                    entry[suffix] = tar.extractfile(member).read()
+                    if "jpg" in entry and "json" in entry:
+                        meta = json.loads(entry["json"])
+                        yield {"image": entry["jpg"], **meta}
+                        del pending[key]
+        except tarfile.TarError as err:
+            raise ShardError(f"{url}: not a readable tar shard ({err})") from None
+        finally:
+            stream.close()

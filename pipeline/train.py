@@ -40,7 +40,7 @@ from tqdm import tqdm
 from pipeline import cpu
 from pipeline.config import ModelParams, TrainParams
 from pipeline.io import atomic_file, write_csv, write_json
-from pipeline.shards import FaceShards, read_shards
+from pipeline.shards import FaceShards, join_location, read_shards
 
 
 class TrainingError(RuntimeError):
@@ -390,6 +390,9 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
           report_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Train, checkpointing every epoch; returns the final metrics dict.
 
+    ``shards_dir`` holds ``train/`` as written by the shard stage: a local directory or
+    a URL-style location (see :func:`pipeline.shards.read_shards`).
+
     Under ``torchrun`` (``WORLD_SIZE > 1``) each rank trains on its slice of every
     global batch (``train.batch_size`` images in all) with DistributedDataParallel;
     only rank 0 validates and writes checkpoints, the model and the reports.
@@ -403,7 +406,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
     dist, device = init_distributed(pick_device(params.device))
     if dist.enabled and params.batch_size % dist.world:
         raise TrainingError(f"train.batch_size = {params.batch_size} must be divisible by the {dist.world} processes")
-    data = read_shards(Path(shards_dir) / "train")
+    data = read_shards(join_location(shards_dir, "train"))
     if len(data.identity_names) < 2:
         raise TrainingError(f"{shards_dir}/train: need at least 2 identities to train, found {len(data.identity_names)}")
     train_idx, val_idx = split_train_val(data.labels, params.val_fraction, setup.seed)

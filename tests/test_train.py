@@ -223,3 +223,39 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert one["train_loss"].iloc[0] != one["train_loss"].iloc[-1]  # it did train
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-4)
     np.testing.assert_allclose(two["val_auc"], one["val_auc"], atol=1e-4)
+
+
+def test_training_from_shards_over_http_equals_training_from_the_directory(tmp_path):
+    """Shards copied to a web server / object store: the same run, the same bits."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    shards = _shards(tmp_path)
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{shards.name}"
+        runs = {}
+        for name, location in (("local", shards), ("http", url)):
+            out = tmp_path / name
+            runs[name] = train(_setup(epochs=2), location, out / "model", out / "ckpt", out / "report", progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert runs["local"] == runs["http"]
+
+
+def test_cli_names_an_unreachable_shards_url_in_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "arcface", "--no-progress",
+                             "--shards", "http://127.0.0.1:9/shards"], cwd=tmp_path, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: http://127.0.0.1:9/shards/train: cannot read manifest.json")
+    assert not (tmp_path / "data").exists()
