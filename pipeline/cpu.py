@@ -40,6 +40,14 @@ NATIVE_SWITCH = "FACEPIPE_NATIVE_CPU"
 THREADS_VARIABLE = "FACEPIPE_THREADS"
 
 
+def _native_requested(env) -> bool:
+    return env.get(NATIVE_SWITCH, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in {"x86_64", "amd64"}
+
+
 def pin_instruction_set(environ: os._Environ[str] | dict[str, str] | None = None) -> dict[str, str]:
     """Set the variables of :data:`PINNED_ENVIRONMENT` that are not set yet; return what was set.
 
@@ -47,9 +55,7 @@ def pin_instruction_set(environ: os._Environ[str] | dict[str, str] | None = None
     a variable the caller already set (so a user's own choice wins).
     """
     env = os.environ if environ is None else environ
-    if env.get(NATIVE_SWITCH, "").strip().lower() in {"1", "true", "yes", "on"}:
-        return {}
-    if platform.machine().lower() not in {"x86_64", "amd64"}:
+    if _native_requested(env) or not _is_x86():
         return {}
     applied = {name: value for name, value in PINNED_ENVIRONMENT.items() if name not in env}
     env.update(applied)
@@ -86,9 +92,9 @@ def thread_count(environ: os._Environ[str] | dict[str, str] | None = None) -> in
 
 def kernels() -> str:
     """Which kernels this process's numeric libraries run: ``avx2`` (pinned), ``native`` or the machine."""
-    if os.environ.get(NATIVE_SWITCH, "").strip().lower() in {"1", "true", "yes", "on"}:
+    if _native_requested(os.environ):
         return "native"
-    if platform.machine().lower() not in {"x86_64", "amd64"}:
+    if not _is_x86():
         return platform.machine().lower()
     if all(os.environ.get(name) == value for name, value in PINNED_ENVIRONMENT.items()):
         return "avx2"

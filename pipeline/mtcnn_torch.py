@@ -36,7 +36,6 @@ passes (in chunks of ``crop_chunk``).
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from pipeline.cpu import available_cores
 
 __all__ = [
     "Detection",
@@ -389,7 +390,7 @@ class TorchMTCNN:
         except RuntimeError as exc:
             raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda')") from exc
         if num_threads is None:
-            num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            num_threads = available_cores()
         self.num_threads = int(num_threads)
         self._workers = self.num_threads if self.device.type == "cpu" else 1
         self._pool = ThreadPoolExecutor(self._workers) if self._workers > 1 else None

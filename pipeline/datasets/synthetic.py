@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
+
+from pipeline.cpu import available_cores
 
 DOMAINS = ("a", "b")
 HAIR_STYLES = ("short", "medium", "long", "fringe", "buzz", "bald")
@@ -978,8 +979,7 @@ def generate_synthetic(
         jobs = [(spec.name, str(out_dir / "images" / spec.name), spec.images_per_identity) for spec in members]
         tasks += [(seed, group, members[0].domain, i, image_size, jobs) for i in range(members[0].identities)]
     total = sum(s.identities * s.images_per_identity for s in specs)
-    n_workers = workers if workers is not None else (len(os.sched_getaffinity(0))
-                                                     if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    n_workers = workers if workers is not None else available_cores()
     n_workers = min(n_workers, len(tasks))
     from tqdm.auto import tqdm
 
