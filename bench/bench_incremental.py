@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METRIC_GLOBS = ["reports/metrics/*.json", "reports/train/*/metrics.json", "reports/detection.json",
+METRIC_GLOBS = ["reports/metrics/*.json", "reports/train/*/metrics.json", "reports/detection.json", "reports/summary.json",
                 "reports/alignment.json", "reports/comparison.csv"]
 
 
@@ -138,11 +138,11 @@ def main() -> None:
             print(f"  {name}: stages run: {', '.join(stages_run(logs))}")
         print(status)
         _, show = run(["dvc", "exp", "show", "--no-pager", "--csv"], clone, env, check=False)
-        auc = "reports/metrics/arcface.json:synth_open.cosine_norm.auc"
-        print(f"{'experiment':<14}{'rev':<10}{'loss.margin':>12}{'ArcFace open-set AUC':>22}")
+        auc = "reports/summary.json:synth_open.arcface.auc"
+        print(f"{'experiment':<14}{'rev':<10}{'loss.margin':>12}{'ArcFace open-set AUC (mean over seeds)':>40}")
         for row in csv.DictReader(io.StringIO(show)):
             print(f"{row.get('Experiment') or '':<14}{row.get('rev', ''):<10}{row.get('loss.margin', ''):>12}"
-                  f"{row.get(auc, ''):>22}")
+                  f"{row.get(auc, ''):>40}")
 
     if not args.keep and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -89,7 +89,8 @@ def pipeline_overhead(shards: Path, loss: str, params_file: Path, steps: int, th
     params = load_params(params_file, check_paths=False)
     train_params = params.train.model_copy(update={"epochs": 2, "max_steps_per_epoch": steps, "warmup_epochs": 0})
     setup = TrainSetup(loss_name=loss, loss_params=params.loss_params(loss), model=params.model,
-                       train=train_params, seed=params.seed, image_size=params.align.size)
+                       train=train_params, seed=params.seeds.train[0], image_size=params.align.size,
+                       data_seed=params.seeds.data)
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

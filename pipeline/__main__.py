@@ -53,9 +53,9 @@ def stage(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _params(path: Path) -> Params:
+def _params(path: Path, *, check_models: bool = True) -> Params:
     cpu.thread_count()  # a bad FACEPIPE_THREADS stops here, before any work, like a bad param
-    return load_params(path)
+    return load_params(path, check_models=check_models)
 
 
 @app.command()
@@ -103,7 +103,7 @@ def align(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> 
     params = _params(params_file)
     detections = {name: pd.read_parquet(paths.DETECT / f"{name}.parquet") for name in ["train", *params.data.tests]}
     stats = run_align(params.align, detections, paths.ALIGNED, paths.CONTACT_SHEET, paths.ALIGNMENT_STATS,
-                      seed=params.seed, progress=progress)
+                      seed=params.seeds.data, progress=progress)
     for name, s in stats.items():
         typer.echo(f"{name}: {s['aligned']} aligned, mean landmark residual {s['residual_mean_px'] or 0:.2f} px")
 
@@ -135,46 +135,77 @@ def _pairs_with_paths(image_set):
 
 @app.command()
 @stage
-def train(loss: str = typer.Argument(..., help="A loss named in params.yaml train_losses."),
-          params_file: Path = ParamsOption, progress: bool = ProgressOption,
+def recipes(params_file: Path = ParamsOption) -> None:
+    """Resolve each loss's training recipe (its params, train with its overrides, model) into data/recipes/."""
+    from pipeline.recipes import run_recipes
+
+    for loss, path in run_recipes(_params(params_file), paths.RECIPES).items():
+        typer.echo(f"{loss}: {path}")
+
+
+SeedOption = typer.Option(None, "--seed", "-s", help="Training seed of the run (one of seeds.train); "
+                                                     "omit for a pretrained model.")
+
+
+@app.command()
+@stage
+def train(loss: str = typer.Argument(..., help="A loss in train_losses (its recipe is data/recipes/LOSS.json)."),
+          seed: int = typer.Option(..., "--seed", "-s", help="Training seed: initialisation, sampling order, "
+                                                             "augmentation."),
+          progress: bool = ProgressOption,
           shards: str = typer.Option(str(paths.SHARDS), "--shards",
                                      help="Shards to train on: a directory or a URL (https://, s3://, file://) "
                                           "holding train/manifest.json, e.g. the shard stage's output copied "
                                           "to object storage.")) -> None:
-    """Train one embedding model with LOSS (checkpoints every epoch; resumes after a crash).
+    """Train the run LOSS-SEED (checkpoints every epoch; resumes after a crash).
 
+    Reads only the loss's recipe (written by the recipes stage) and the shards.
     Set FACEPIPE_NPROC=N to train with N processes (torchrun + DistributedDataParallel:
     NCCL on GPUs, gloo on CPU); the global batch stays train.batch_size.
     """
+    from pipeline.config import run_name
+    from pipeline.recipes import read_recipe
+
+    cpu.thread_count()  # a bad FACEPIPE_THREADS stops here, before any work
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: training seeds are >= 0")
+    recipe_path = paths.recipe_file(loss)
+    recipe = read_recipe(recipe_path)
     nproc = int(os.environ.get("FACEPIPE_NPROC", "1") or 1)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        _params(params_file)  # fail fast, once, before starting N processes
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "pipeline", "train", loss, "--params", str(params_file), "--shards", shards,
+                   "-m", "pipeline", "train", loss, "--seed", str(seed), "--shards", shards,
                    "--progress" if progress else "--no-progress"]
         raise typer.Exit(subprocess.call(command))
     from pipeline.train import TrainSetup
     from pipeline.train import train as run_train
 
-    params = _params(params_file)
-    setup = TrainSetup(loss_name=loss, loss_params=params.loss_params(loss), model=params.model,
-                       train=params.train, seed=params.seed, image_size=params.align.size)
-    metrics = run_train(setup, shards, paths.model_dir(loss), paths.checkpoint_dir(loss),
-                        paths.train_report_dir(loss), progress=progress)
+    run = run_name(loss, seed)
+    setup = TrainSetup.from_recipe(recipe, seed)
+    metrics = run_train(setup, shards, paths.model_dir(run), paths.checkpoint_dir(run),
+                        paths.train_report_dir(run), progress=progress)
     if metrics:  # empty on ranks other than 0 of a distributed run
-        typer.echo(f"{loss}: best epoch {metrics['best_epoch']} with validation AUC {metrics['best_val_auc']:.4f}")
+        typer.echo(f"{run}: best epoch {metrics['best_epoch']} with validation AUC {metrics['best_val_auc']:.4f}")
+
+
+def _run_of(params: Params, model: str, seed: int | None) -> str:
+    from pipeline.config import run_name
+
+    run = model if seed is None else run_name(model, seed)
+    params.check_run(run)
+    return run
 
 
 @app.command()
 @stage
-def embed(loss: str = typer.Argument(...), params_file: Path = ParamsOption) -> None:
-    """Embed every test image with the model trained with LOSS (raw vectors, optional flip fusion)."""
+def embed(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
+          params_file: Path = ParamsOption) -> None:
+    """Embed every test image with the model of run LOSS-SEED (raw vectors, optional flip fusion)."""
     from pipeline.embed import run_embed
 
     params = _params(params_file)
-    params.loss_params(loss)  # the loss must be configured
-    run_embed(params.embed, paths.model_dir(loss) / "model.pt", paths.SHARDS, paths.embeddings_dir(loss),
-              device=params.train.device)
+    run = _run_of(params, model, seed)
+    run_embed(params.embed, paths.model_dir(run) / "model.pt", paths.SHARDS, paths.embeddings_dir(run))
 
 
 @app.command("embed-pretrained")
@@ -193,14 +224,15 @@ def embed_pretrained(name: str = typer.Argument(..., help="A model named in para
 
 @app.command()
 @stage
-def score(loss: str = typer.Argument(...), params_file: Path = ParamsOption) -> None:
-    """Score every test pair: distance x test-time normalisation; write per-pair files and metrics."""
+def score(model: str = typer.Argument(..., help="A loss in train_losses, or a pretrained model."),
+          seed: int = SeedOption, params_file: Path = ParamsOption) -> None:
+    """Score every test pair of one run: distance x test-time normalisation; per-pair files and metrics."""
     from pipeline.score import run_score
 
-    params = _params(params_file)
-    params.check_model(loss)
-    run_score(params.score, paths.embeddings_dir(loss), paths.SHARDS, paths.scores_dir(loss),
-              paths.metrics_file(loss), paths.roc_dir(loss), seed=params.seed)
+    params = _params(params_file, check_models=False)  # no PyTorch: scoring starts in a fraction of the time
+    run = _run_of(params, model, seed)
+    run_score(params.score, paths.embeddings_dir(run), paths.SHARDS, paths.scores_dir(run),
+              paths.metrics_file(run), seed=params.seeds.data)
 
 
 @app.command()
@@ -209,7 +241,7 @@ def report(params_file: Path = ParamsOption) -> None:
     """Regenerate reports/: comparison tables, ROC figures, cross-domain and detection tables."""
     from pipeline.report import run_report
 
-    written = run_report(_params(params_file))
+    written = run_report(_params(params_file, check_models=False))
     for path in written:
         typer.echo(f"wrote {path}")
 

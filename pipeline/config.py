@@ -154,12 +154,13 @@ class TrainParams(_Strict):
 class EmbedParams(_Strict):
     flip: bool = True
     batch_size: int = Field(256, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class ScoreParams(_Strict):
     distances: list[Literal["cosine", "l2"]] = Field(default_factory=lambda: ["cosine", "l2"])
     normalize: list[bool] = Field(default_factory=lambda: [True, False])
-    bootstrap: int = Field(200, ge=0)
+    bootstrap: int = Field(0, ge=0)  # per-run pair-bootstrap intervals (the report's intervals need none)
 
     @field_validator("distances", "normalize")
     @classmethod
@@ -175,6 +176,32 @@ class ReportParams(_Strict):
     in_domain: str | None = None
     cross_domain: list[str] = Field(default_factory=list)
     log_fpr: bool = True
+    alpha: float = Field(0.05, gt=0.0, lt=0.5)  # family-wise error rate of each table's verdicts (Holm)
+    bootstrap: int = Field(1000, ge=100)       # pair resamples for the EER and TPR@FPR intervals
+
+
+class SeedParams(_Strict):
+    """Two kinds of randomness, kept apart so that changing one never moves the other.
+
+    ``data``: the synthetic faces, the train/validation split, the test pairs and the
+    pair resampling of the report. ``train``: one training run per seed and loss
+    (initialisation, sampling order, augmentation); the report treats the runs of a
+    loss as repeats.
+    """
+
+    data: int = Field(0, ge=0)
+    train: list[int] = Field(default_factory=lambda: [0, 1, 2])
+
+    @field_validator("train")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("at least one training seed is needed")
+        if len(set(value)) != len(value):
+            raise ValueError("training seeds must be distinct")
+        if any(v < 0 for v in value):
+            raise ValueError("training seeds must be >= 0")
+        return value
 
 
 class PretrainedParams(_Strict):
@@ -190,7 +217,7 @@ PRETRAINED_BACKENDS = {"dlib": "pip install -r requirements-dlib.txt"}
 
 
 class Params(_Strict):
-    seed: int = Field(0, ge=0)
+    seeds: SeedParams = SeedParams()
     data: DataParams
     detect: DetectParams = DetectParams()
     align: AlignParams = AlignParams()
@@ -199,7 +226,7 @@ class Params(_Strict):
     train: TrainParams = TrainParams()
     loss: dict[str, Any] = Field(default_factory=dict)
     losses: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    train_losses: dict[str, str]
+    train_losses: list[str]
     pretrained: dict[str, PretrainedParams] = Field(default_factory=dict)
     embed: EmbedParams = EmbedParams()
     score: ScoreParams = ScoreParams()
@@ -210,18 +237,63 @@ class Params(_Strict):
         """Every model in the comparison: one per trained loss, then the pretrained ones."""
         return [*self.train_losses, *self.pretrained]
 
-    def check_model(self, name: str) -> None:
-        if name not in self.models:
-            raise ConfigError(f"model {name!r} is not configured (train_losses and pretrained: {', '.join(self.models)})")
+    @property
+    def runs(self) -> dict[str, list[str]]:
+        """Model -> its runs: ``LOSS-SEED`` per training seed, the pretrained ones once."""
+        out = {loss: [run_name(loss, seed) for seed in self.seeds.train] for loss in self.train_losses}
+        out.update({name: [name] for name in self.pretrained})
+        return out
 
-    def loss_params(self, name: str) -> dict[str, Any]:
-        """The params section of loss ``name`` as a plain dict (``{}`` for none)."""
-        section = self.train_losses.get(name)
-        if section is None:
+    def check_run(self, run: str) -> None:
+        """``run`` is a configured ``LOSS-SEED`` or pretrained model; ConfigError otherwise."""
+        if not any(run in runs for runs in self.runs.values()):
+            loss, _, seed = run.rpartition("-")
+            hint = ""
+            if loss in self.train_losses:
+                hint = f" (seed {seed} is not in seeds.train = {self.seeds.train})"
+            raise ConfigError(f"run {run!r} is not configured{hint}; runs are LOSS-SEED for train_losses x "
+                              f"seeds.train, or a pretrained model: {', '.join(sum(self.runs.values(), []))}")
+
+    def loss_section(self, name: str) -> str:
+        """Where loss ``name`` keeps its params: ``loss`` for ArcFace, ``losses.<name>`` otherwise."""
+        if name not in self.train_losses:
             raise ConfigError(
                 f"loss {name!r} is not configured in train_losses (configured: {', '.join(self.train_losses)})"
             )
-        return dict(_lookup(self.model_dump(), section) or {})
+        return section_of(name)
+
+    def loss_params(self, name: str) -> dict[str, Any]:
+        """The loss's own params (without its ``train`` recipe overrides) as a plain dict."""
+        values = dict(_lookup_or_empty(self.model_dump(), self.loss_section(name)))
+        values.pop(RECIPE_KEY, None)
+        return values
+
+    def train_for(self, name: str) -> "TrainParams":
+        """``train`` with loss ``name``'s recipe overrides (``<section>.train``) applied."""
+        overrides = _lookup_or_empty(self.model_dump(), self.loss_section(name)).get(RECIPE_KEY) or {}
+        return self.train.model_copy(update=dict(overrides)) if overrides else self.train
+
+
+#: Key inside a loss's params section that overrides ``train`` keys for that loss only
+#: (its training recipe, e.g. ``losses.triplet.train: {batch_size: 128, schedule: constant}``).
+RECIPE_KEY = "train"
+
+
+def section_of(loss: str) -> str:
+    """The params section of ``loss``."""
+    return SPECIAL_SECTIONS.get(loss, f"losses.{loss}")
+
+
+def run_name(loss: str, seed: int) -> str:
+    """Name of one training run, as DVC names its stages (``train@arcface-1``): ``arcface-1``."""
+    return f"{loss}-{seed}"
+
+
+def _lookup_or_empty(tree: dict[str, Any], dotted: str) -> dict[str, Any]:
+    try:
+        return _lookup(tree, dotted) or {}
+    except KeyError:
+        return {}
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:
@@ -233,8 +305,13 @@ def _lookup(tree: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS, *, check_paths: bool = True) -> Params:
-    """Read and validate a params file; raise :class:`ConfigError` with one line."""
+def load_params(path: str | Path = DEFAULT_PARAMS, *, check_paths: bool = True, check_models: bool = True) -> Params:
+    """Read and validate a params file; raise :class:`ConfigError` with one line.
+
+    ``check_models=False`` skips the loss and backbone checks, which need PyTorch: the
+    stages that neither train nor embed (score, report) start seconds faster without it;
+    the recipes stage, which every training run depends on, checks them.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the project root, where params.yaml is)")
@@ -246,11 +323,14 @@ def load_params(path: str | Path = DEFAULT_PARAMS, *, check_paths: bool = True) 
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = _upgrade(path, raw)
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"{path}: {_first_error(err, raw)}") from None
-    _check_losses(path, params, raw)
+    _check_references(path, params)
+    if check_models:
+        _check_models(path, params, raw)
     if check_paths:
         _check_dataset_paths(path, params)
     return params
@@ -273,20 +353,57 @@ def _first_error(err: ValidationError, raw: dict[str, Any]) -> str:
     return f"{loc}{shown}: {message}"
 
 
-def _check_losses(path: Path, params: Params, raw: dict[str, Any]) -> None:
+def _upgrade(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """Accept the previous layout where it is unambiguous; stop with a hint where it is not."""
+    raw = dict(raw)
+    if "seed" in raw:
+        raise ConfigError(
+            f"{path}: seed: replaced by seeds.data (synthetic faces, splits, test pairs) and seeds.train "
+            f"(a list: one training run per seed and loss); e.g. seeds: {{data: {raw['seed']!r}, train: [0, 1, 2]}}"
+        )
+    losses = raw.get("train_losses")
+    if isinstance(losses, dict):  # older layout: {loss: its params section}
+        for name, section in losses.items():
+            expected = section_of(str(name))
+            if section != expected:
+                raise ConfigError(
+                    f"{path}: train_losses.{name} = {section!r}: the params section of {name} is {expected!r}"
+                )
+        raw["train_losses"] = list(losses)
+    return raw
+
+
+def _check_references(path: Path, params: Params) -> None:
+    """Names that must refer to something configured (no PyTorch needed)."""
+    if not params.train_losses:
+        raise ConfigError(f"{path}: train_losses: at least one loss is needed")
+    if len(set(params.train_losses)) != len(params.train_losses):
+        raise ConfigError(f"{path}: train_losses: a loss is listed twice")
+    for name in params.pretrained:
+        if name not in PRETRAINED_BACKENDS:
+            raise ConfigError(f"{path}: pretrained.{name}: unknown pretrained model (known: {', '.join(PRETRAINED_BACKENDS)})")
+        if name in params.train_losses:
+            raise ConfigError(f"{path}: pretrained.{name}: the name is also a trained loss; names must be unique")
+    if params.report.in_domain is not None and params.report.in_domain not in params.data.tests:
+        raise ConfigError(f"{path}: report.in_domain = {params.report.in_domain!r}: not one of data.tests")
+    for name in params.report.cross_domain:
+        if name not in params.data.tests:
+            raise ConfigError(f"{path}: report.cross_domain: {name!r} is not one of data.tests")
+    if "arcface" in params.train_losses:
+        margin = params.loss.get("margin", 0.5)
+        if isinstance(margin, (int, float)) and not 0 <= margin < math.pi:
+            raise ConfigError(f"{path}: loss.margin = {margin!r}: the ArcFace margin is in radians, 0 <= m < pi")
+
+
+def _check_models(path: Path, params: Params, raw: dict[str, Any]) -> None:
+    """Every loss's params and recipe overrides, and the backbone (needs PyTorch)."""
     from pipeline import losses as loss_registry
 
     known = loss_registry.available()
-    if not params.train_losses:
-        raise ConfigError(f"{path}: train_losses: at least one loss is needed (known: {', '.join(known)})")
-    for name, section in params.train_losses.items():
+    for name in params.train_losses:
         if name not in known:
-            raise ConfigError(f"{path}: train_losses.{name}: unknown loss (known: {', '.join(known)})")
-        expected = SPECIAL_SECTIONS.get(name, f"losses.{name}")
-        if section != expected:
-            raise ConfigError(
-                f"{path}: train_losses.{name} = {section!r}: the params section of {name} is {expected!r}"
-            )
+            raise ConfigError(f"{path}: train_losses: {name!r} is an unknown loss (known: {', '.join(known)})")
+        section = section_of(name)
         try:
             values = _lookup(raw, section)
         except KeyError:
@@ -295,6 +412,15 @@ def _check_losses(path: Path, params: Params, raw: dict[str, Any]) -> None:
             values = {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: {section}: expected a mapping of {name} parameters")
+        values = dict(values)
+        recipe = values.pop(RECIPE_KEY, None) or {}
+        if not isinstance(recipe, dict):
+            raise ConfigError(f"{path}: {section}.{RECIPE_KEY}: expected a mapping of train keys to override")
+        try:
+            TrainParams.model_validate(params.train.model_dump() | recipe)
+        except ValidationError as err:
+            raise ConfigError(f"{path}: {section}.{RECIPE_KEY}.{_first_error(err, params.train.model_dump() | recipe)}"
+                              ) from None
         try:
             loss_registry.validate_params(name, values)
         except ValueError as err:
@@ -312,20 +438,6 @@ def _check_losses(path: Path, params: Params, raw: dict[str, Any]) -> None:
         raise ConfigError(
             f"{path}: model.backbone = {params.model.backbone!r}: unknown backbone (known: {', '.join(backbones)})"
         )
-    for name in params.pretrained:
-        if name not in PRETRAINED_BACKENDS:
-            raise ConfigError(f"{path}: pretrained.{name}: unknown pretrained model (known: {', '.join(PRETRAINED_BACKENDS)})")
-        if name in params.train_losses:
-            raise ConfigError(f"{path}: pretrained.{name}: the name is also a trained loss; names must be unique")
-    if params.report.in_domain is not None and params.report.in_domain not in params.data.tests:
-        raise ConfigError(f"{path}: report.in_domain = {params.report.in_domain!r}: not one of data.tests")
-    for name in params.report.cross_domain:
-        if name not in params.data.tests:
-            raise ConfigError(f"{path}: report.cross_domain: {name!r} is not one of data.tests")
-    if "arcface" in params.train_losses:
-        margin = params.loss.get("margin", 0.5)
-        if isinstance(margin, (int, float)) and not 0 <= margin < math.pi:
-            raise ConfigError(f"{path}: loss.margin = {margin!r}: the ArcFace margin is in radians, 0 <= m < pi")
 
 
 def _check_dataset_paths(path: Path, params: Params) -> None:

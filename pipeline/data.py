@@ -51,7 +51,7 @@ def run_data(params: Params, out_dir: str | Path = "data/datasets", *, progress:
             from pipeline.datasets.synthetic import generate_synthetic
 
             generated = generate_synthetic(
-                tmp / "synthetic", seed=params.seed, progress=progress, **params.data.synthetic.model_dump()
+                tmp / "synthetic", seed=params.seeds.data, progress=progress, **params.data.synthetic.model_dump()
             )
             # The images were written under the temporary folder; record their final paths.
             synthetic = {

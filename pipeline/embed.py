@@ -17,19 +17,14 @@ import torch
 from pipeline import cpu
 from pipeline.config import EmbedParams, PretrainedParams
 from pipeline.io import atomic_dir
-from pipeline.shards import read_shards
+from pipeline.shards import read_shards, test_sets
 from pipeline.train import embed_array, load_model, pick_device
 
 
-def test_sets(shards_dir: str | Path) -> list[str]:
-    """Names of the sharded sets that have verification pairs."""
-    return sorted(p.name for p in Path(shards_dir).iterdir() if (p / "pairs.csv").is_file())
-
-
-def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Path, out_dir: str | Path,
-              *, device: str = "auto") -> dict[str, int]:
+def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Path, out_dir: str | Path
+              ) -> dict[str, int]:
     """Embed every test set; returns the number of images embedded per set."""
-    dev = pick_device(device)
+    dev = pick_device(params.device)
     if dev.type == "cpu":
         torch.set_num_threads(cpu.thread_count())
     model, saved = load_model(model_path, dev)
@@ -52,11 +47,6 @@ def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Pat
             counts[name] = len(data)
             print(f"embedded {name}: {len(data)} images, {emb.shape[1]}-D, flip={params.flip}")
     return counts
-
-
-def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in ("image_ids", "identities", "embeddings")}
 
 
 def run_embed_pretrained(name: str, params: PretrainedParams, detect_dir: str | Path, shards_dir: str | Path,

@@ -229,7 +229,7 @@ def min_negatives_for_fpr(fpr: float) -> int:
 
 
 def _tpr_at_fpr_from_roc(fpr: np.ndarray, tpr: np.ndarray, n_neg: int,
-                         targets: Sequence[float]) -> dict[float, float | None]:
+                         targets: Sequence[float], interpolate: bool = True) -> dict[float, float | None]:
     out: dict[float, float | None] = {}
     for target in targets:
         f = float(target)
@@ -238,7 +238,7 @@ def _tpr_at_fpr_from_roc(fpr: np.ndarray, tpr: np.ndarray, n_neg: int,
             continue
         # last ROC point with FPR <= f is the top of any vertical run at that FPR
         j = int(np.searchsorted(fpr, f, side="right")) - 1
-        if fpr[j] == f or j == fpr.shape[0] - 1:
+        if not interpolate or fpr[j] == f or j == fpr.shape[0] - 1:
             out[f] = float(tpr[j])
         else:
             lam = (f - fpr[j]) / (fpr[j + 1] - fpr[j])
@@ -247,8 +247,11 @@ def _tpr_at_fpr_from_roc(fpr: np.ndarray, tpr: np.ndarray, n_neg: int,
 
 
 def tpr_at_fpr(scores: Any, labels: Any,
-               fprs: Sequence[float] = DEFAULT_FPRS) -> dict[float, float | None]:
+               fprs: Sequence[float] = DEFAULT_FPRS, *, interpolate: bool = True) -> dict[float, float | None]:
     """TPR at fixed FPRs, linearly interpolated on the ROC of :func:`roc_curve`.
+
+    With ``interpolate=False``: the highest TPR among the ROC points with FPR <= the
+    target, a value one threshold actually achieves (the report's headline convention).
 
     At an FPR where the ROC has a vertical run (tied scores or consecutive positives) the
     top of the run (highest TPR) is used. A target is ``None`` (unavailable) when there are
@@ -261,7 +264,7 @@ def tpr_at_fpr(scores: Any, labels: Any,
     s, y = _check_pairs(scores, labels)
     r = _rank(s, y)
     fpr, tpr, _ = _roc_from_ranked(r)
-    return _tpr_at_fpr_from_roc(fpr, tpr, r.n_neg, fprs)
+    return _tpr_at_fpr_from_roc(fpr, tpr, r.n_neg, fprs, interpolate)
 
 
 # ------------------------------------------------------------------------ LFW protocol
@@ -638,13 +641,15 @@ def _midranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _delong_components(s: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+def delong_components(scores: Any, labels: Any) -> tuple[float, np.ndarray, np.ndarray]:
     """AUC and the structural components V10 (per positive), V01 (per negative).
 
     Sun & Xu (2014): with midranks T_X (within positives), T_Y (within negatives) and
     T_Z (all pairs), V10 = (T_Z - T_X) / n for positives, V01 = 1 - (T_Z - T_Y) / m for
-    negatives, AUC = mean(V10); m positives, n negatives.
+    negatives, AUC = mean(V10); m positives, n negatives. V10[i] is the share of negatives
+    scored below positive i (ties 1/2), V01[j] the share of positives scored above negative j.
     """
+    s, y = _check_pairs(scores, labels)
     x, z = s[y], s[~y]
     m, n = x.shape[0], z.shape[0]
     tz = _midranks(np.concatenate((x, z)))
@@ -674,8 +679,8 @@ def delong_test(scores_a: Any, scores_b: Any, labels: Any) -> dict[str, float]:
     n = y.shape[0] - m
     if m < 2 or n < 2:
         raise ValueError(f"DeLong needs at least 2 positive and 2 negative pairs; got {m} and {n}")
-    auc_a, v10_a, v01_a = _delong_components(sa, y)
-    auc_b, v10_b, v01_b = _delong_components(sb, y)
+    auc_a, v10_a, v01_a = delong_components(sa, y)
+    auc_b, v10_b, v01_b = delong_components(sb, y)
     var = np.var(v10_a - v10_b, ddof=1) / m + np.var(v01_a - v01_b, ddof=1) / n
     diff = auc_a - auc_b
     se = math.sqrt(max(float(var), 0.0))
@@ -763,7 +768,9 @@ def verification_report(scores: Any, labels: Any, folds: Any = None, *, n_boot: 
     * ``auc_ci`` / ``accuracy_ci``: ``[low, high]`` percentile intervals
       (:func:`bootstrap_ci` of :func:`roc_auc`, label-stratified, and of
       :func:`lfw_mean_accuracy`, (fold, label)-stratified), ``None`` when ``n_boot == 0``.
-    * ``tpr_at_fpr``: ``{fpr_key(f): tpr or None}``; ``min_negatives`` the rule's counts.
+    * ``tpr_at_fpr``: ``{fpr_key(f): tpr or None}``, the highest TPR with FPR <= f (one
+      threshold achieves it); ``tpr_at_fpr_interpolated`` the interpolated value;
+      ``min_negatives`` the rule's counts.
     * ``confusion``: ``{tp, fp, tn, fn}`` of :func:`protocol_predictions`.
     * ``fold_thresholds``: infinite thresholds are written ``"inf"`` / ``"-inf"``.
     Values are unrounded Python floats/ints. ``folds=None`` means one fold (see
@@ -775,7 +782,8 @@ def verification_report(scores: Any, labels: Any, folds: Any = None, *, n_boot: 
     eer_value, eer_thr = _eer_from_ranked(r)
     acc, codes = _protocol(s, y, folds, ranked=r)
     pred = s > np.asarray(acc.thresholds)[codes]
-    tprs = _tpr_at_fpr_from_roc(fpr, tpr, r.n_neg, fprs)
+    tprs = _tpr_at_fpr_from_roc(fpr, tpr, r.n_neg, fprs, interpolate=False)
+    tprs_interpolated = _tpr_at_fpr_from_roc(fpr, tpr, r.n_neg, fprs)
     auc_ci = acc_ci = None
     if n_boot:
         auc_ci = list(bootstrap_ci(roc_auc, s, y, n_boot=n_boot, seed=seed, alpha=alpha))
@@ -797,6 +805,7 @@ def verification_report(scores: Any, labels: Any, folds: Any = None, *, n_boot: 
         "fold_thresholds": [_json_float(t) for t in acc.thresholds],
         "threshold_source": acc.threshold_source,
         "tpr_at_fpr": {fpr_key(f): v for f, v in tprs.items()},
+        "tpr_at_fpr_interpolated": {fpr_key(f): v for f, v in tprs_interpolated.items()},
         "min_negatives": {fpr_key(f): min_negatives_for_fpr(f) for f in tprs},
         "confusion": _confusion(pred, y),
         "bootstrap": {"n_boot": int(n_boot), "seed": None if seed is None else int(seed),

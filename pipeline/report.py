@@ -1,21 +1,29 @@
-"""Stage ``report``: regenerate the comparison of losses in ``reports/``.
+"""Stage ``report``: compare the models over their training runs, in ``reports/``.
 
-Reads what the other stages wrote (metrics JSON per loss, per-pair score files,
-training histories, detection and alignment counts) and writes:
+A *model* is a trained loss (one run per training seed, ``LOSS-SEED``) or a pretrained
+model (one run). Everything is recomputed from the per-pair score files of the runs
+params.yaml lists (``data/scores/RUN/<set>/<variant>.csv``), so a run left on disk by a
+removed seed is ignored. Statistics are those of :mod:`pipeline.repeats`. Writes:
 
-* ``comparison.csv``  every loss x test set x distance x normalisation, all metrics
-* ``comparison.md``   the same as a readable table (AUC [95% CI], accuracy mean ± std,
-                      TPR@FPR=1e-2, EER), with a DeLong test against the best loss
-* ``cross_domain.csv`` in-domain vs cross-domain AUC per loss and the drop
-* ``figures/roc/<test set>/<backbone>_<distance>_<norm>.png``  ROC curves of all losses
-* ``figures/training_curves.png``  training loss and validation AUC per epoch
-* ``index.md``        everything above tied together, with one-line readings
+* ``comparison.csv``  model x test set x variant: mean, 95% interval and per-run values of
+                      AUC, LFW-protocol accuracy, EER, TPR@FPR; FP/FN, rank-1, pairs
+* ``runs.csv``        the same metrics for every single run
+* ``verdicts.csv``    every pair of models per test set and variant: difference of mean
+                      AUCs, interval, p-value, Holm-adjusted p-value, verdict
+* ``comparison.md``   readable tables of the above, one section per test set
+* ``cross_domain.csv`` per loss, the AUC drop from the in-domain to each cross-domain set
+* ``summary.json``    a compact DVC metrics file (primary variant): mean AUC, its interval
+                      and mean accuracy per test set and model, for ``dvc exp show``
+* ``roc/<set>/<model>.csv``  the run-averaged ROC (DVC plots)
+* ``figures/``        ROC overlays, per-seed strip plots, training curves
+* ``index.md``        all of it tied together; every sentence is computed from the numbers
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +32,12 @@ import pandas as pd
 
 from pipeline import paths
 from pipeline.config import Params
-from pipeline.io import atomic_dir, atomic_file, write_csv, write_text
-from pipeline.metrics import delong_test, fpr_key, roc_curve
+from pipeline.io import atomic_dir, atomic_file, write_csv, write_json, write_text
+from pipeline.metrics import DEFAULT_FPRS, fpr_key, min_negatives_for_fpr, protocol_predictions, tpr_at_fpr
+from pipeline.repeats import METHOD, VERDICT_METHOD, Interval, accuracy_interval, auc_interval, combine, holm, roc_stats
 from pipeline.score import variant_name
 
-SIGNIFICANCE = 0.05
+ROC_GRID = np.unique(np.concatenate([np.logspace(-4, 0, 81), np.linspace(0, 1, 101)]))
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -37,129 +46,267 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
-def _tpr(metrics: dict, fpr: float) -> float | None:
-    """TPR at ``fpr`` from a metrics dict (``None`` where too few negative pairs)."""
-    return metrics.get("tpr_at_fpr", {}).get(fpr_key(fpr))
+def _interval_text(iv: Interval | None, digits: int = 4) -> str:
+    if iv is None:
+        return "–"
+    return f"{iv.mean:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
 
 
-def comparison_rows(params: Params) -> pd.DataFrame:
-    """One row per loss x test set x variant, from ``reports/metrics/<loss>.json``."""
+def _variant_label(variant: str) -> str:
+    distance, norm = variant.split("_")
+    return f"{distance}, test-time norm {'on' if norm == 'norm' else 'off'}"
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class Table:
+    """The scores of every run of every model on one test set and variant, on common pairs.
+
+    ``scores[model]``: [R, N] (runs in seed order); ``labels``, ``folds``: [N];
+    ``pairs_total``: pairs in the set; ``pairs_missing``: pairs some run could not score.
+    """
+
+    test_set: str
+    variant: str
+    scores: dict[str, np.ndarray]
+    labels: np.ndarray
+    folds: np.ndarray
+    pairs_total: int
+    pairs_missing: int
+
+
+def _read_scores(run: str, test_set: str, variant: str) -> pd.DataFrame:
+    path = paths.scores_dir(run) / test_set / f"{variant}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run `dvc repro` (the score stage of {run})")
+    return pd.read_csv(path, dtype={"image_id1": str, "image_id2": str})
+
+
+def load_tables(params: Params) -> list[Table]:
+    """One :class:`Table` per test set and scoring variant, for the runs params.yaml lists."""
+    runs = params.runs
+    tables = []
+    first_run = next(iter(runs.values()))[0]
+    test_sets = sorted(p.name for p in paths.scores_dir(first_run).iterdir() if p.is_dir())
+    for test_set in test_sets:
+        for distance in params.score.distances:
+            for normalize in params.score.normalize:
+                variant = variant_name(distance, normalize)
+                frames = {run: _read_scores(run, test_set, variant) for model in runs for run in runs[model]}
+                base = next(iter(frames.values()))
+                keys = base[["image_id1", "image_id2"]]
+                scored = np.ones(len(base), dtype=bool)
+                for run, frame in frames.items():
+                    if len(frame) != len(base) or not frame[["image_id1", "image_id2"]].equals(keys):
+                        raise ValueError(f"{paths.scores_dir(run) / test_set}: the pairs differ from those of "
+                                         f"{first_run}; rerun the score stages (dvc repro)")
+                    scored &= (frame["status"] == "scored").to_numpy()
+                scores = {model: np.stack([frames[run]["score"].to_numpy(dtype=np.float64)[scored]
+                                           for run in runs[model]]) for model in runs}
+                tables.append(Table(test_set, variant, scores, base["same"].to_numpy()[scored].astype(int),
+                                    base["fold"].to_numpy()[scored], len(base), int((~scored).sum())))
+    return tables
+
+
+def _rank1(run: str, test_set: str) -> float | None:
+    path = paths.metrics_file(run)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get(test_set, {}).get("rank1")
+
+
+# ---------------------------------------------------------------------- statistics
+@dataclass
+class ModelStats:
+    model: str
+    runs: list[str]
+    auc: Interval
+    accuracy: Interval
+    accuracy_folds: np.ndarray          # [R, K]
+    eer: Interval
+    tpr: dict[float, Interval | None]   # achieved: highest TPR with FPR <= target (None: too few negatives)
+    tpr_interpolated: dict[float, float | None]
+    fp: float
+    fn: float
+    rank1: Interval | None
+
+
+def model_stats(table: Table, model: str, runs: list[str], *, alpha: float, n_boot: int, seed: int) -> ModelStats:
+    scores, y, folds = table.scores[model], table.labels, table.folds
+    n_neg = int((y == 0).sum())
+    available = [f for f in DEFAULT_FPRS if n_neg >= min_negatives_for_fpr(f)]
+    auc = auc_interval(scores, y, alpha=alpha)
+    accuracy, per_fold = accuracy_interval(scores, y, folds, alpha=alpha)
+    roc = roc_stats(scores, y, available, n_boot=n_boot, seed=seed)
+    eer = combine(roc.eer, float(np.var(roc.boot_eer, ddof=1)), alpha=alpha)
+    tpr = {f: (combine(roc.tpr[f], float(np.var(roc.boot_tpr[f], ddof=1)), alpha=alpha) if f in available else None)
+           for f in DEFAULT_FPRS}
+    interpolated = {}
+    for f in DEFAULT_FPRS:
+        values = [tpr_at_fpr(s, y, [f], interpolate=True)[f] for s in scores]
+        interpolated[f] = None if any(v is None for v in values) else float(np.mean(values))
+    fp, fn = [], []
+    for s in scores:
+        pred = protocol_predictions(s, y, folds)
+        fp.append(int((pred & (y == 0)).sum()))
+        fn.append(int((~pred & (y == 1)).sum()))
+    rank1_values = [_rank1(run, table.test_set) for run in runs]
+    rank1 = (combine([float(v) for v in rank1_values], 0.0, alpha=alpha)
+             if rank1_values and all(v is not None for v in rank1_values) else None)
+    return ModelStats(model, runs, auc, accuracy, per_fold, eer, tpr, interpolated, float(np.mean(fp)),
+                      float(np.mean(fn)), rank1)
+
+
+def verdict_table(table: Table, *, alpha: float) -> pd.DataFrame:
+    from pipeline.repeats import verdicts
+
     rows = []
-    for loss in params.models:
-        path = paths.metrics_file(loss)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run `dvc repro score@{loss}` first")
-        metrics = json.loads(path.read_text())
-        for test_set, per_set in metrics.items():
-            for distance in params.score.distances:
-                for normalize in params.score.normalize:
-                    variant = variant_name(distance, normalize)
-                    m = per_set.get(variant)
-                    if m is None:
-                        continue
-                    auc_ci = m.get("auc_ci") or [None, None]
-                    acc_ci = m.get("accuracy_ci") or [None, None]
-                    rows.append(
-                        {
-                            "loss": loss,
-                            "test_set": test_set,
-                            "distance": distance,
-                            "normalize": normalize,
-                            "variant": variant,
-                            "auc": m["auc"],
-                            "auc_ci_low": auc_ci[0],
-                            "auc_ci_high": auc_ci[1],
-                            "eer": m["eer"],
-                            "accuracy": m["accuracy_mean"],
-                            "accuracy_std": m["accuracy_std"],
-                            "accuracy_ci_low": acc_ci[0],
-                            "accuracy_ci_high": acc_ci[1],
-                            "tpr@fpr=1e-1": _tpr(m, 1e-1),
-                            "tpr@fpr=1e-2": _tpr(m, 1e-2),
-                            "tpr@fpr=1e-3": _tpr(m, 1e-3),
-                            "tpr@fpr=1e-4": _tpr(m, 1e-4),
-                            "fp": m["confusion"]["fp"],
-                            "fn": m["confusion"]["fn"],
-                            "pairs_scored": per_set.get("pairs_scored"),
-                            "pairs_missing": per_set.get("pairs_missing"),
-                            "rank1": per_set.get("rank1"),
-                        }
-                    )
+    for d in verdicts(table.scores, table.labels, alpha=alpha):
+        rows.append({"test_set": table.test_set, "variant": table.variant, "a": d.a, "b": d.b, "auc_diff": d.diff,
+                     "diff_low": d.low, "diff_high": d.high, "df": d.df, "p": d.p, "p_holm": d.p_holm,
+                     "verdict": d.verdict})
     return pd.DataFrame(rows)
 
 
-def _pair_scores(loss: str, test_set: str, variant: str) -> pd.DataFrame:
-    table = pd.read_csv(paths.scores_dir(loss) / test_set / f"{variant}.csv")
-    return table[table["status"] == "scored"]
+def _per_run(values: tuple[float, ...], digits: int = 4) -> str:
+    return " / ".join(f"{v:.{digits}f}" for v in values)
 
 
-def significance(params: Params, rows: pd.DataFrame) -> pd.DataFrame:
-    """DeLong test of each loss against the best loss (by AUC) per test set and variant."""
-    out = []
-    for (test_set, variant), group in rows.groupby(["test_set", "variant"], sort=False):
-        best = group.loc[group["auc"].idxmax(), "loss"]
-        best_scores = _pair_scores(best, test_set, variant)
-        for loss in group["loss"]:
-            if loss == best:
-                out.append({"test_set": test_set, "variant": variant, "loss": loss, "vs_best": "best",
-                            "delong_p": None})
+def comparison_frame(stats: dict[tuple[str, str], dict[str, ModelStats]], tables: list[Table],
+                     params: Params) -> pd.DataFrame:
+    rows = []
+    for table in tables:
+        for model, st in stats[(table.test_set, table.variant)].items():
+            distance, norm = table.variant.split("_")
+            row = {
+                "model": model,
+                "kind": "pretrained" if model in params.pretrained else "trained",
+                "runs": len(st.runs),
+                "test_set": table.test_set,
+                "distance": distance,
+                "normalize": norm == "norm",
+                "variant": table.variant,
+            }
+            for name, iv in (("auc", st.auc), ("accuracy", st.accuracy), ("eer", st.eer)):
+                row |= {name: iv.mean, f"{name}_low": iv.low, f"{name}_high": iv.high,
+                        f"{name}_per_run": _per_run(iv.per_run)}
+            for f in DEFAULT_FPRS:
+                iv = st.tpr[f]
+                key = f"tpr@{fpr_key(f)}"
+                row |= {key: None if iv is None else iv.mean, f"{key}_low": None if iv is None else iv.low,
+                        f"{key}_high": None if iv is None else iv.high,
+                        f"{key}_interpolated": st.tpr_interpolated[f]}
+            row |= {"fp": st.fp, "fn": st.fn, "rank1": None if st.rank1 is None else st.rank1.mean,
+                    "pairs_scored": int(table.labels.size), "pairs_missing": table.pairs_missing}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def runs_frame(stats: dict[tuple[str, str], dict[str, ModelStats]], tables: list[Table]) -> pd.DataFrame:
+    rows = []
+    for table in tables:
+        for model, st in stats[(table.test_set, table.variant)].items():
+            for k, run in enumerate(st.runs):
+                row = {"run": run, "model": model, "test_set": table.test_set, "variant": table.variant,
+                       "auc": st.auc.per_run[k], "accuracy": st.accuracy.per_run[k], "eer": st.eer.per_run[k]}
+                for f in DEFAULT_FPRS:
+                    row[f"tpr@{fpr_key(f)}"] = None if st.tpr[f] is None else st.tpr[f].per_run[k]
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------- cross-domain
+def cross_domain(params: Params, tables: list[Table], stats, *, alpha: float) -> pd.DataFrame:
+    """Per model and cross-domain set: the AUC drop from the in-domain set (primary variant).
+
+    Each run gives its own drop (same model on both sets); the pair part adds the two
+    sets' DeLong variances (different pairs, independent). Holm over the models, per set.
+    """
+    report = params.report
+    primary = variant_name(report.primary_distance, report.primary_normalize)
+    if not report.in_domain or not report.cross_domain:
+        return pd.DataFrame()
+    rows = []
+    for target in report.cross_domain:
+        block = []
+        for model in params.runs:
+            a = stats.get((report.in_domain, primary), {}).get(model)
+            b = stats.get((target, primary), {}).get(model)
+            if a is None or b is None:
                 continue
-            other = _pair_scores(loss, test_set, variant)
-            merged = best_scores.merge(other, on=["image_id1", "image_id2", "fold", "same"], suffixes=("_a", "_b"))
-            result = delong_test(merged["score_a"].to_numpy(), merged["score_b"].to_numpy(), merged["same"].to_numpy())
-            p = float(result["p_value"])
-            verdict = f"worse (p={p:.2g})" if p < SIGNIFICANCE else f"tied (p={p:.2g})"
-            out.append({"test_set": test_set, "variant": variant, "loss": loss, "vs_best": verdict, "delong_p": p})
-    return pd.DataFrame(out)
+            drops = np.asarray(a.auc.per_run) - np.asarray(b.auc.per_run)
+            iv = combine(drops, a.auc.var_pairs + b.auc.var_pairs, alpha=alpha, bounds=None)
+            from scipy import stats as sstats
+
+            t = abs(iv.mean) / iv.se if iv.se > 0 else math.inf
+            p = float(2 * (sstats.norm.sf(t) if math.isinf(iv.df) else sstats.t.sf(t, iv.df)))
+            block.append({"model": model, "in_domain": report.in_domain, "cross_domain": target,
+                          "auc_in": a.auc.mean, "auc_cross": b.auc.mean, "drop": iv.mean, "drop_low": iv.low,
+                          "drop_high": iv.high, "p": p, "runs": iv.n_runs})
+        adjusted = holm([r["p"] for r in block])
+        for r, p_holm in zip(block, adjusted):
+            r["p_holm"] = float(p_holm)
+            r["reading"] = ("drops" if r["drop"] > 0 else "rises") if p_holm < alpha else "no clear change"
+        rows.extend(block)
+    return pd.DataFrame(rows)
 
 
+# -------------------------------------------------------------------- markdown
 def markdown_table(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(frame.columns) + " |"
+    header = "| " + " | ".join(str(c) for c in frame.columns) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
 
 
-def comparison_markdown(rows: pd.DataFrame, sig: pd.DataFrame) -> str:
-    merged = rows.merge(sig, on=["test_set", "variant", "loss"], how="left")
-    parts = []
-    for test_set, group in merged.groupby("test_set", sort=False):
-        view = pd.DataFrame(
-            {
-                "loss": group["loss"],
-                "distance": group["distance"],
-                "test-time norm": np.where(group["normalize"], "on", "off"),
-                "AUC [95% CI]": [
-                    f"{_fmt(a)} [{_fmt(lo, 3)}, {_fmt(hi, 3)}]"
-                    for a, lo, hi in zip(group["auc"], group["auc_ci_low"], group["auc_ci_high"])
-                ],
-                "accuracy (LFW protocol)": [f"{_fmt(a)} ± {_fmt(s)}" for a, s in zip(group["accuracy"], group["accuracy_std"])],
-                "TPR@FPR=1e-2": [_fmt(v) for v in group["tpr@fpr=1e-2"]],
-                "EER": [_fmt(v) for v in group["eer"]],
-                "vs best (DeLong)": group["vs_best"].fillna("–"),
-                "pairs scored (missing)": [f"{a} ({b})" for a, b in zip(group["pairs_scored"], group["pairs_missing"])],
-            }
-        )
-        parts.append(f"### {test_set}\n\n{markdown_table(view)}\n")
-    return "\n".join(parts)
+def _model_label(model: str, st: ModelStats) -> str:
+    return f"{model} ({len(st.runs)} run{'s' if len(st.runs) != 1 else ''})"
 
 
-def cross_domain(params: Params, rows: pd.DataFrame) -> pd.DataFrame:
-    """In-domain vs cross-domain AUC per loss on the primary variant."""
-    if not params.report.in_domain or not params.report.cross_domain:
-        return pd.DataFrame()
-    primary = variant_name(params.report.primary_distance, params.report.primary_normalize)
-    view = rows[rows["variant"] == primary].set_index(["loss", "test_set"])["auc"]
-    out = []
-    for loss in params.models:
-        for target in params.report.cross_domain:
-            a = view.get((loss, params.report.in_domain))
-            b = view.get((loss, target))
-            if a is None or b is None:
-                continue
-            out.append({"loss": loss, "in_domain": params.report.in_domain, "cross_domain": target,
-                        "auc_in": a, "auc_cross": b, "drop": a - b})
-    return pd.DataFrame(out)
+def stats_markdown(per_model: dict[str, ModelStats]) -> str:
+    order = sorted(per_model.values(), key=lambda s: -s.auc.mean)
+    view = pd.DataFrame({
+        "model": [_model_label(s.model, s) for s in order],
+        "AUC mean [95%]": [_interval_text(s.auc) for s in order],
+        "AUC per run": [_per_run(s.auc.per_run) for s in order],
+        "accuracy (LFW protocol) [95%]": [_interval_text(s.accuracy) for s in order],
+        "EER [95%]": [_interval_text(s.eer) for s in order],
+        "TPR@FPR≤1e-2 [95%]": [_interval_text(s.tpr[1e-2]) for s in order],
+        "TPR@FPR≤1e-3": [_fmt(None if s.tpr[1e-3] is None else s.tpr[1e-3].mean) for s in order],
+        "rank-1": [_fmt(None if s.rank1 is None else s.rank1.mean) for s in order],
+        "FP / FN": [f"{s.fp:.1f} / {s.fn:.1f}" for s in order],
+    })
+    return markdown_table(view)
+
+
+def verdict_sentences(v: pd.DataFrame, models: list[str], alpha: float) -> list[str]:
+    """Computed readings of one table's verdicts."""
+    beats = v[v["verdict"] != "not distinguishable"]
+    n = len(v)
+    if n == 0:
+        return ["only one model: nothing to compare."]
+    if beats.empty:
+        if n == 1:
+            return [f"the two models are not distinguishable (α = {alpha:g})."]
+        return [f"no model beats another: all {n} pairs are not distinguishable (Holm, family-wise α = {alpha:g})."]
+    beaten = set(beats["b"])
+    top = [m for m in models if m not in beaten]
+    lines = [f"not beaten by any other model: {', '.join(top)}."]
+    for a, group in beats.groupby("a", sort=False):
+        parts = [f"{r.b} (ΔAUC {r.auc_diff:+.4f} [{r.diff_low:+.4f}, {r.diff_high:+.4f}], Holm p = {r.p_holm:.2g})"
+                 for r in group.itertuples()]
+        lines.append(f"{a} beats {'; '.join(parts)}.")
+    lines.append(f"{n - len(beats)} of {n} pairs are not distinguishable (Holm, family-wise α = {alpha:g}).")
+    return lines
+
+
+def verdicts_markdown(v: pd.DataFrame) -> str:
+    view = pd.DataFrame({
+        "A (higher mean AUC)": v["a"], "B": v["b"],
+        "ΔAUC [95%]": [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" for d, lo, hi in zip(v["auc_diff"], v["diff_low"], v["diff_high"])],
+        "p": [f"{p:.2g}" for p in v["p"]], "Holm p": [f"{p:.2g}" for p in v["p_holm"]], "verdict": v["verdict"],
+    })
+    return markdown_table(view)
 
 
 def detection_table() -> pd.DataFrame:
@@ -176,7 +323,50 @@ def detection_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _plot_roc(params: Params, rows: pd.DataFrame, out_dir: Path) -> list[Path]:
+def training_table(params: Params) -> pd.DataFrame:
+    rows = []
+    for loss in params.train_losses:
+        found = [json.loads(p.read_text()) for run in params.runs[loss]
+                 if (p := paths.train_report_dir(run) / "metrics.json").is_file()]
+        if not found:
+            continue
+        states = [m.get("loss_state") or {} for m in found]
+        state_keys = sorted(set().union(*states))
+        state = ", ".join(
+            f"{k} {np.mean([s[k] for s in states if k in s]):.3g}" for k in state_keys) or "–"
+        rows.append({
+            "loss": loss, "runs": len(found),
+            "best epoch per run": " / ".join(str(m["best_epoch"]) for m in found),
+            "validation AUC (mean)": _fmt(float(np.mean([m["best_val_auc"] for m in found]))),
+            "final train loss (mean)": _fmt(float(np.mean([m["final_train_loss"] for m in found]))),
+            "loss state at the end (mean)": state,
+        })
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------ figures
+def _run_roc(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """TPR of one run on :data:`ROC_GRID` (highest TPR with FPR <= each grid point)."""
+    order = np.argsort(-scores, kind="stable")
+    ss, ys = scores[order], y[order].astype(bool)
+    ends = np.flatnonzero(np.append(ss[1:] != ss[:-1], True))
+    tp = np.concatenate([[0], np.cumsum(ys)[ends]]) / ys.sum()
+    fp = np.concatenate([[0], np.cumsum(~ys)[ends]]) / (~ys).sum()
+    idx = np.searchsorted(fp, ROC_GRID, side="right") - 1
+    return tp[idx]
+
+
+def write_roc_csvs(tables: list[Table], primary: str, out_dir: Path) -> None:
+    """``<set>/<model>.csv`` (fpr, tpr): the ROC averaged over the model's runs, primary variant."""
+    for table in tables:
+        if table.variant != primary:
+            continue
+        for model, scores in table.scores.items():
+            tpr = np.mean([_run_roc(s, table.labels) for s in scores], axis=0)
+            write_csv(out_dir / table.test_set / f"{model}.csv", pd.DataFrame({"fpr": ROC_GRID, "tpr": tpr}))
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,155 +374,250 @@ def _plot_roc(params: Params, rows: pd.DataFrame, out_dir: Path) -> list[Path]:
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="notebook")
+    return plt, sns
+
+
+def plot_roc(params: Params, tables: list[Table], stats, out_dir: Path) -> list[Path]:
+    """One figure per test set and variant: each model's runs (thin) and their average (thick)."""
+    plt, sns = _pyplot()
     written = []
     backbone = params.model.backbone
-    for (test_set, variant), group in rows.groupby(["test_set", "variant"], sort=False):
-        distance, norm = variant.split("_")
-        fig, ax = plt.subplots(figsize=(6, 5))
-        palette = sns.color_palette("tab10", n_colors=max(len(group), 3))
-        for colour, row in zip(palette, group.itertuples(index=False)):
-            pairs = _pair_scores(row.loss, test_set, variant)
-            fpr, tpr, _ = roc_curve(pairs["score"].to_numpy(), pairs["same"].to_numpy())
-            if params.report.log_fpr:
-                keep = fpr > 0
-                fpr, tpr = fpr[keep], tpr[keep]
-            ax.plot(fpr, tpr, color=colour, lw=1.6, label=f"{row.loss} (AUC {row.auc:.3f})")
+    for table in tables:
+        distance, norm = table.variant.split("_")
+        fig, ax = plt.subplots(figsize=(6.4, 5))
+        models = list(table.scores)
+        palette = sns.color_palette("tab10", n_colors=max(len(models), 3))
+        for colour, model in zip(palette, models):
+            runs = [_run_roc(s, table.labels) for s in table.scores[model]]
+            for tpr in runs if len(runs) > 1 else []:
+                ax.plot(ROC_GRID, tpr, color=colour, lw=0.6, alpha=0.35)
+            st = stats[(table.test_set, table.variant)][model]
+            ax.plot(ROC_GRID, np.mean(runs, axis=0), color=colour, lw=1.8,
+                    label=f"{model} (AUC {st.auc.mean:.3f}, {len(runs)} run{'s' if len(runs) > 1 else ''})")
         if params.report.log_fpr:
             ax.set_xscale("log")
-            ax.set_xlim(left=max(1e-4, 0.5 / max(1, int(group["pairs_scored"].iloc[0]))), right=1.0)
+            ax.set_xlim(left=max(1e-4, 0.5 / max(1, int((table.labels == 0).sum()))), right=1.0)
         else:
             ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         ax.set_xlabel("false positive rate" + (" (log)" if params.report.log_fpr else ""))
         ax.set_ylabel("true positive rate")
-        ax.set_title(f"{test_set}: {backbone}, {distance}, test-time norm {'on' if norm == 'norm' else 'off'}")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"{table.test_set}: {backbone}, {distance}, test-time norm {'on' if norm == 'norm' else 'off'}",
+                     fontsize=10)
+        ax.legend(loc="lower right", fontsize=7)
         fig.tight_layout()
-        target = out_dir / test_set / f"{backbone}_{distance}_{norm}.png"
+        target = out_dir / table.test_set / f"{backbone}_{distance}_{norm}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(target, dpi=110)
+        fig.savefig(target, dpi=100)
         plt.close(fig)
         written.append(target)
     return written
 
 
-def _plot_training(params: Params, target: Path) -> bool:
-    import matplotlib
+def plot_seeds(tables: list[Table], stats, primary: str, out_dir: Path) -> list[Path]:
+    """Per test set: every run's AUC as a point, the mean and its 95% interval as a bar."""
+    plt, sns = _pyplot()
+    written = []
+    for table in tables:
+        if table.variant != primary:
+            continue
+        per_model = stats[(table.test_set, table.variant)]
+        order = sorted(per_model, key=lambda m: -per_model[m].auc.mean)
+        points = pd.DataFrame([{"model": m, "AUC": v} for m in order for v in per_model[m].auc.per_run])
+        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(order), 4))
+        sns.stripplot(points, x="model", y="AUC", order=order, ax=ax, size=6, jitter=0.12, color="0.25", zorder=3)
+        for x, m in enumerate(order):
+            iv = per_model[m].auc
+            ax.errorbar(x + 0.25, iv.mean, yerr=[[iv.mean - iv.low], [iv.high - iv.mean]], fmt="o", color="C3",
+                        capsize=4, lw=1.5, zorder=4)
+        ax.set_title(f"{table.test_set}: AUC per run (dots), mean and 95% interval (red)", fontsize=9)
+        ax.set_xlabel("")
+        ax.tick_params(axis="x", rotation=30)
+        fig.tight_layout()
+        target = out_dir / f"{table.test_set}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target, dpi=100)
+        plt.close(fig)
+        written.append(target)
+    return written
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
 
+def plot_training(params: Params, target: Path) -> bool:
     frames = []
     for loss in params.train_losses:
-        path = paths.train_report_dir(loss) / "history.csv"
-        if path.is_file():
-            frames.append(pd.read_csv(path).assign(loss=loss))
+        for run in params.runs[loss]:
+            path = paths.train_report_dir(run) / "history.csv"
+            if path.is_file():
+                frames.append(pd.read_csv(path).assign(loss=loss, run=run))
     if not frames:
         return False
+    plt, sns = _pyplot()
     history = pd.concat(frames, ignore_index=True)
-    sns.set_theme(style="whitegrid", context="notebook")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    sns.lineplot(history, x="epoch", y="train_loss", hue="loss", ax=axes[0], marker="o")
+    sns.lineplot(history, x="epoch", y="train_loss", hue="loss", ax=axes[0], errorbar=("pi", 100))
     axes[0].set_yscale("log")
-    axes[0].set_title("training loss (each loss on its own scale)")
-    sns.lineplot(history, x="epoch", y="val_auc", hue="loss", ax=axes[1], marker="o")
-    axes[1].set_title("validation verification AUC")
+    axes[0].set_title("training loss (each loss on its own scale; band: range over runs)", fontsize=9)
+    sns.lineplot(history, x="epoch", y="val_auc", hue="loss", ax=axes[1], errorbar=("pi", 100))
+    axes[1].set_title("validation verification AUC (band: range over runs)", fontsize=9)
     fig.tight_layout()
     with atomic_file(target) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return True
 
 
-def _readings(params: Params, rows: pd.DataFrame, sig: pd.DataFrame, xd: pd.DataFrame) -> list[str]:
-    primary = variant_name(params.report.primary_distance, params.report.primary_normalize)
+# --------------------------------------------------------------------------- readings
+def readings(params: Params, tables: list[Table], stats, verdicts: pd.DataFrame, xd: pd.DataFrame) -> list[str]:
+    report = params.report
+    primary = variant_name(report.primary_distance, report.primary_normalize)
     lines = []
-    for test_set, group in rows[rows["variant"] == primary].groupby("test_set", sort=False):
-        ordered = group.sort_values("auc", ascending=False)
-        best = ordered.iloc[0]
-        tied = sig[(sig["test_set"] == test_set) & (sig["variant"] == primary) & sig["vs_best"].astype(str).str.startswith("tied")]
-        tied_names = ", ".join(tied["loss"]) if len(tied) else "none"
-        lines.append(
-            f"- **{test_set}** ({primary}): best {best['loss']} AUC {best['auc']:.4f}; "
-            f"worst {ordered.iloc[-1]['loss']} AUC {ordered.iloc[-1]['auc']:.4f}; "
-            f"not distinguishable from the best at p<{SIGNIFICANCE}: {tied_names}."
-        )
+    for table in tables:
+        if table.variant != primary:
+            continue
+        per_model = stats[(table.test_set, primary)]
+        best = max(per_model.values(), key=lambda s: s.auc.mean)
+        v = verdicts[(verdicts["test_set"] == table.test_set) & (verdicts["variant"] == primary)]
+        sentences = verdict_sentences(v, sorted(per_model, key=lambda m: -per_model[m].auc.mean), report.alpha)
+        lines.append(f"- **{table.test_set}** ({_variant_label(primary)}; {table.labels.size} pairs): highest mean "
+                     f"AUC {best.model} {_interval_text(best.auc)}; " + " ".join(sentences))
     if not xd.empty:
-        worst = xd.loc[xd["drop"].idxmax()]
-        lines.append(
-            f"- **cross-domain**: every loss loses AUC from {worst['in_domain']} to {worst['cross_domain']}; "
-            f"the largest drop is {worst['loss']} ({worst['drop']:.4f}), the mean drop {xd['drop'].mean():.4f}."
-        )
-    by_variant = rows.groupby("variant")["auc"].mean().sort_values(ascending=False)
-    lines.append(
-        "- **distance / normalisation** (mean AUC over losses and test sets): "
-        + ", ".join(f"{v} {a:.4f}" for v, a in by_variant.items())
-        + ". Cosine is unchanged by test-time normalisation by construction."
-    )
+        for target, block in xd.groupby("cross_domain", sort=False):
+            counts = block["reading"].value_counts()
+            words = {"drops": "AUC drops for", "rises": "AUC rises for", "no clear change": "no clear change for"}
+            parts = [f"{words[w]} {counts[w]} of {len(block)} models" for w in words if counts.get(w, 0)]
+            worst = block.loc[block["drop"].idxmax()]
+            lines.append(
+                f"- **cross-domain** ({block['in_domain'].iloc[0]} → {target}; the drop's interval must exclude 0 "
+                f"after Holm over the models): " + "; ".join(parts)
+                + f". Largest mean drop: {worst['model']} {worst['drop']:+.4f} "
+                  f"[{worst['drop_low']:+.4f}, {worst['drop_high']:+.4f}]; mean over models {block['drop'].mean():+.4f}."
+            )
+    by_variant = {}
+    for table in tables:
+        for st in stats[(table.test_set, table.variant)].values():
+            by_variant.setdefault(table.variant, []).append(st.auc.mean)
+    if len(by_variant) > 1:
+        means = sorted(((float(np.mean(v)), k) for k, v in by_variant.items()), reverse=True)
+        line = ("- **distance / normalisation** (mean AUC over models and test sets): "
+                + ", ".join(f"{k} {m:.4f}" for m, k in means) + ".")
+        if {"cosine_norm", "cosine_raw"} <= set(by_variant):
+            gap = max(abs(a - b) for a, b in zip(by_variant["cosine_norm"], by_variant["cosine_raw"]))
+            line += f" Cosine with and without test-time normalisation differ by at most {gap:.1e} in AUC."
+        lines.append(line)
     return lines
 
 
+# ------------------------------------------------------------------------------ run
 def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
     """Write every report file; returns their paths."""
     root = Path(root)
-    rows = comparison_rows(params)
-    sig = significance(params, rows)
-    xd = cross_domain(params, rows)
-    det = detection_table()
+    report = params.report
+    primary = variant_name(report.primary_distance, report.primary_normalize)
+    tables = load_tables(params)
+    stats: dict[tuple[str, str], dict[str, ModelStats]] = {}
+    verdict_frames = []
+    for table in tables:
+        stats[(table.test_set, table.variant)] = {
+            model: model_stats(table, model, runs, alpha=report.alpha, n_boot=report.bootstrap, seed=params.seeds.data)
+            for model, runs in params.runs.items()
+        }
+        verdict_frames.append(verdict_table(table, alpha=report.alpha))
+    verdicts = pd.concat(verdict_frames, ignore_index=True) if verdict_frames else pd.DataFrame()
+    comparison = comparison_frame(stats, tables, params)
+    xd = cross_domain(params, tables, stats, alpha=report.alpha)
     written: list[Path] = []
 
-    write_csv(root / "comparison.csv", rows.merge(sig, on=["test_set", "variant", "loss"], how="left"))
-    written.append(root / "comparison.csv")
-    table_md = comparison_markdown(rows, sig)
-    write_text(root / "comparison.md", "# Loss comparison\n\n" + table_md)
-    written.append(root / "comparison.md")
-    write_csv(root / "cross_domain.csv", xd)
-    written.append(root / "cross_domain.csv")
-    with atomic_dir(root / "figures" / "roc") as tmp:
-        figures = _plot_roc(params, rows, Path(tmp))
-    written.extend(root / "figures" / "roc" / f.relative_to(tmp) for f in figures)
-    curves = root / "figures" / "training_curves.png"
-    has_curves = _plot_training(params, curves)
-    if has_curves:
-        written.append(curves)
+    def out(name: str) -> Path:
+        written.append(root / name)
+        return root / name
 
-    primary = variant_name(params.report.primary_distance, params.report.primary_normalize)
-    train_rows = []
-    for loss in params.train_losses:
-        path = paths.train_report_dir(loss) / "metrics.json"
-        if path.is_file():
-            m = json.loads(path.read_text())
-            train_rows.append({"loss": loss, "best epoch": m["best_epoch"], "validation AUC": _fmt(m["best_val_auc"]),
-                               "final train loss": _fmt(m["final_train_loss"])})
-    sections = [
+    write_csv(out("comparison.csv"), comparison)
+    write_csv(out("runs.csv"), runs_frame(stats, tables))
+    write_csv(out("verdicts.csv"), verdicts)
+    write_csv(out("cross_domain.csv"), xd)
+    summary = {}
+    for table in tables:
+        if table.variant == primary:
+            summary[table.test_set] = {
+                model: {"auc": round(st.auc.mean, 6), "auc_low": round(st.auc.low, 6), "auc_high": round(st.auc.high, 6),
+                        "accuracy": round(st.accuracy.mean, 6), "runs": len(st.runs)}
+                for model, st in stats[(table.test_set, primary)].items()}
+    write_json(out("summary.json"), summary)
+
+    with atomic_dir(root / "roc") as tmp:
+        write_roc_csvs(tables, primary, Path(tmp))
+    with atomic_dir(root / "figures" / "roc") as tmp:
+        roc_figures = [root / "figures" / "roc" / f.relative_to(tmp) for f in plot_roc(params, tables, stats, Path(tmp))]
+    with atomic_dir(root / "figures" / "seeds") as tmp:
+        seed_figures = [root / "figures" / "seeds" / f.relative_to(tmp) for f in plot_seeds(tables, stats, primary, Path(tmp))]
+    written += roc_figures + seed_figures
+    curves = root / "figures" / "training_curves.png"
+    has_curves = plot_training(params, curves)
+
+    sections_md = ["# Model comparison over training runs", "", f"Intervals: {METHOD}.", "",
+                   f"Verdicts: {VERDICT_METHOD}.", ""]
+    for table in tables:
+        v = verdicts[(verdicts["test_set"] == table.test_set) & (verdicts["variant"] == table.variant)]
+        sections_md += [f"## {table.test_set}: {_variant_label(table.variant)}", "",
+                        stats_markdown(stats[(table.test_set, table.variant)]), "",
+                        verdicts_markdown(v) if len(v) else "", ""]
+    write_text(out("comparison.md"), "\n".join(sections_md))
+
+    seeds = params.seeds.train
+    n_runs = {len(r) for m, r in params.runs.items() if m in params.train_losses}
+    index = [
         "# facepipe report",
         "",
-        f"Backbone `{params.model.backbone}`, {params.model.embedding_size}-D embeddings, "
-        f"losses: {', '.join(params.train_losses)}. Regenerated by `dvc repro`; do not edit by hand.",
+        f"Backbone `{params.model.backbone}`, {params.model.embedding_size}-D embeddings; losses "
+        f"{', '.join(params.train_losses)}, each trained with {len(seeds)} seed{'s' if len(seeds) != 1 else ''} "
+        f"({', '.join(map(str, seeds))}); data seed {params.seeds.data}"
+        + (f"; pretrained: {', '.join(params.pretrained)}" if params.pretrained else "")
+        + ". Regenerated by `dvc repro`; do not edit by hand.",
         "",
-        "## Readings",
-        "",
-        *_readings(params, rows, sig, xd),
-        "",
-        f"## Comparison ({primary}; every variant in [comparison.md](comparison.md) and [comparison.csv](comparison.csv))",
-        "",
-        comparison_markdown(rows[rows["variant"] == primary], sig),
     ]
+    if n_runs == {1}:
+        index += ["> **One training run per loss:** the intervals and verdicts below hold test-pair variation "
+                  "only, not the variation between training runs. Add seeds to `seeds.train` to measure it.", ""]
+    index += ["## Readings", "", *readings(params, tables, stats, verdicts, xd), "",
+              "## How to read the numbers", "",
+              f"Each metric is the mean over a model's runs with a {1 - report.alpha:.0%} interval: {METHOD}. "
+              f"Verdicts: {VERDICT_METHOD}; \"A beats B\" only when the Holm-adjusted p-value is below "
+              f"{report.alpha:g}, otherwise \"not distinguishable\". TPR@FPR≤f is the highest TPR that one "
+              "threshold reaches with FPR at most f (the interpolated value is in comparison.csv); it is "
+              "left out where a set has fewer than 1/f negative pairs.", "",
+              f"## Comparison ({_variant_label(primary)}; every variant in [comparison.md](comparison.md), "
+              "[comparison.csv](comparison.csv), single runs in [runs.csv](runs.csv))", ""]
+    for table in tables:
+        if table.variant != primary:
+            continue
+        v = verdicts[(verdicts["test_set"] == table.test_set) & (verdicts["variant"] == primary)]
+        index += [f"### {table.test_set} ({table.labels.size} pairs scored, {table.pairs_missing} missing)", "",
+                  stats_markdown(stats[(table.test_set, primary)]), "",
+                  f"![AUC per run](figures/seeds/{table.test_set}.png)", ""]
+        if len(v):
+            index += ["<details><summary>All pairwise verdicts</summary>", "", verdicts_markdown(v), "",
+                      "</details>", ""]
     if not xd.empty:
-        view = xd.assign(auc_in=xd["auc_in"].map(_fmt), auc_cross=xd["auc_cross"].map(_fmt), drop=xd["drop"].map(_fmt))
-        sections += ["## Cross-domain", "", markdown_table(view), ""]
+        view = pd.DataFrame({
+            "model": xd["model"], "runs": xd["runs"], "from → to": xd["in_domain"] + " → " + xd["cross_domain"],
+            "AUC in": xd["auc_in"].map(_fmt), "AUC cross": xd["auc_cross"].map(_fmt),
+            "drop [95%]": [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" for d, lo, hi in zip(xd["drop"], xd["drop_low"], xd["drop_high"])],
+            "Holm p": [f"{p:.2g}" for p in xd["p_holm"]], "reading": xd["reading"]})
+        index += ["## Cross-domain", "", markdown_table(view), ""]
+    det = detection_table()
     if not det.empty:
-        sections += ["## Detection (images before and after MTCNN)", "", markdown_table(det), "",
-                     "Aligned faces: [figures/contact_sheet.png](figures/contact_sheet.png)", ""]
-    if train_rows:
-        sections += ["## Training", "", markdown_table(pd.DataFrame(train_rows)), ""]
+        index += ["## Detection (images before and after MTCNN)", "", markdown_table(det), "",
+                  "Aligned faces: [figures/contact_sheet.png](figures/contact_sheet.png)", ""]
+    train = training_table(params)
+    if not train.empty:
+        index += ["## Training", "", markdown_table(train), ""]
         if has_curves:
-            sections += ["![training curves](figures/training_curves.png)", ""]
-    sections += ["## ROC curves", ""]
-    for figure in figures:
-        rel = Path("figures/roc") / figure.parent.name / figure.name
-        if figure.stem.endswith(f"{params.report.primary_distance}_{'norm' if params.report.primary_normalize else 'raw'}"):
-            sections.append(f"![{figure.parent.name}]({rel.as_posix()})")
-    write_text(root / "index.md", "\n".join(sections) + "\n")
-    written.append(root / "index.md")
+            index += ["![training curves](figures/training_curves.png)", ""]
+    index += ["## ROC curves (thin: single runs; thick: their average)", ""]
+    suffix = f"{report.primary_distance}_{'norm' if report.primary_normalize else 'raw'}"
+    for figure in roc_figures:
+        if figure.stem.endswith(suffix):
+            index.append(f"![{figure.parent.name}](figures/roc/{figure.parent.name}/{figure.name})")
+    write_text(out("index.md"), "\n".join(index) + "\n")
+    if has_curves:
+        written.append(curves)
     return written

@@ -22,11 +22,17 @@ import pandas as pd
 
 from pipeline.config import ScoreParams
 from pipeline.distances import PairDistance
-from pipeline.embed import read_embeddings, test_sets
 from pipeline.io import atomic_dir, write_csv, write_json
-from pipeline.metrics import protocol_predictions, rank1_identification, roc_curve, verification_report
+from pipeline.metrics import protocol_predictions, rank1_identification, verification_report
+from pipeline.shards import test_sets
 
-ROC_POINTS = 400
+def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    """``image_ids`` [N], ``identities`` [N], ``embeddings`` [N, D] as written by the embed stages."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no embeddings; run the embed stage of this run first")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in ("image_ids", "identities", "embeddings")}
 
 
 def variant_name(distance: str, normalize: bool) -> str:
@@ -80,20 +86,10 @@ def score_set(pairs: pd.DataFrame, embeddings: dict[str, np.ndarray], params: Sc
     return tables, metrics
 
 
-def roc_points(scores: np.ndarray, labels: np.ndarray, n: int = ROC_POINTS) -> pd.DataFrame:
-    """The ROC thinned to at most ``n`` points (first and last kept), for plots."""
-    fpr, tpr, _ = roc_curve(scores, labels)
-    if len(fpr) > n:
-        keep = np.unique(np.linspace(0, len(fpr) - 1, n).round().astype(int))
-        fpr, tpr = fpr[keep], tpr[keep]
-    return pd.DataFrame({"fpr": fpr, "tpr": tpr})
-
-
 def run_score(params: ScoreParams, embeddings_dir: str | Path, shards_dir: str | Path, out_dir: str | Path,
-              metrics_path: str | Path, roc_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
-    """Score every test set; write per-pair files, the metrics JSON and ROC points."""
+              metrics_path: str | Path, *, seed: int = 0) -> dict[str, Any]:
+    """Score every test set of one run; write the per-pair files and the run's metrics JSON."""
     all_metrics: dict[str, Any] = {}
-    roc_tables: dict[str, pd.DataFrame] = {}
     first_variant = variant_name(params.distances[0], params.normalize[0])
     with atomic_dir(out_dir) as tmp:
         for name in test_sets(shards_dir):
@@ -103,13 +99,8 @@ def run_score(params: ScoreParams, embeddings_dir: str | Path, shards_dir: str |
             for variant, table in tables.items():
                 write_csv(Path(tmp) / name / f"{variant}.csv", table)
             all_metrics[name] = metrics
-            scored = tables[first_variant][tables[first_variant]["status"] == "scored"]
-            roc_tables[name] = roc_points(scored["score"].to_numpy(), scored["same"].to_numpy())
             summary = metrics[first_variant]
             print(f"{name}: {metrics['pairs_scored']} pairs ({metrics['pairs_missing']} missing)  "
                   f"{first_variant} AUC {summary['auc']:.4f}  acc {summary['accuracy_mean']:.4f}")
-    with atomic_dir(roc_dir) as tmp:
-        for name, table in roc_tables.items():
-            write_csv(Path(tmp) / f"{name}.csv", table)
     write_json(metrics_path, all_metrics)
     return all_metrics

@@ -52,6 +52,11 @@ class ShardError(ValueError):
     """Shards that are missing or malformed (one-line message)."""
 
 
+
+def test_sets(shards_dir: str | Path) -> list[str]:
+    """Names of the sharded sets that have verification pairs."""
+    return sorted(p.name for p in Path(shards_dir).iterdir() if (p / "pairs.csv").is_file())
+
 def write_set(aligned_dir: Path, out_dir: Path, params: ShardParams, pairs: pd.DataFrame | None, *,
               desc: str = "shard", progress: bool = True) -> dict:
     """Pack one aligned set (``aligned_dir/_index.csv`` + JPEGs) into ``out_dir``."""

@@ -49,12 +49,24 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainSetup:
+    """One training run. ``seed`` is the training seed (initialisation, sampling order,
+    augmentation); ``data_seed`` fixes the train/validation split and validation pairs, so
+    runs that differ only in ``seed`` are validated on the same images."""
+
     loss_name: str
     loss_params: dict[str, Any]
     model: ModelParams
     train: TrainParams
     seed: int
     image_size: int
+    data_seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any], seed: int) -> "TrainSetup":
+        """The run of ``recipe`` (see :mod:`pipeline.recipes`) with training seed ``seed``."""
+        return cls(loss_name=recipe["loss"], loss_params=dict(recipe["loss_params"]),
+                   model=ModelParams(**recipe["model"]), train=TrainParams(**recipe["train"]), seed=int(seed),
+                   image_size=int(recipe["image_size"]), data_seed=int(recipe["data_seed"]))
 
 
 # --------------------------------------------------------------------------- data
@@ -154,6 +166,7 @@ def fingerprint(setup: TrainSetup, data: FaceShards) -> str:
             "model": setup.model.model_dump(),
             "train": setup.train.model_dump(exclude={"workers", "device", "decode"}),
             "seed": setup.seed,
+            "data_seed": setup.data_seed,
             "n": len(data),
             "ids": hashlib.sha1("\n".join(data.image_ids).encode()).hexdigest(),
             "code": code_hash(),
@@ -409,7 +422,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
     data = read_shards(join_location(shards_dir, "train"))
     if len(data.identity_names) < 2:
         raise TrainingError(f"{shards_dir}/train: need at least 2 identities to train, found {len(data.identity_names)}")
-    train_idx, val_idx = split_train_val(data.labels, params.val_fraction, setup.seed)
+    train_idx, val_idx = split_train_val(data.labels, params.val_fraction, setup.data_seed)
     if data.image_shape()[0] != setup.image_size:
         raise TrainingError(f"shards hold {data.image_shape()[0]}px faces but align.size is {setup.image_size}")
     train_labels = torch.from_numpy(data.labels[train_idx])
@@ -418,7 +431,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
     input_mode, fill = batch_source(data, params.decode,
                                     processes_per_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     fill_workers = params.workers or cpu.thread_count()
-    pairs = validation_pairs(val_labels, setup.seed)
+    pairs = validation_pairs(val_labels, setup.data_seed)
 
     model, criterion = build_modules(setup, num_classes=len(data.identity_names))
     if params.init_from:
@@ -558,6 +571,8 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         "train_images": int(len(train_idx)),
         "val_images": int(len(val_idx)),
         "identities": len(data.identity_names),
+        "seed": setup.seed,
+        "data_seed": setup.data_seed,
     }
     timing = {
         "seconds_this_run": round(elapsed, 2),
@@ -601,6 +616,7 @@ def save_model(path: Path, model: nn.Module, setup: TrainSetup, data: FaceShards
                 "image_size": setup.image_size,
                 "loss": setup.loss_name,
                 "loss_params": setup.loss_params,
+                "seed": setup.seed,
                 "epoch": epoch,
                 "val_auc": auc,
                 "identities": len(data.identity_names),

@@ -47,7 +47,14 @@ BROKEN = [
     ("negative learning rate", _set("train.lr", -0.1), "train.lr"),
     ("zero embedding size", _set("model.embedding_size", 0), "model.embedding_size"),
     ("unknown backbone", _set("model.backbone", "resnet999"), "resnet999"),
-    ("unknown loss", _set("train_losses.arcfase", "losses.arcfase"), "arcfase"),
+    ("unknown loss", _set("train_losses", ["softmax", "arcfase"]), "arcfase"),
+    ("loss listed twice", _set("train_losses", ["softmax", "softmax"]), "train_losses"),
+    ("old top-level seed", _set("seed", 3), "seeds.data"),
+    ("repeated training seed", _set("seeds.train", [1, 1]), "seeds.train"),
+    ("no training seed", _set("seeds.train", []), "seeds.train"),
+    ("recipe override of an unknown train key", _set("losses.triplet.train", {"batch_sise": 128}),
+     "losses.triplet.train.batch_sise"),
+    ("recipe override out of range", _set("losses.triplet.train", {"lr": -1}), "losses.triplet.train.lr"),
     ("arcface margin >= pi", _set("loss.margin", 3.5), "loss"),
     ("negative cosface margin", _set("losses.cosface.margin", -0.1), "margin"),
     ("zero scale", _set("loss.scale", 0), "scale"),
@@ -67,6 +74,31 @@ def test_broken_params_give_one_line(tmp_path, label, edit, needle):
     assert "\n" not in message
     assert needle in message
     assert str(path) in message
+
+
+def test_recipe_overrides_apply_to_their_loss_only(tmp_path):
+    path = _write(tmp_path, _set("losses.triplet.train", {"batch_size": 128, "schedule": "constant"}))
+    params = load_params(path)
+    assert params.train_for("triplet").batch_size == 128 and params.train_for("triplet").schedule == "constant"
+    assert params.train_for("softmax") == params.train
+    assert "train" not in params.loss_params("triplet")  # the recipe is not a loss param
+
+
+def test_runs_are_losses_times_training_seeds(tmp_path):
+    path = _write(tmp_path, _set("seeds.train", [3, 7]))
+    params = load_params(path)
+    assert params.runs["arcface"] == ["arcface-3", "arcface-7"]
+    params.check_run("softmax-7")
+    with pytest.raises(ConfigError, match=r"seed 2 is not in seeds.train"):
+        params.check_run("softmax-2")
+
+
+def test_older_dict_form_of_train_losses_still_reads(tmp_path):
+    path = _write(tmp_path, _set("train_losses", {"softmax": "losses.softmax", "arcface": "loss"}))
+    assert sorted(load_params(path).train_losses) == ["arcface", "softmax"]
+    path = _write(tmp_path, _set("train_losses", {"arcface": "losses.arcface"}))
+    with pytest.raises(ConfigError, match="the params section of arcface is 'loss'"):
+        load_params(path)
 
 
 def test_not_yaml(tmp_path):

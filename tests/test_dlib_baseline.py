@@ -167,7 +167,7 @@ def test_bad_arguments_raise_clear_errors(embedder):
 
 
 def test_save_embeddings_keeps_only_ok_rows(tmp_path):
-    from pipeline.embed import read_embeddings
+    from pipeline.score import read_embeddings
 
     emb = np.arange(3 * 128, dtype=np.float32).reshape(3, 128)
     emb[1] = np.nan

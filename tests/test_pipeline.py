@@ -3,8 +3,10 @@
 Checks what a user relies on: `dvc repro` builds the report; a second `dvc repro`
 runs nothing; a run killed (SIGKILL) inside every stage in turn and restarted ends
 with the same report as the clean run; changing the ArcFace margin reruns only
-ArcFace's stages and the report; changing a scoring switch reruns only scoring and
-the report.
+ArcFace's runs and the report; a loss's recipe override retrains only that loss;
+adding a training seed runs only its stages, removing one only the report; changing a
+scoring switch reruns only scoring and the report; the report's numbers equal a
+recomputation from the per-pair score files.
 """
 
 from __future__ import annotations
@@ -40,14 +42,17 @@ TINY = {
     "train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "pk_identities": 4, "pk_images": 2},
     "model": {"embedding_size": 32},
     "score": {"bootstrap": 20},
-    "train_losses": {"softmax": "losses.softmax", "arcface": "loss"},
+    "report": {"bootstrap": 100},
+    "seeds": {"data": 0, "train": [0, 1]},
+    "train_losses": ["softmax", "arcface"],
 }
+RUNS = [f"{loss}-{seed}" for loss in ("softmax", "arcface") for seed in (0, 1)]
 
 
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "train_losses" else value
+        out[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return out
 
 
@@ -117,27 +122,53 @@ def project(tmp_path_factory) -> Path:
     return project
 
 
+def _stages(kind: str, runs=RUNS) -> set[str]:
+    return {f"{kind}@{run}" for run in runs}
+
+
 def test_repro_builds_the_report(project):
     log = (project / "first_run.log").read_text()
-    assert {"data", "detect", "align", "shard", "train@softmax", "train@arcface", "score@arcface", "report"} <= _ran(log)
+    assert {"data", "detect", "align", "shard", "recipes", "report"} | _stages("train") | _stages("score") <= _ran(log)
     table = pd.read_csv(project / "reports" / "comparison.csv")
-    assert set(table["loss"]) == {"softmax", "arcface"}
+    assert set(table["model"]) == {"softmax", "arcface"}
+    assert set(table["runs"]) == {2}
     assert set(table["test_set"]) == {"synth_open", "synth_closed", "synth_domain"}
     assert set(table["variant"]) == {"cosine_norm", "cosine_raw", "l2_norm", "l2_raw"}
     assert table["auc"].between(0, 1).all()
-    # cosine does not depend on test-time normalisation: a built-in sanity check
-    cos = table[table["distance"] == "cosine"].pivot_table(index=["loss", "test_set"], columns="variant", values="auc")
-    assert (cos["cosine_norm"] - cos["cosine_raw"]).abs().max() < 1e-9
+    assert (table["auc_low"] <= table["auc"]).all() and (table["auc"] <= table["auc_high"]).all()
     index = (project / "reports" / "index.md").read_text()
-    assert "## Readings" in index and "synth_domain" in index
+    assert "## Readings" in index and "synth_domain" in index and "2 seeds (0, 1)" in index
     detection = json.loads((project / "reports" / "detection.json").read_text())
     assert detection["train"]["images"] == 8 * 6
     figures = list((project / "reports" / "figures" / "roc").rglob("*.png"))
     assert {f.name for f in figures} >= {"smallcnn_cosine_norm.png", "smallcnn_l2_raw.png"}
-    metrics = json.loads((project / "reports" / "metrics" / "arcface.json").read_text())
-    assert metrics["synth_open"]["cosine_norm"]["auc"] == pytest.approx(
-        table.query("loss == 'arcface' and test_set == 'synth_open' and variant == 'cosine_norm'")["auc"].item()
-    )
+    assert {f.name for f in (project / "reports" / "figures" / "seeds").glob("*.png")} == {
+        "synth_open.png", "synth_closed.png", "synth_domain.png"}
+    verdicts = pd.read_csv(project / "reports" / "verdicts.csv")
+    assert len(verdicts) == 3 * 4  # one pair of models per test set and variant
+    summary = json.loads((project / "reports" / "summary.json").read_text())
+    assert set(summary["synth_open"]) == {"softmax", "arcface"}
+
+
+def test_report_numbers_equal_a_recomputation_from_the_score_files(project):
+    """Per-run AUCs (scikit-learn) and their mean, straight from data/scores/RUN/<set>/<variant>.csv."""
+    from sklearn.metrics import roc_auc_score
+
+    table = pd.read_csv(project / "reports" / "comparison.csv")
+    runs = pd.read_csv(project / "reports" / "runs.csv")
+    for loss in ("softmax", "arcface"):
+        for test_set in ("synth_open", "synth_domain"):
+            aucs = []
+            for seed in (0, 1):
+                pairs = pd.read_csv(project / "data" / "scores" / f"{loss}-{seed}" / test_set / "l2_raw.csv")
+                pairs = pairs[pairs["status"] == "scored"]
+                aucs.append(roc_auc_score(pairs["same"], pairs["score"]))
+                run = f"{loss}-{seed}"
+                row = runs.query("run == @run and test_set == @test_set and variant == 'l2_raw'")
+                assert row["auc"].item() == pytest.approx(aucs[-1], abs=1e-12)
+            row = table.query("model == @loss and test_set == @test_set and variant == 'l2_raw'")
+            assert row["auc"].item() == pytest.approx(sum(aucs) / 2, abs=1e-12)
+            assert row["auc_per_run"].item() == " / ".join(f"{a:.4f}" for a in aucs)
 
 
 def test_second_repro_runs_nothing(project):
@@ -151,31 +182,30 @@ def test_dvc_plots_and_metrics_load_without_errors(project):
     shown = json.loads(_run(["dvc", "plots", "show", "--json"], project).stdout)
     assert not shown.get("errors"), shown.get("errors")
     names = set(shown["data"])
-    assert {"reports/roc/arcface/synth_open.csv", "reports/roc/softmax/synth_domain.csv",
-            "reports/train/arcface/history.csv"} <= names
-    roc = shown["data"]["reports/roc/arcface/synth_open.csv"][0]["content"]
+    assert {"reports/roc/synth_open/arcface.csv", "reports/roc/synth_domain/softmax.csv",
+            "reports/train/arcface-0/history.csv"} <= names
+    roc = shown["data"]["reports/roc/synth_open/arcface.csv"][0]["content"]
     assert {"fpr", "tpr"} <= set(roc["data"]["values"][0])
     assert "fpr" in json.dumps(roc["encoding"]["x"]) and "tpr" in json.dumps(roc["encoding"]["y"])
     metrics = json.loads(_run(["dvc", "metrics", "show", "--json"], project).stdout)
-    assert "reports/metrics/arcface.json" in json.dumps(metrics)
+    assert "reports/summary.json" in json.dumps(metrics)
 
 
 def test_killed_anywhere_then_rerun_gives_the_clean_report(project, tmp_path):
     """SIGKILL `dvc repro` at a random point inside each stage in turn, restart, compare."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     crashed = _new_project(tmp_path / "crashed", params)
-    stages = ["data", "detect", "align", "shard", "train@softmax", "embed@softmax", "score@softmax",
-              "train@arcface", "embed@arcface", "score@arcface", "report"]
+    stages = ["data", "detect", "align", "shard", "recipes", "train@softmax-0", "embed@softmax-0",
+              "score@softmax-0", "train@arcface-1", "embed@arcface-1", "score@arcface-1", "report"]
     rng = random.Random(7)
     killed = [stage for stage in stages if _repro_killed_in(crashed, stage, rng.uniform(0.0, 2.5))]
     assert len(killed) >= 6, f"only killed inside {killed}"
     _run(["dvc", "repro"], crashed)
     assert "up to date" in _run(["dvc", "status"], crashed).stdout
-    clean_table = pd.read_csv(project / "reports" / "comparison.csv")
-    crashed_table = pd.read_csv(crashed / "reports" / "comparison.csv")
-    pd.testing.assert_frame_equal(crashed_table, clean_table)
-    for loss in ("softmax", "arcface"):
-        name = f"reports/metrics/{loss}.json"
+    for name in ("comparison.csv", "verdicts.csv", "runs.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(crashed / "reports" / name), pd.read_csv(project / "reports" / name))
+    for run in RUNS:
+        name = f"reports/metrics/{run}.json"
         assert json.loads((crashed / name).read_text()) == json.loads((project / name).read_text())
     # no temporary leftovers anywhere in the outputs
     leftovers = [p for p in (crashed / "data").rglob("*") if ".tmp" in p.name]
@@ -186,11 +216,35 @@ def test_killed_anywhere_then_rerun_gives_the_clean_report(project, tmp_path):
 def test_margin_change_reruns_only_arcface(project):
     _set_param(project, "loss.margin", 0.8)
     result = _run(["dvc", "repro"], project)
-    assert _ran(result.stdout) == {"train@arcface", "embed@arcface", "score@arcface", "report"}
+    arcface = [r for r in RUNS if r.startswith("arcface")]
+    assert _ran(result.stdout) == {"recipes", "report"} | _stages("train", arcface) | _stages("embed", arcface) | \
+        _stages("score", arcface)
+
+
+def test_recipe_override_retrains_only_that_loss(project):
+    _set_param(project, "losses.softmax", {"train": {"lr": 0.05}})
+    result = _run(["dvc", "repro"], project)
+    softmax = [r for r in RUNS if r.startswith("softmax")]
+    assert _ran(result.stdout) == {"recipes", "report"} | _stages("train", softmax) | _stages("embed", softmax) | \
+        _stages("score", softmax)
+
+
+def test_adding_a_seed_runs_only_its_stages_and_removing_one_only_the_report(project):
+    _set_param(project, "seeds.train", [0, 1, 2])
+    added = _run(["dvc", "repro"], project)
+    new = ["softmax-2", "arcface-2"]
+    assert _ran(added.stdout) == {"report"} | _stages("train", new) | _stages("embed", new) | _stages("score", new)
+    assert set(pd.read_csv(project / "reports" / "comparison.csv")["runs"]) == {3}
+    _set_param(project, "seeds.train", [0, 2])
+    removed = _run(["dvc", "repro"], project)
+    assert _ran(removed.stdout) == {"report"}
+    runs = pd.read_csv(project / "reports" / "runs.csv")
+    assert set(runs["run"]) == {"softmax-0", "softmax-2", "arcface-0", "arcface-2"}
 
 
 def test_scoring_switch_reruns_only_scoring(project):
     _set_param(project, "score.bootstrap", 10)
     result = _run(["dvc", "repro"], project)
-    assert _ran(result.stdout) == {"score@arcface", "score@softmax", "report"}
+    runs = ["softmax-0", "softmax-2", "arcface-0", "arcface-2"]  # seeds.train as the test above left it
+    assert _ran(result.stdout) == _stages("score", runs) | {"report"}
     assert "up to date" in _run(["dvc", "status"], project).stdout

@@ -14,7 +14,7 @@ spec.loader.exec_module(run_config)
 
 def test_dataset_paths_become_absolute_relative_to_the_repository():
     params = {
-        "seed": 0,
+        "seeds": {"data": 0, "train": [0]},
         "data": {
             "train": {"kind": "folder", "path": "../shared/data/lfw-dev/images", "min_images_per_identity": 2},
             "tests": {

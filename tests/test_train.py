@@ -160,13 +160,22 @@ def _project(tmp_path: Path, epochs: int, *, model: dict | None = None, train: d
     params["model"].update(embedding_size=16, **(model or {}))
     params["loss"].update(scale=16.0, margin=0.3)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
+    _write_recipes(project)
     return project
+
+
+def _write_recipes(project: Path) -> None:
+    """What the recipes stage writes, which is all the train command reads besides the shards."""
+    from pipeline.config import load_params
+    from pipeline.recipes import run_recipes
+
+    run_recipes(load_params(project / "params.yaml", check_paths=False), project / "data" / "recipes")
 
 
 def _train_cli(project: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "arcface", "--no-progress"], cwd=project,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "arcface", "--seed", "0", "--no-progress"],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
@@ -176,7 +185,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
 
     crashed = _project(tmp_path / "crashed", epochs)
     proc = _train_cli(crashed)
-    checkpoint = crashed / "data" / "checkpoints" / "arcface" / "last.pt"
+    checkpoint = crashed / "data" / "checkpoints" / "arcface-0" / "last.pt"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         if checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["epoch"] >= 2:
@@ -191,11 +200,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert "resuming from" in out
 
     def history(project):
-        return pd.read_csv(project / "reports" / "train" / "arcface" / "history.csv")
+        return pd.read_csv(project / "reports" / "train" / "arcface-0" / "history.csv")
 
     pd.testing.assert_frame_equal(history(clean), history(crashed), check_exact=False, rtol=1e-5)
-    a = json.loads((clean / "reports" / "train" / "arcface" / "metrics.json").read_text())
-    b = json.loads((crashed / "reports" / "train" / "arcface" / "metrics.json").read_text())
+    a = json.loads((clean / "reports" / "train" / "arcface-0" / "metrics.json").read_text())
+    b = json.loads((crashed / "reports" / "train" / "arcface-0" / "metrics.json").read_text())
     assert a == b
 
 
@@ -212,13 +221,13 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert _train_cli(single).wait(timeout=600) == 0
     double = _project(tmp_path / "double", 3, **setting)
     env = dict(os.environ, PYTHONPATH=str(ROOT), FACEPIPE_NPROC="2", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "arcface", "--no-progress"], cwd=double,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "arcface", "--seed", "0", "--no-progress"],
+                            cwd=double, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    timing = json.loads((double / "reports" / "train" / "arcface" / "timing.json").read_text())
+    timing = json.loads((double / "reports" / "train" / "arcface-0" / "timing.json").read_text())
     assert timing["processes"] == 2
-    one = pd.read_csv(single / "reports" / "train" / "arcface" / "history.csv")
-    two = pd.read_csv(double / "reports" / "train" / "arcface" / "history.csv")
+    one = pd.read_csv(single / "reports" / "train" / "arcface-0" / "history.csv")
+    two = pd.read_csv(double / "reports" / "train" / "arcface-0" / "history.csv")
     assert one["step"].tolist() == two["step"].tolist()
     assert one["train_loss"].iloc[0] != one["train_loss"].iloc[-1]  # it did train
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-4)
@@ -252,10 +261,41 @@ def test_training_from_shards_over_http_equals_training_from_the_directory(tmp_p
 
 def test_cli_names_an_unreachable_shards_url_in_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "arcface", "--no-progress",
+    _write_recipes(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "arcface", "--seed", "0", "--no-progress",
                              "--shards", "http://127.0.0.1:9/shards"], cwd=tmp_path, capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: http://127.0.0.1:9/shards/train: cannot read manifest.json")
-    assert not (tmp_path / "data").exists()
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["recipes"]  # nothing written by train
+
+
+def test_training_seed_changes_the_run_but_not_the_validation_split(tmp_path, monkeypatch):
+    """Runs that differ only in the training seed are validated on the same images; the data seed moves them."""
+    import dataclasses
+
+    from pipeline.train import split_train_val, validation_pairs
+
+    shards = _shards(tmp_path)
+    base = dataclasses.replace(_setup(epochs=1), data_seed=5)
+    splits = []
+
+    def recording_split(labels, fraction, seed):
+        out = split_train_val(labels, fraction, seed)
+        splits.append(out[1])
+        return out
+
+    monkeypatch.setattr(train_module, "split_train_val", recording_split)
+    for name, setup in (("a", base), ("b", dataclasses.replace(base, seed=base.seed + 1))):
+        train(setup, shards, tmp_path / name / "model", tmp_path / name / "ckpt", tmp_path / name / "report",
+              progress=False)
+    assert len(splits) == 2 and np.array_equal(splits[0], splits[1])
+    a = torch.load(tmp_path / "a" / "model" / "model.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "model" / "model.pt", weights_only=False)["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # other initialisation and batches
+    labels = read_shards(shards / "train").labels
+    _, val0 = split_train_val(labels, 0.25, base.data_seed)
+    _, val1 = split_train_val(labels, 0.25, base.data_seed + 1)
+    assert not np.array_equal(val0, val1)  # the data seed, not the training seed, moves the split
+    assert not np.array_equal(validation_pairs(labels[val0], 0), validation_pairs(labels[val0], 1))
