@@ -260,6 +260,79 @@ def test_combined_reduces_to_arcface_cosface_normface(special: str, params: dict
     torch.testing.assert_close(comb(x, y), ref(x, y), atol=1e-4, rtol=1e-5)
 
 
+def np_max_excess(m1: float, m2: float, m3: float, n: int = 200_001) -> float:
+    """Brute force: max over theta in [0, pi] of (exact-branch target - cos theta)."""
+    theta = np.linspace(0.0, PI, n)
+    angle = m1 * theta + m2
+    exact = angle <= PI  # the fallback subtracts a non-negative amount from cos(theta)
+    return float(np.max((np.cos(angle) - m3 - np.cos(theta))[exact]))
+
+
+@pytest.mark.parametrize(
+    ("m1", "m2", "m3"),
+    [
+        (1.0, 0.3, 0.2),  # CM1
+        (0.9, 0.4, 0.15),  # CM2: 0.9*theta + 0.4 >= theta for theta <= 4 > pi
+        (0.9, 0.4, 0.0),  # CM2 without m3: still no angle is shrunk
+        (1.0, 0.0, 0.0),  # normface: margin 0 everywhere
+        (0.9, 0.1 * PI, 0.0),  # angle shrunk nowhere before pi, margin 0 exactly at pi
+        (0.95, 0.1, 0.2),  # angle shrunk past theta = 2, but m3 covers the excess (0.016)
+        (0.5, 0.0, 1.13),  # excess 1.125 (at theta = 2 acos(1/4)) covered by m3
+    ],
+)
+def test_combined_accepts_settings_without_a_negative_margin(m1: float, m2: float, m3: float) -> None:
+    losses.validate_params("combined", {"m1": m1, "m2": m2, "m3": m3})
+    assert np_max_excess(m1, m2, m3) <= 1e-9
+    thetas = np.linspace(0.0, PI, 1001).tolist()
+    target = known_angle_logits("combined", thetas, m1=m1, m2=m2, m3=m3, scale=1.0)[:, 0].numpy()
+    assert np.all(target <= np.cos(thetas) + 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("m1", "m2", "m3", "excess"),
+    [
+        (0.5, 0.0, 0.0, 1.125),  # cos(t/2) - cos(t) peaks at t = 2 acos(1/4): 1/4 + 7/8
+        (0.9, 0.0, 0.0, None),
+        (0.95, 0.1, 0.0, None),  # shrunk past theta = 2
+        (0.5, 0.0, 1.12, 0.005),  # m3 nearly but not quite enough
+        (0.7, 0.0, 0.3, None),  # excess 0.63, m3 = 0.3 not enough
+    ],
+)
+def test_combined_rejects_a_negative_margin_naming_the_params(m1, m2, m3, excess) -> None:
+    expected = np_max_excess(m1, m2, m3)
+    assert expected > 1e-4  # the setting really makes the target logit exceed cos(theta)
+    if excess is not None:
+        assert expected == pytest.approx(excess, abs=1e-6)
+    for attempt in (lambda: losses.validate_params("combined", {"m1": m1, "m2": m2, "m3": m3}),
+                    lambda: build("combined", 5, 8, m1=m1, m2=m2, m3=m3)):
+        with pytest.raises(ValueError) as err:
+            attempt()
+        message = str(err.value)
+        assert "\n" not in message
+        assert message.startswith(f"combined: (m1, m2, m3) = ({m1}, {m2}, {m3}) give a negative margin")
+        reported = float(message.split("by up to ")[1].split(" ")[0])
+        assert reported == pytest.approx(expected, abs=1e-4)
+
+
+def test_combined_negative_margin_rule_matches_brute_force_on_a_sweep() -> None:
+    rng = np.random.default_rng(0)
+    seen = {True: 0, False: 0}
+    for m1, m2, m3 in zip(rng.uniform(0.3, 1.3, 300), rng.uniform(0.0, 1.2, 300), rng.uniform(0.0, 0.6, 300)):
+        m1, m2, m3 = float(m1), float(m2), float(m3)
+        excess = np_max_excess(m1, m2, m3, n=20_001)
+        if abs(excess) < 1e-3 or (m1 * PI + m2 > PI and (PI - m2) / m1 < PI - losses.MAX_MONOTONE_MARGIN):
+            continue  # too close to call on the grid, or rejected by the fallback rule
+        try:
+            losses.validate_params("combined", {"m1": m1, "m2": m2, "m3": m3})
+            accepted = True
+        except ValueError as err:
+            assert "negative margin" in str(err)
+            accepted = False
+        assert accepted == (excess <= 0), (m1, m2, m3, excess)
+        seen[accepted] += 1
+    assert min(seen.values()) > 30, seen
+
+
 # ---------------------------------------------------------------- gradients at cos = +-1
 @pytest.mark.parametrize(
     ("name", "params"),
@@ -512,6 +585,8 @@ def test_registry_api() -> None:
         ("combined", {"m2": -0.1}, "m2"),
         ("combined", {"m3": -0.2}, "m3"),
         ("combined", {"m1": 4.0, "m2": 0.0, "m3": 0.0}, "m1"),  # fallback would not be monotone
+        ("combined", {"m1": 0.5, "m2": 0.0, "m3": 0.0}, "m1"),  # negative margin
+        ("combined", {"m1": 0.9, "m2": 0.2, "m3": 0.0}, "m2"),  # negative margin past theta = 2
         ("subcenter", {"subcenters": 0}, "subcenters"),
         ("triplet", {"mining": "hardest"}, "mining"),
         ("triplet", {"margin": -0.5}, "margin"),
