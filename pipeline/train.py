@@ -458,6 +458,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
             f"{len(train_idx)} training images are fewer than one batch of {params.batch_size}; lower train.batch_size"
         )
     total_steps = steps_per_epoch * params.epochs
+    criterion.begin_training(total_steps)  # run-length-dependent schedules (SphereFace); resume restores its state
 
     checkpoint_dir, model_dir, report_dir = Path(checkpoint_dir), Path(model_dir), Path(report_dir)
     checkpoint_path = checkpoint_dir / "last.pt"
@@ -558,6 +559,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         "train_images": int(len(train_idx)),
         "val_images": int(len(val_idx)),
         "identities": len(data.identity_names),
+        "loss_state": criterion.state_summary(),  # e.g. SphereFace's final lambda
     }
     timing = {
         "seconds_this_run": round(elapsed, 2),

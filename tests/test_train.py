@@ -95,6 +95,19 @@ def test_short_run_learns_and_saves(tmp_path):
         assert model(torch.zeros(2, 3, 112, 112)).shape == (2, 16)
 
 
+def test_sphereface_run_ends_at_lambda_min_and_reports_it(tmp_path):
+    """The trainer tells the loss the run length, so the default (fraction) schedule reaches
+    lambda_min by the end of even a short run, and metrics.json records the lambda reached."""
+    shards = _shards(tmp_path)
+    metrics = train(_setup("sphereface", epochs=2), shards, tmp_path / "model", tmp_path / "ckpt", tmp_path / "report",
+                    progress=False)
+    assert 0 < metrics["steps"] < 100  # the caffe schedule would still be at 1000 / (1 + 0.12 * steps) > 75
+    assert metrics["loss_state"] == {"lambda": 5.0}
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["loss_state"] == {"lambda": 5.0}
+    saved = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)["criterion"]
+    assert int(saved["total_steps"]) == int(saved["iteration"]) == metrics["steps"]
+
+
 @pytest.mark.parametrize("mode", ["upfront", "per_batch"])
 @pytest.mark.parametrize("depth", [1, 3, 50])
 def test_prefetched_batches_hold_the_right_images_in_order(tmp_path, mode, depth):
