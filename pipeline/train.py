@@ -471,6 +471,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
             f"{len(train_idx)} training images are fewer than one batch of {params.batch_size}; lower train.batch_size"
         )
     total_steps = steps_per_epoch * params.epochs
+    criterion.begin_training(total_steps)  # run-length-dependent schedules (SphereFace); resume restores its state
 
     checkpoint_dir, model_dir, report_dir = Path(checkpoint_dir), Path(model_dir), Path(report_dir)
     checkpoint_path = checkpoint_dir / "last.pt"
@@ -573,6 +574,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         "identities": len(data.identity_names),
         "seed": setup.seed,
         "data_seed": setup.data_seed,
+        "loss_state": criterion.state_summary(),  # e.g. SphereFace's final lambda
     }
     timing = {
         "seconds_this_run": round(elapsed, 2),

@@ -65,7 +65,22 @@ def np_target(name: str, cos: np.ndarray, p: dict) -> np.ndarray:
     raise AssertionError(name)
 
 
-def np_logits(name: str, x: np.ndarray, w: np.ndarray, y: np.ndarray, p: dict, iteration: int = 0) -> np.ndarray:
+def np_sphere_lambda(p: dict, iteration: int, total_steps: int = 0) -> float:
+    """SphereFace's lambda from the docstring formulas (caffe; fraction = caffe curve reaching the floor at T)."""
+    base, low, power = p["lambda_base"], p["lambda_min"], p["lambda_power"]
+    if p["lambda_schedule"] == "caffe":
+        return max(low, base * (1 + p["lambda_gamma"] * iteration) ** (-power))
+    end = p["lambda_warmup_fraction"] * total_steps
+    if iteration == 0 or base <= low:
+        return max(low, base)
+    if iteration >= end:
+        return low
+    rate = ((base / low) ** (1 / power) - 1) / end
+    return max(low, base * (1 + rate * iteration) ** (-power))
+
+
+def np_logits(name: str, x: np.ndarray, w: np.ndarray, y: np.ndarray, p: dict, iteration: int = 0,
+              total_steps: int = 0) -> np.ndarray:
     if name == "subcenter":
         k = p["subcenters"]
         cos = np_cos(x, w).reshape(len(x), -1, k).max(axis=2)
@@ -74,7 +89,7 @@ def np_logits(name: str, x: np.ndarray, w: np.ndarray, y: np.ndarray, p: dict, i
     rows = np.arange(len(y))
     out = cos.copy()
     if name == "sphereface":
-        lam = max(p["lambda_min"], p["lambda_base"] * (1 + p["lambda_gamma"] * iteration) ** (-p["lambda_power"]))
+        lam = np_sphere_lambda(p, iteration, total_steps)
         theta = np.arccos(np.clip(cos[rows, y], -1, 1))
         out[rows, y] = (lam * cos[rows, y] + np_psi(theta, p["margin"])) / (1 + lam)
         return out * np.linalg.norm(x, axis=1, keepdims=True)
@@ -120,8 +135,10 @@ MARGIN_CASES = [
     ("combined", {"m1": 0.9, "m2": 0.4, "m3": 0.15}),  # CM2
     ("combined", {"m1": 1.35, "m2": 0.1, "m3": 0.05}),
     ("subcenter", {}),
-    ("sphereface", {}),
+    ("sphereface", {}),  # fraction schedule, mid-decay (iteration 37 of T = 50)
     ("sphereface", {"margin": 3}),
+    ("sphereface", {"lambda_schedule": "caffe"}),
+    ("sphereface", {"lambda_warmup_fraction": 0.2, "lambda_power": 2.0}),  # past T = 20: the floor
     ("intra", {}),
     ("inter", {}),
 ]
@@ -131,14 +148,15 @@ MARGIN_CASES = [
 def test_margin_logits_and_loss_match_numpy(name: str, params: dict) -> None:
     torch.manual_seed(1)
     loss = build(name, num_classes=5, embedding_size=8, **params)
-    iteration = 0
+    iteration = total_steps = 0
     if name == "sphereface":
+        loss.begin_training(100)
         loss.iteration.fill_(37)
-        iteration = 37
+        iteration, total_steps = 37, 100
     x, y = batch(loss=loss)
     p = losses.validate_params(name, params)
     w = loss.weight.detach().double().numpy()
-    ref_logits = np_logits(name, x.double().numpy(), w, y.numpy(), p, iteration)
+    ref_logits = np_logits(name, x.double().numpy(), w, y.numpy(), p, iteration, total_steps)
     got = loss.logits(x, y).detach().double().numpy()
     assert got.shape == (24, 5)
     np.testing.assert_allclose(got, ref_logits, rtol=1e-5, atol=1e-4)
@@ -260,6 +278,79 @@ def test_combined_reduces_to_arcface_cosface_normface(special: str, params: dict
     torch.testing.assert_close(comb(x, y), ref(x, y), atol=1e-4, rtol=1e-5)
 
 
+def np_max_excess(m1: float, m2: float, m3: float, n: int = 200_001) -> float:
+    """Brute force: max over theta in [0, pi] of (exact-branch target - cos theta)."""
+    theta = np.linspace(0.0, PI, n)
+    angle = m1 * theta + m2
+    exact = angle <= PI  # the fallback subtracts a non-negative amount from cos(theta)
+    return float(np.max((np.cos(angle) - m3 - np.cos(theta))[exact]))
+
+
+@pytest.mark.parametrize(
+    ("m1", "m2", "m3"),
+    [
+        (1.0, 0.3, 0.2),  # CM1
+        (0.9, 0.4, 0.15),  # CM2: 0.9*theta + 0.4 >= theta for theta <= 4 > pi
+        (0.9, 0.4, 0.0),  # CM2 without m3: still no angle is shrunk
+        (1.0, 0.0, 0.0),  # normface: margin 0 everywhere
+        (0.9, 0.1 * PI, 0.0),  # angle shrunk nowhere before pi, margin 0 exactly at pi
+        (0.95, 0.1, 0.2),  # angle shrunk past theta = 2, but m3 covers the excess (0.016)
+        (0.5, 0.0, 1.13),  # excess 1.125 (at theta = 2 acos(1/4)) covered by m3
+    ],
+)
+def test_combined_accepts_settings_without_a_negative_margin(m1: float, m2: float, m3: float) -> None:
+    losses.validate_params("combined", {"m1": m1, "m2": m2, "m3": m3})
+    assert np_max_excess(m1, m2, m3) <= 1e-9
+    thetas = np.linspace(0.0, PI, 1001).tolist()
+    target = known_angle_logits("combined", thetas, m1=m1, m2=m2, m3=m3, scale=1.0)[:, 0].numpy()
+    assert np.all(target <= np.cos(thetas) + 1e-6)
+
+
+@pytest.mark.parametrize(
+    ("m1", "m2", "m3", "excess"),
+    [
+        (0.5, 0.0, 0.0, 1.125),  # cos(t/2) - cos(t) peaks at t = 2 acos(1/4): 1/4 + 7/8
+        (0.9, 0.0, 0.0, None),
+        (0.95, 0.1, 0.0, None),  # shrunk past theta = 2
+        (0.5, 0.0, 1.12, 0.005),  # m3 nearly but not quite enough
+        (0.7, 0.0, 0.3, None),  # excess 0.63, m3 = 0.3 not enough
+    ],
+)
+def test_combined_rejects_a_negative_margin_naming_the_params(m1, m2, m3, excess) -> None:
+    expected = np_max_excess(m1, m2, m3)
+    assert expected > 1e-4  # the setting really makes the target logit exceed cos(theta)
+    if excess is not None:
+        assert expected == pytest.approx(excess, abs=1e-6)
+    for attempt in (lambda: losses.validate_params("combined", {"m1": m1, "m2": m2, "m3": m3}),
+                    lambda: build("combined", 5, 8, m1=m1, m2=m2, m3=m3)):
+        with pytest.raises(ValueError) as err:
+            attempt()
+        message = str(err.value)
+        assert "\n" not in message
+        assert message.startswith(f"combined: (m1, m2, m3) = ({m1}, {m2}, {m3}) give a negative margin")
+        reported = float(message.split("by up to ")[1].split(" ")[0])
+        assert reported == pytest.approx(expected, abs=1e-4)
+
+
+def test_combined_negative_margin_rule_matches_brute_force_on_a_sweep() -> None:
+    rng = np.random.default_rng(0)
+    seen = {True: 0, False: 0}
+    for m1, m2, m3 in zip(rng.uniform(0.3, 1.3, 300), rng.uniform(0.0, 1.2, 300), rng.uniform(0.0, 0.6, 300)):
+        m1, m2, m3 = float(m1), float(m2), float(m3)
+        excess = np_max_excess(m1, m2, m3, n=20_001)
+        if abs(excess) < 1e-3 or (m1 * PI + m2 > PI and (PI - m2) / m1 < PI - losses.MAX_MONOTONE_MARGIN):
+            continue  # too close to call on the grid, or rejected by the fallback rule
+        try:
+            losses.validate_params("combined", {"m1": m1, "m2": m2, "m3": m3})
+            accepted = True
+        except ValueError as err:
+            assert "negative margin" in str(err)
+            accepted = False
+        assert accepted == (excess <= 0), (m1, m2, m3, excess)
+        seen[accepted] += 1
+    assert min(seen.values()) > 30, seen
+
+
 # ---------------------------------------------------------------- gradients at cos = +-1
 @pytest.mark.parametrize(
     ("name", "params"),
@@ -282,6 +373,7 @@ def test_gradients_finite_at_cos_plus_minus_one(name: str, params: dict, sign: f
     """``exact``: axis-aligned weights, so float32 cos is exactly +-1 (acos' is infinite there)."""
     torch.manual_seed(0)
     loss = build(name, num_classes=4, embedding_size=6, **params)
+    loss.begin_training(10)
     labels = torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         if exact:
@@ -325,8 +417,8 @@ def test_sphereface_target_is_norm_times_psi_without_lambda() -> None:
     np.testing.assert_allclose(logits[:, 1].numpy(), 2.0 * np.cos(np.array(thetas) - 2.0), atol=1e-4)
 
 
-def test_sphereface_lambda_schedule_and_counter_in_state_dict() -> None:
-    loss = build("sphereface", 3, 4)
+def test_sphereface_caffe_lambda_schedule_and_counter_in_state_dict() -> None:
+    loss = build("sphereface", 3, 4, lambda_schedule="caffe")  # needs no begin_training
     x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     assert int(loss.iteration) == 0 and loss.current_lambda() == 1000.0
     for _ in range(3):
@@ -339,14 +431,128 @@ def test_sphereface_lambda_schedule_and_counter_in_state_dict() -> None:
     assert int(loss.iteration) == 3  # evaluation does not advance the schedule
     state = loss.state_dict()
     assert int(state["iteration"]) == 3
-    fresh = build("sphereface", 3, 4)
+    fresh = build("sphereface", 3, 4, lambda_schedule="caffe")
     fresh.load_state_dict(state)
     assert int(fresh.iteration) == 3 and fresh.current_lambda() == loss.current_lambda()
     fresh.iteration.fill_(10_000)
     assert fresh.current_lambda() == 5.0  # floor lambda_min
-    custom = build("sphereface", 3, 4, lambda_base=100.0, lambda_gamma=0.5, lambda_power=2.0, lambda_min=1.0)
+    custom = build("sphereface", 3, 4, lambda_base=100.0, lambda_gamma=0.5, lambda_power=2.0, lambda_min=1.0,
+                   lambda_schedule="caffe")
     custom.iteration.fill_(4)
     assert custom.current_lambda() == pytest.approx(100.0 * 3.0**-2)
+
+
+def test_sphereface_caffe_schedule_is_bit_identical_to_the_reference_formula() -> None:
+    """The caffe option keeps the per-iteration schedule exactly (same float64 ops as before)."""
+    loss = build("sphereface", 3, 4, lambda_schedule="caffe")
+    loss.begin_training(200)  # the run length does not matter to it
+    cos = torch.linspace(-1.0, 1.0, 41)
+    for it, by_hand in [(0, 1000.0), (1, 1000 / 1.12), (10, 1000 / 2.2), (154, 1000 / 19.48), (1657, 1000 / 199.84),
+                        (1659, 5.0), (50_000, 5.0)]:
+        loss.iteration.fill_(it)
+        assert loss.current_lambda() == pytest.approx(by_hand, rel=1e-12)
+        old = (1000.0 * (1.0 + 0.12 * torch.tensor(float(it), dtype=torch.float64)) ** (-1.0)).clamp_min(5.0)
+        old = old.to(cos.dtype)
+        assert torch.equal(loss.target_logit(cos), (old * cos + losses.psi(cos, 4)) / (1.0 + old))
+
+
+def test_sphereface_fraction_schedule_by_hand() -> None:
+    """lambda_base * (1 + g*it)^(-power), g = ((base/min)^(1/power) - 1) / T, T = fraction * total_steps."""
+    loss = build("sphereface", 3, 4)  # defaults: fraction 0.5, 1000 -> 5, power 1
+    loss.begin_training(100)  # T = 50, g = 199 / 50 = 3.98
+    for it, by_hand in [(0, 1000.0), (1, 1000 / 4.98), (10, 1000 / 40.8), (25, 1000 / 100.5), (49, 1000 / 196.02),
+                        (50, 5.0), (51, 5.0), (100, 5.0)]:
+        loss.iteration.fill_(it)
+        assert loss.current_lambda() == pytest.approx(by_hand, rel=1e-12), it
+    assert loss.state_summary() == {"lambda": 5.0}
+    # power 2, fraction 0.25 of 40 steps: T = 10, g = (sqrt(1000/5) - 1) / 10
+    other = build("sphereface", 3, 4, lambda_power=2.0, lambda_warmup_fraction=0.25)
+    other.begin_training(40)
+    g = (math.sqrt(200.0) - 1.0) / 10.0
+    for it, by_hand in [(3, 1000 / (1 + 3 * g) ** 2), (9, 1000 / (1 + 9 * g) ** 2), (10, 5.0), (40, 5.0)]:
+        other.iteration.fill_(it)
+        assert other.current_lambda() == pytest.approx(by_hand, rel=1e-12), it
+    # the whole run: lambda falls monotonically and is the floor from T = 7.5 (of 15) on
+    third = build("sphereface", 3, 4, lambda_base=50.0, lambda_min=2.0)
+    third.begin_training(15)
+    seen = []
+    for it in range(16):
+        third.iteration.fill_(it)
+        seen.append(third.current_lambda())
+    assert seen[0] == 50.0 and all(a > b for a, b in zip(seen[:8], seen[1:8])) and set(seen[8:]) == {2.0}
+
+
+def test_sphereface_short_run_ends_at_lambda_min_with_the_full_margin() -> None:
+    steps = 20
+    torch.manual_seed(0)
+    x, y = blobs(n_classes=3, dim=4, per_class=8)
+    ends = {}
+    for schedule in ("fraction", "caffe"):
+        loss = build("sphereface", 3, 4, lambda_schedule=schedule)
+        loss.begin_training(steps)
+        optimizer = torch.optim.SGD(loss.parameters(), lr=0.01)
+        for _ in range(steps):
+            value = loss(x, y)
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+        assert int(loss.iteration) == steps
+        # target logit of an embedding at theta = 0.5 from its class weight, ||x|| = 1 (scale 1)
+        with torch.no_grad():
+            w = loss.weight[0] / loss.weight[0].norm()
+            ortho = torch.randn(4)
+            ortho -= (ortho @ w) * w
+            ortho /= ortho.norm()
+            emb = (math.cos(0.5) * w + math.sin(0.5) * ortho).unsqueeze(0)
+        ends[schedule] = (loss.current_lambda(), float(loss.logits(emb, torch.tensor([0])).detach()[0, 0]))
+    lam, target = ends["fraction"]
+    assert lam == 5.0  # lambda_min, exactly, at the last step
+    # by hand: psi(0.5) = cos(4 * 0.5) (first piece, k = 0); target = (5 cos 0.5 + cos 2) / 6
+    floor_gap = math.cos(0.5) - (5 * math.cos(0.5) + math.cos(2.0)) / 6
+    assert floor_gap == pytest.approx(0.2156, abs=1e-4)
+    assert math.cos(0.5) - target == pytest.approx(floor_gap, abs=1e-5)
+    lam, target = ends["caffe"]  # 1000 / (1 + 0.12 * 20) = 294: the margin is nearly off
+    assert lam == pytest.approx(1000 / 3.4)
+    assert math.cos(0.5) - target == pytest.approx((math.cos(0.5) - math.cos(2.0)) / (1 + 1000 / 3.4), abs=1e-5)
+    assert math.cos(0.5) - target < 0.005
+
+
+def test_sphereface_schedule_state_survives_a_checkpoint() -> None:
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = build("sphereface", 3, 4)
+    loss.begin_training(30)
+    for _ in range(7):
+        loss(x, y)
+    state = loss.state_dict()
+    assert int(state["iteration"]) == 7 and int(state["total_steps"]) == 30
+    resumed = build("sphereface", 3, 4)  # no begin_training: the checkpoint carries the run length
+    resumed.load_state_dict(state)
+    assert resumed.current_lambda() == loss.current_lambda() == pytest.approx(1000 / (1 + 199 / 15 * 7))
+    for _ in range(8):
+        resumed(x, y)
+        loss(x, y)
+    assert int(resumed.iteration) == 15 and resumed.current_lambda() == loss.current_lambda() == 5.0
+
+
+def test_sphereface_fraction_schedule_needs_the_run_length() -> None:
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = build("sphereface", 3, 4)
+    with pytest.raises(ValueError, match=r"begin_training\(total_steps\)"):
+        loss(x, y)
+    assert int(loss.iteration) == 0
+    loss.eval()
+    loss(x, y)  # evaluation needs no run length
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="total_steps"):
+            loss.begin_training(bad)
+    build("sphereface", 3, 4, lambda_schedule="caffe").train()(x, y)
+
+
+def test_loss_hooks_default_to_no_ops() -> None:
+    for name in losses.available():
+        loss = build(name, 4, 3)
+        loss.begin_training(10)
+        assert loss.state_summary() == ({"lambda": 1000.0} if name == "sphereface" else {})
 
 
 # ---------------------------------------------------------------- triplet / contrastive
@@ -477,7 +683,8 @@ def test_registry_api() -> None:
     assert losses.defaults("arcface") == {"scale": 64.0, "margin": 0.5, "easy_margin": False}
     assert losses.defaults("cosface") == {"scale": 64.0, "margin": 0.35}
     assert losses.defaults("sphereface") == {
-        "margin": 4, "lambda_base": 1000.0, "lambda_gamma": 0.12, "lambda_power": 1.0, "lambda_min": 5.0
+        "margin": 4, "lambda_base": 1000.0, "lambda_gamma": 0.12, "lambda_power": 1.0, "lambda_min": 5.0,
+        "lambda_schedule": "fraction", "lambda_warmup_fraction": 0.5,
     }
     assert losses.defaults("triplet") == {"margin": 0.5, "mining": "batch_hard"}
     assert losses.defaults("contrastive") == {"margin": 1.0}
@@ -507,11 +714,18 @@ def test_registry_api() -> None:
         ("sphereface", {"margin": 2.5}, "margin"),
         ("sphereface", {"margin": 0}, "margin"),
         ("sphereface", {"lambda_min": -1.0}, "lambda_min"),
+        ("sphereface", {"lambda_schedule": "linear"}, "lambda_schedule"),
+        ("sphereface", {"lambda_warmup_fraction": 0.0}, "lambda_warmup_fraction"),
+        ("sphereface", {"lambda_warmup_fraction": 1.5}, "lambda_warmup_fraction"),
+        ("sphereface", {"lambda_min": 0.0}, "lambda_min"),  # fraction: a power law never reaches 0
+        ("sphereface", {"lambda_power": 0.0}, "lambda_power"),  # fraction: never decays
         ("combined", {"m1": 0.0}, "m1"),
         ("combined", {"m1": -1.0}, "m1"),
         ("combined", {"m2": -0.1}, "m2"),
         ("combined", {"m3": -0.2}, "m3"),
         ("combined", {"m1": 4.0, "m2": 0.0, "m3": 0.0}, "m1"),  # fallback would not be monotone
+        ("combined", {"m1": 0.5, "m2": 0.0, "m3": 0.0}, "m1"),  # negative margin
+        ("combined", {"m1": 0.9, "m2": 0.2, "m3": 0.0}, "m2"),  # negative margin past theta = 2
         ("subcenter", {"subcenters": 0}, "subcenters"),
         ("triplet", {"mining": "hardest"}, "mining"),
         ("triplet", {"margin": -0.5}, "margin"),
@@ -611,6 +825,7 @@ def test_training_lowers_the_loss(name: str) -> None:
     else:
         g = torch.Generator().manual_seed(1)
         batches = [torch.randperm(len(y), generator=g)[:40] for _ in range(40)]
+    loss.begin_training(len(batches))
     before = full_loss()
     for step, idx in enumerate(batches):
         value = loss(net(x[idx]), y[idx])

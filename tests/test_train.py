@@ -95,6 +95,19 @@ def test_short_run_learns_and_saves(tmp_path):
         assert model(torch.zeros(2, 3, 112, 112)).shape == (2, 16)
 
 
+def test_sphereface_run_ends_at_lambda_min_and_reports_it(tmp_path):
+    """The trainer tells the loss the run length, so the default (fraction) schedule reaches
+    lambda_min by the end of even a short run, and metrics.json records the lambda reached."""
+    shards = _shards(tmp_path)
+    metrics = train(_setup("sphereface", epochs=2), shards, tmp_path / "model", tmp_path / "ckpt", tmp_path / "report",
+                    progress=False)
+    assert 0 < metrics["steps"] < 100  # the caffe schedule would still be at 1000 / (1 + 0.12 * steps) > 75
+    assert metrics["loss_state"] == {"lambda": 5.0}
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["loss_state"] == {"lambda": 5.0}
+    saved = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=False)["criterion"]
+    assert int(saved["total_steps"]) == int(saved["iteration"]) == metrics["steps"]
+
+
 @pytest.mark.parametrize("mode", ["upfront", "per_batch"])
 @pytest.mark.parametrize("depth", [1, 3, 50])
 def test_prefetched_batches_hold_the_right_images_in_order(tmp_path, mode, depth):
@@ -232,6 +245,68 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert one["train_loss"].iloc[0] != one["train_loss"].iloc[-1]  # it did train
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-4)
     np.testing.assert_allclose(two["val_auc"], one["val_auc"], atol=1e-4)
+
+
+def _center_loss_run(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    """Four SGD steps of center loss on fixed global batches of 8; this rank takes its slice.
+
+    With ``world`` > 1 the loss runs under DistributedDataParallel over gloo, as in the
+    trainer (DDP broadcasts rank 0's buffers, here the centres, at every forward).
+    Saves the centres, the class weights and the global-batch loss of each step.
+    """
+    from datetime import timedelta
+
+    from pipeline import losses
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if world > 1:
+            torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                                 world_size=world, timeout=timedelta(seconds=120))
+        torch.manual_seed(0)  # the same initial class weights on every rank
+        loss = losses.build("center", num_classes=5, embedding_size=6, center_weight=0.1, center_lr=0.5)
+        module = torch.nn.parallel.DistributedDataParallel(loss) if world > 1 else loss
+        optimizer = torch.optim.SGD(loss.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        per_rank, values = 8 // world, []
+        for _ in range(4):
+            x = torch.randn(8, 6, generator=g) + 2.0
+            y = torch.randint(0, 5, (8,), generator=g)
+            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+            value = module(x[mine], y[mine])
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+            shown = value.detach().clone()
+            if world > 1:
+                torch.distributed.all_reduce(shown)
+            values.append(float(shown) / world)
+        torch.save({"centers": loss.centers.clone(), "weight": loss.weight.detach().clone(), "losses": values},
+                   Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
+def test_center_loss_two_gloo_processes_end_with_the_centres_of_one(tmp_path):
+    """Center loss updates its centres in ``forward``: with 2 processes the update must use
+    the global batch (both halves), not rank 0's half that DDP broadcasts."""
+    import torch.multiprocessing as mp
+
+    single, double = tmp_path / "single", tmp_path / "double"
+    single.mkdir()
+    double.mkdir()
+    _center_loss_run(0, 1, "", str(single))
+    mp.spawn(_center_loss_run, args=(2, str(tmp_path / "rendezvous"), str(double)), nprocs=2, join=True)
+    one = torch.load(single / "rank0.pt")
+    assert one["centers"].abs().sum() > 0  # the centres did move
+    for rank in (0, 1):
+        two = torch.load(double / f"rank{rank}.pt")
+        torch.testing.assert_close(two["centers"], one["centers"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(two["weight"], one["weight"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5)
 
 
 def test_training_from_shards_over_http_equals_training_from_the_directory(tmp_path):

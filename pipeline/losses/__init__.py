@@ -7,7 +7,14 @@ Every loss is an ``nn.Module`` with ``forward(embeddings [B, D], labels [B] int6
 -> scalar`` and the class flags ``is_classifier`` (has ``weight`` and
 ``logits(embeddings, labels) -> [B, C]``) and ``needs_pk_batches`` (train with
 :class:`pipeline.samplers.PKBatchSampler`). State that must survive a checkpoint
-(SphereFace's ``iteration``, center loss's ``centers``) is a buffer.
+(SphereFace's ``iteration`` and ``total_steps``, center loss's ``centers``) is a buffer.
+
+Two hooks for the trainer, no-ops by default: ``begin_training(total_steps)``, called
+once before the first step (SphereFace sizes its lambda schedule to the run), and
+``state_summary() -> dict[str, float]``, written to the run's metrics as ``loss_state``
+(SphereFace: the lambda reached). A loss that changes state inside ``forward`` (center
+loss's centres) must make the change from the global batch when several processes train
+(see ``CenterLoss``).
 
 Adding a loss: a small subclass (usually of ``LargeMarginSoftmax``, overriding
 ``target_logit``), an entry in ``REGISTRY`` and a test in ``tests/test_losses.py``.

@@ -85,6 +85,18 @@ class LossBase(nn.Module):
         self.embedding_size = embedding_size
         self.hparams: dict[str, Any] = self.validate(params)
 
+    # ---- trainer hooks (no-ops here) ---------------------------------------------------
+    def begin_training(self, total_steps: int) -> None:
+        """Told once by the trainer, before the first step, how many optimiser steps the run has.
+
+        For losses whose schedule depends on the run length (SphereFace); anything it sets
+        must be a buffer, so a resumed run gets it back from the checkpoint.
+        """
+
+    def state_summary(self) -> dict[str, float]:
+        """Scalars describing the loss's internal state now (e.g. SphereFace's lambda), for reports."""
+        return {}
+
     def extra_repr(self) -> str:
         items = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}" + (f", {items}" if items else "")

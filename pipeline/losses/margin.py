@@ -100,6 +100,21 @@ class Combined(LargeMarginSoftmax):
     theta and starts at or below the exact branch's value -1 - m3 whenever
     u <= MAX_MONOTONE_MARGIN; combinations with larger u (e.g. m1 = 4) are rejected
     with ValueError (use ``sphereface`` for integer multiplicative margins).
+
+    No negative margin: the target logit must be at most cos(theta) for every theta in
+    [0, pi]; settings that break this (e.g. m1 < 1 with m2 = m3 = 0) are rejected with
+    ValueError. The fallback branch always satisfies it (it subtracts u*sin(theta*) + m3
+    >= 0), so only the exact branch, theta in [0, min(pi, theta*)], is checked:
+    * where m1*theta + m2 >= theta the shifted angle is at least theta, and cos falls on
+      [0, pi], so cos(m1*theta + m2) - m3 <= cos(theta). This holds on the whole range when
+      m1 >= 1, or when m1 < 1 and m2 >= (1 - m1)*pi (the angle is shrunk by (1 - m1)*theta,
+      at most (1 - m1)*pi, and m2 gives it back). The paper's CM2 (0.9, 0.4, 0.15) is
+      accepted for this reason: 0.4 >= 0.1*pi = 0.314, i.e. m1*theta + m2 >= theta up to
+      theta = m2 / (1 - m1) = 4 > pi; its margin is at least m3 everywhere.
+    * otherwise (m1 < 1, m2 < (1 - m1)*pi) the whole range is exact and past
+      theta_c = m2 / (1 - m1) the angle is shrunk; the setting is accepted only if m3
+      covers the largest excess cos(m1*theta + m2) - cos(theta) on [theta_c, pi]
+      (found numerically, see :meth:`negative_margin`).
     """
 
     name = "combined"
@@ -110,9 +125,14 @@ class Combined(LargeMarginSoftmax):
         "m3": Param(0.2, float, low=0.0, high=2.0, high_open=True, help="additive cosine margin"),
     }
 
+    #: Excess of the target logit over cos(theta) tolerated as rounding by the
+    #: negative-margin check (so a margin of exactly 0 somewhere, e.g. (1, 0, 0), passes).
+    NEGATIVE_MARGIN_TOL: ClassVar[float] = 1e-9
+
     @classmethod
     def check_combination(cls, params: dict[str, Any]) -> None:
-        u = cls._overshoot(params["m1"], params["m2"])
+        m1, m2, m3 = params["m1"], params["m2"], params["m3"]
+        u = cls._overshoot(m1, m2)
         if u is not None and u[1] > MAX_MONOTONE_MARGIN:
             raise ValueError(
                 angle_limit_message(
@@ -120,6 +140,53 @@ class Combined(LargeMarginSoftmax):
                 )
                 + "; lower m1 or m2 (use sphereface for integer multiplicative margins)"
             )
+        worst = cls.negative_margin(m1, m2, m3)
+        if worst is not None and worst[0] > cls.NEGATIVE_MARGIN_TOL:
+            excess, theta = worst
+
+            def up(x: float) -> str:  # rounded up, so the printed bound is enough
+                return f"{math.ceil(x * 1e4) / 1e4:.4f}"
+
+            raise ValueError(
+                f"{cls.name}: (m1, m2, m3) = ({m1}, {m2}, {m3}) give a negative margin: the target logit exceeds "
+                f"cos(theta) by up to {excess:.4f} (at theta = {theta:.4f} rad); raise m2 to >= (1 - m1)*pi = "
+                f"{up((1.0 - m1) * math.pi)}, m3 to >= {up(excess + m3)}, or m1 to >= 1"
+            )
+
+    @staticmethod
+    def negative_margin(m1: float, m2: float, m3: float) -> tuple[float, float] | None:
+        """(max over theta in [0, pi] of target - cos(theta), that theta), or None.
+
+        None when the shifted angle m1*theta + m2 is never below theta on [0, pi] (m1 >= 1,
+        or m2 >= (1 - m1)*pi): then the margin is >= m3 >= 0 everywhere (class docstring). Otherwise the exact branch covers
+        [0, pi] and g(theta) = cos(m1*theta + m2) - cos(theta) is > 0 only on
+        (theta_c, pi], theta_c = m2 / (1 - m1); its maximum there is found on a grid of
+        2049 points and refined by golden-section search on the two grid steps around the
+        best point (g is smooth and, over the whole allowed range of (m1, m2), has one
+        peak on that interval; checked on a dense sweep). Returns (max g - m3, argmax).
+        """
+        if m1 >= 1.0 or m2 >= (1.0 - m1) * math.pi:
+            return None
+
+        def g(theta: float) -> float:
+            # cos(a) - cos(t) = 2 sin((t + a)/2) sin((t - a)/2): no cancellation near theta_c
+            a = m1 * theta + m2
+            return 2.0 * math.sin(0.5 * (theta + a)) * math.sin(0.5 * (theta - a))
+
+        lo = m2 / (1.0 - m1)
+        n = 2048
+        grid = [lo + (math.pi - lo) * k / n for k in range(n + 1)]
+        best = max(range(n + 1), key=lambda k: g(grid[k]))
+        a, b = grid[max(best - 1, 0)], grid[min(best + 1, n)]
+        ratio = (math.sqrt(5.0) - 1.0) / 2.0
+        for _ in range(60):
+            c, d = b - ratio * (b - a), a + ratio * (b - a)
+            if g(c) >= g(d):
+                b = d
+            else:
+                a = c
+        theta = max((grid[best], 0.5 * (a + b)), key=g)
+        return g(theta) - m3, theta
 
     @staticmethod
     def _overshoot(m1: float, m2: float) -> tuple[float, float] | None:

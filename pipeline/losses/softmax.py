@@ -51,6 +51,13 @@ class CenterLoss(Softmax):
     the old centres,
     delta_j = sum_{i: y_i = j} (c_j - x_i) / (1 + n_j);  c_j <- c_j - center_lr * delta_j.
     Features are the raw (un-normalised) embeddings.
+
+    Several processes (DDP): the sums and the counts n_j are taken over the *global* batch
+    (all-reduced over the default process group when ``torch.distributed`` is initialised
+    with more than one process), so every rank applies the same step and ends with the
+    centres one process gets on the whole batch (to float rounding: the sum is split
+    differently). Every rank must therefore run its training-mode forwards in step, as
+    DDP does. With one process nothing changes (no collective, the same operations).
     """
 
     name = "center"
@@ -82,4 +89,14 @@ class CenterLoss(Softmax):
         x = embeddings.detach().float()
         sums = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - x)
         counts = torch.bincount(labels, minlength=self.num_classes).to(self.centers.dtype)
+        if _world_size() > 1:  # global batch: one collective for the sums and the counts
+            packed = torch.cat([sums, counts.unsqueeze(1)], dim=1)
+            torch.distributed.all_reduce(packed)
+            sums, counts = packed[:, :-1], packed[:, -1]
         self.centers -= self.hparams["center_lr"] * sums / (1.0 + counts).unsqueeze(1)
+
+
+def _world_size() -> int:
+    """Processes in the default ``torch.distributed`` group (1 when it is not initialised)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
