@@ -125,9 +125,6 @@ def test_repro_builds_the_report(project):
     assert set(table["test_set"]) == {"synth_open", "synth_closed", "synth_domain"}
     assert set(table["variant"]) == {"cosine_norm", "cosine_raw", "l2_norm", "l2_raw"}
     assert table["auc"].between(0, 1).all()
-    # cosine does not depend on test-time normalisation: a built-in sanity check
-    cos = table[table["distance"] == "cosine"].pivot_table(index=["loss", "test_set"], columns="variant", values="auc")
-    assert (cos["cosine_norm"] - cos["cosine_raw"]).abs().max() < 1e-9
     index = (project / "reports" / "index.md").read_text()
     assert "## Readings" in index and "synth_domain" in index
     detection = json.loads((project / "reports" / "detection.json").read_text())
