@@ -81,8 +81,11 @@ def run_data(params: Params, out_dir: str | Path = "data/datasets", *, progress:
                 "identities": len(image_set.identities),
                 "pairs": None if image_set.pairs is None else len(image_set.pairs),
                 "folds": None if image_set.pairs is None else int(image_set.pairs["fold"].nunique()),
-                "folds_assigned": None if image_set.pairs is None else image_set.folds_assigned,
             }
+            if image_set.pairs is not None and image_set.folds_assigned is not None:
+                # Only where the adapter says ("from file", "stratified by label, seed S"): the
+                # summaries of the built-in synthetic sets stay byte-identical to earlier runs.
+                summary[name]["folds_assigned"] = image_set.folds_assigned
         write_json(tmp / "summary.json", summary)
     return resolved
 
