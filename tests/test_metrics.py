@@ -391,7 +391,10 @@ def _reference_tpr_at(s: np.ndarray, y: np.ndarray, f: float) -> float | None:
     best = 0.0
     for i in range(len(fpr) - 1):
         if fpr[i] <= f <= fpr[i + 1]:
-            at = tpr[i + 1] if fpr[i + 1] == fpr[i] else tpr[i] + (f - fpr[i]) / (fpr[i + 1] - fpr[i]) * (tpr[i + 1] - tpr[i])
+            if fpr[i + 1] == fpr[i]:
+                at = tpr[i + 1]
+            else:
+                at = tpr[i] + (f - fpr[i]) / (fpr[i + 1] - fpr[i]) * (tpr[i + 1] - tpr[i])
             best = max(best, float(at))
     return best
 
