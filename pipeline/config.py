@@ -51,7 +51,8 @@ class DatasetSpec(_Strict):
       folder     ``path``/<identity>/<image>; every image, no pairs (training sets)
       lfw        ``path``/<identity>/<identity>_NNNN.jpg plus an official ``pairs`` file
       pairs_csv  ``path`` is a CSV of (path1, path2, same[, fold]); relative image paths
-                 are resolved against ``root`` (default: the CSV's folder)
+                 are resolved against ``root`` (default: the CSV's folder); without a fold
+                 column, folds are stratified by label, seeded by the top-level ``seed``
     """
 
     kind: Literal["synthetic", "folder", "lfw", "pairs_csv"]

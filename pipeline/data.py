@@ -17,8 +17,8 @@ from pipeline.io import atomic_dir, write_csv, write_json
 SYNTHETIC_SETS = ("train", "synth_open", "synth_closed", "synth_domain")
 
 
-def load_dataset(spec: DatasetSpec, *, synthetic: dict[str, ImageSet] | None = None) -> ImageSet:
-    """Resolve one configured dataset with its adapter."""
+def load_dataset(spec: DatasetSpec, *, synthetic: dict[str, ImageSet] | None = None, seed: int = 0) -> ImageSet:
+    """Resolve one configured dataset with its adapter (``seed``: folds of a pairs CSV without a fold column)."""
     if spec.kind == "synthetic":
         if synthetic is None or spec.set not in synthetic:
             raise DatasetError(f"synthetic set {spec.set!r} unknown; choose one of {', '.join(SYNTHETIC_SETS)}")
@@ -37,7 +37,7 @@ def load_dataset(spec: DatasetSpec, *, synthetic: dict[str, ImageSet] | None = N
     if spec.kind == "pairs_csv":
         from pipeline.datasets.pairs_csv import load_pairs_csv
 
-        return load_pairs_csv(spec.path, root=spec.root)
+        return load_pairs_csv(spec.path, root=spec.root, seed=seed)
     raise DatasetError(f"unknown dataset kind {spec.kind!r}")  # pragma: no cover - schema forbids it
 
 
@@ -60,7 +60,7 @@ def run_data(params: Params, out_dir: str | Path = "data/datasets", *, progress:
         resolved: dict[str, ImageSet] = {}
         for name, spec in specs.items():
             try:
-                resolved[name] = load_dataset(spec, synthetic=synthetic)
+                resolved[name] = load_dataset(spec, synthetic=synthetic, seed=params.seeds.data)
             except DatasetError as err:
                 key = "data.train" if name == "train" else f"data.tests.{name}"
                 raise DatasetError(f"{key}: {err}") from None
@@ -68,7 +68,8 @@ def run_data(params: Params, out_dir: str | Path = "data/datasets", *, progress:
             if spec.exclude_identities_of:
                 banned = set().union(*(resolved[other].identities for other in spec.exclude_identities_of))
                 images = resolved[name].images
-                resolved[name] = ImageSet(images[~images["identity"].isin(banned)], resolved[name].pairs)
+                resolved[name] = ImageSet(images[~images["identity"].isin(banned)], resolved[name].pairs,
+                                          folds_assigned=resolved[name].folds_assigned)
         summary = {}
         for name, image_set in resolved.items():
             write_csv(tmp / "index" / f"{name}.csv", image_set.images)
@@ -81,6 +82,10 @@ def run_data(params: Params, out_dir: str | Path = "data/datasets", *, progress:
                 "pairs": None if image_set.pairs is None else len(image_set.pairs),
                 "folds": None if image_set.pairs is None else int(image_set.pairs["fold"].nunique()),
             }
+            if image_set.pairs is not None and image_set.folds_assigned is not None:
+                # Only where the adapter says ("from file", "stratified by label, seed S"): the
+                # summaries of the built-in synthetic sets stay byte-identical to earlier runs.
+                summary[name]["folds_assigned"] = image_set.folds_assigned
         write_json(tmp / "summary.json", summary)
     return resolved
 

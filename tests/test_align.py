@@ -13,18 +13,39 @@ def _similarity(angle: float, scale: float, shift: tuple[float, float]) -> np.nd
     return np.array([[scale * c, -scale * s, shift[0]], [scale * s, scale * c, shift[1]]])
 
 
+def _least_squares_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Reference without SVD: x' = a x - b y + tx, y' = b x + a y + ty is linear in
+    (a, b, tx, ty), so the best non-reflective similarity is one linear least squares."""
+    rows, rhs = [], []
+    for (x, y), (u, v) in zip(src, dst):
+        rows += [[x, -y, 1, 0], [y, x, 0, 1]]
+        rhs += [u, v]
+    a, b, tx, ty = np.linalg.lstsq(np.array(rows), np.array(rhs), rcond=None)[0]
+    return np.array([[a, -b, tx], [b, a, ty]])
+
+
 def test_recovers_a_known_similarity():
     truth = _similarity(0.3, 1.7, (12.0, -5.0))
     src = np.random.default_rng(0).random((5, 2)) * 100
-    dst = apply_transform(truth, src)
+    c, s = np.cos(0.3), np.sin(0.3)  # written out, not through apply_transform
+    dst = np.stack([1.7 * (c * src[:, 0] - s * src[:, 1]) + 12.0, 1.7 * (s * src[:, 0] + c * src[:, 1]) - 5.0], 1)
     np.testing.assert_allclose(similarity_transform(src, dst), truth, atol=1e-9)
+    np.testing.assert_allclose(apply_transform(truth, src), dst, atol=1e-12)
 
 
-def test_never_reflects():
-    src = ARCFACE_TEMPLATE_112.copy()
-    mirrored = src.copy()
-    mirrored[:, 0] = 112 - mirrored[:, 0]
-    matrix = similarity_transform(mirrored, src)
+@pytest.mark.parametrize("case", ["noisy", "mirrored"])
+def test_matches_the_least_squares_similarity(case):
+    # The best proper similarity, also when only a reflection would fit exactly (mirrored
+    # landmarks): same matrix as the linear least-squares reference, and never a reflection.
+    rng = np.random.default_rng(4)
+    src = ARCFACE_TEMPLATE_112 + rng.normal(0, 2.0, ARCFACE_TEMPLATE_112.shape)
+    if case == "mirrored":
+        dst = src.copy()
+        dst[:, 0] = 112 - dst[:, 0]
+    else:
+        dst = src @ np.array([[0.9, 0.4], [-0.4, 0.9]]) + rng.normal(0, 3.0, src.shape) + 30
+    matrix = similarity_transform(src, dst)
+    np.testing.assert_allclose(matrix, _least_squares_similarity(src, dst), atol=1e-9)
     assert np.linalg.det(matrix[:, :2]) > 0
 
 

@@ -120,3 +120,85 @@ def test_pairs_csv(tmp_path):
     csv.write_text("left,right,label\nx,y,1\n")
     with pytest.raises(DatasetError, match="missing column"):
         load_pairs_csv(csv)
+
+
+def _label_sorted_csv(tmp_path: Path, n_same: int, n_diff: int, *, fold_column: list[int] | None = None) -> Path:
+    """A pairs CSV listing all same pairs first, then all different pairs (distinct rows)."""
+    for name in ("a/1.jpg", "b/1.jpg"):
+        write_image(tmp_path / name, PIXELS)
+    labels = [1] * n_same + [0] * n_diff
+    lines = ["path1,path2,same" + (",fold" if fold_column else "")]
+    for k, label in enumerate(labels):
+        row = f"a/1.jpg,{'a' if label else 'b'}/x{k}.jpg,{label}"
+        lines.append(row + (f",{fold_column[k]}" if fold_column else ""))
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def test_pairs_csv_without_fold_column_gets_stratified_folds(tmp_path):
+    # 23 same then 37 different pairs, 10 folds: by file order the first folds would hold
+    # only same pairs and the last ones only different pairs.
+    csv = _label_sorted_csv(tmp_path, 23, 37)
+    image_set = load_pairs_csv(csv, seed=5)
+    pairs = image_set.pairs
+    assert image_set.folds_assigned == "stratified by label, seed 5"
+    assert pairs["same"].tolist() == [1] * 23 + [0] * 37  # rows stay in file order
+    assert sorted(pairs["fold"].unique()) == list(range(1, 11))
+    counts = pairs.groupby("fold")["same"].agg(["sum", "size"])
+    same_per_fold, size_per_fold = counts["sum"].to_numpy(), counts["size"].to_numpy()
+    diff_per_fold = size_per_fold - same_per_fold
+    assert set(same_per_fold) <= {2, 3} and same_per_fold.sum() == 23  # 23 / 10 per fold
+    assert set(diff_per_fold) <= {3, 4} and diff_per_fold.sum() == 37  # 37 / 10 per fold
+    assert set(size_per_fold) == {6}  # 60 / 10: equal folds
+
+
+def test_pairs_csv_fold_assignment_is_seeded(tmp_path):
+    csv = _label_sorted_csv(tmp_path, 20, 20)
+    first = load_pairs_csv(csv, seed=1).pairs["fold"].tolist()
+    assert load_pairs_csv(csv, seed=1).pairs["fold"].tolist() == first
+    assert load_pairs_csv(csv, seed=2).pairs["fold"].tolist() != first
+    # Uneven sizes: folds differ by at most one pair, and so does each class.
+    folds = load_pairs_csv(_label_sorted_csv(tmp_path, 7, 16), default_folds=4, seed=0).pairs
+    sizes = folds.groupby("fold")["same"].agg(["sum", "size"])
+    assert sizes["size"].max() - sizes["size"].min() <= 1
+    assert sizes["sum"].max() - sizes["sum"].min() <= 1
+    assert (sizes["size"] - sizes["sum"]).max() - (sizes["size"] - sizes["sum"]).min() <= 1
+
+
+def test_pairs_csv_keeps_its_fold_column(tmp_path):
+    given = [3, 1, 2, 2, 1, 3]
+    csv = _label_sorted_csv(tmp_path, 3, 3, fold_column=given)
+    for seed in (0, 9):
+        image_set = load_pairs_csv(csv, seed=seed)
+        assert image_set.pairs["fold"].tolist() == given
+        assert image_set.folds_assigned == "from file"
+
+
+def test_data_stage_records_how_folds_were_assigned(tmp_path):
+    import json
+
+    from pipeline.config import Params
+    from pipeline.data import run_data
+
+    _lfw_tree(tmp_path / "lfw", {"Alice": 2, "Bob": 2, "Carol": 2})
+    (tmp_path / "lfw_pairs.txt").write_text(PAIRS_2_FOLDS)
+    sorted_csv = _label_sorted_csv(tmp_path / "csv", 4, 4)
+    params = Params.model_validate({
+        "seed": 7,
+        "train_losses": {},
+        "data": {
+            "train": {"kind": "folder", "path": str(tmp_path / "lfw")},
+            "tests": {
+                "lfw": {"kind": "lfw", "path": str(tmp_path / "lfw"), "pairs": str(tmp_path / "lfw_pairs.txt")},
+                "web": {"kind": "pairs_csv", "path": str(sorted_csv), "exclude_identities_of": ["train"]},
+            },
+        },
+    })
+    resolved = run_data(params, tmp_path / "out", progress=False)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "folds_assigned" not in summary["train"]  # no pairs
+    assert summary["lfw"]["folds_assigned"] == "from file"
+    assert summary["web"]["folds_assigned"] == "stratified by label, seed 7"
+    # The data seed drives the deal: the same folds as the adapter given that seed.
+    assert resolved["web"].pairs["fold"].tolist() == load_pairs_csv(sorted_csv, seed=7).pairs["fold"].tolist()

@@ -8,11 +8,34 @@ import pytest
 from pipeline.distances import PairDistance, standard_variants
 
 
+def _reference_score(x: np.ndarray, y: np.ndarray, kind: str, normalize: bool, squared: bool) -> float:
+    """One pair's score by plain Python arithmetic (math.fsum), independent of pipeline.distances."""
+    x = [float(v) for v in x]
+    y = [float(v) for v in y]
+    nx, ny = math.sqrt(math.fsum(v * v for v in x)), math.sqrt(math.fsum(v * v for v in y))
+    if kind == "cosine":
+        return math.fsum(u * v for u, v in zip(x, y)) / (nx * ny)
+    if normalize:
+        x, y = [v / nx for v in x], [v / ny for v in y]
+    sq = math.fsum((u - v) ** 2 for u, v in zip(x, y))
+    return -sq if squared else -math.sqrt(sq)
+
+
+ALL_VARIANTS = [("cosine", False, False), ("cosine", True, False), ("l2", False, False),
+                ("l2", True, False), ("l2", False, True), ("l2", True, True)]
+
+
 def test_cosine_hand_computed() -> None:
     a = np.array([[1.0, 0.0], [3.0, 4.0], [1.0, 2.0]])
     b = np.array([[1.0, 1.0], [-3.0, -4.0], [2.0, 4.0]])
-    s = PairDistance("cosine").scores(a, b)
-    np.testing.assert_allclose(s, [1 / math.sqrt(2), -1.0, 1.0], rtol=0, atol=1e-15)
+    for normalize in (False, True):  # cosine is scale invariant: the same values either way
+        s = PairDistance("cosine", normalize).scores(a, b)
+        np.testing.assert_allclose(s, [1 / math.sqrt(2), -1.0, 1.0], rtol=0, atol=1e-15)
+    # rows of very different lengths, each compared with its own direction scaled
+    a = np.array([[0.001, 0.002], [300.0, -400.0]])
+    b = np.array([[2000.0, 4000.0], [0.6, 0.8]])  # [0.6, -0.8] . [0.6, 0.8] = -0.28
+    for normalize in (False, True):
+        np.testing.assert_allclose(PairDistance("cosine", normalize).scores(a, b), [1.0, -0.28], rtol=0, atol=1e-15)
 
 
 def test_l2_hand_computed_raw_norm_and_squared() -> None:
@@ -27,30 +50,36 @@ def test_l2_hand_computed_raw_norm_and_squared() -> None:
     np.testing.assert_allclose(PairDistance("l2", True, squared=True).scores(a2, b2), [-0.4, -2.0])
 
 
-def test_cosine_is_invariant_to_normalisation_and_l2_norm_follows_cosine() -> None:
+@pytest.mark.parametrize(("kind", "normalize", "squared"), ALL_VARIANTS)
+def test_every_variant_matches_a_plain_python_reference(kind: str, normalize: bool, squared: bool) -> None:
+    # rows of very different lengths, so a variant that skips (or wrongly applies) the
+    # normalisation cannot match
     rng = np.random.default_rng(1)
-    a = rng.normal(size=(500, 16)) * rng.uniform(0.1, 50, size=(500, 1))
-    b = rng.normal(size=(500, 16)) * rng.uniform(0.1, 50, size=(500, 1))
-    cos_raw = PairDistance("cosine", False).scores(a, b)
-    cos_norm = PairDistance("cosine", True).scores(a, b)
-    np.testing.assert_array_equal(cos_norm, cos_raw)  # same formula by construction
-    l2n = PairDistance("l2", True).scores(a, b)
-    np.testing.assert_allclose(l2n, -np.sqrt(2 - 2 * cos_raw), rtol=0, atol=1e-12)
-    # independent reference for the raw scores
-    ref = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    np.testing.assert_allclose(cos_raw, ref, rtol=0, atol=1e-14)
-    np.testing.assert_allclose(PairDistance("l2").scores(a, b), -np.linalg.norm(a - b, axis=1))
+    a = rng.normal(size=(300, 16)) * rng.uniform(0.1, 50, size=(300, 1))
+    b = rng.normal(size=(300, 16)) * rng.uniform(0.1, 50, size=(300, 1))
+    got = PairDistance(kind, normalize, squared=squared).scores(a, b)
+    ref = np.array([_reference_score(x, y, kind, normalize, squared) for x, y in zip(a, b)])
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    if kind == "l2" and normalize and not squared:
+        # on the unit sphere ||a - b|| = sqrt(2 - 2 cos): checked against the reference cosine
+        cos = np.array([_reference_score(x, y, "cosine", False, False) for x, y in zip(a, b)])
+        np.testing.assert_allclose(got, -np.sqrt(2 - 2 * cos), rtol=0, atol=1e-12)
 
 
-def test_chunking_and_float32_inputs_accumulate_in_float64() -> None:
+@pytest.mark.parametrize("chunk_size", [1, 7, 103, None])
+@pytest.mark.parametrize(("kind", "normalize", "squared"), ALL_VARIANTS)
+def test_chunking_and_float32_inputs_accumulate_in_float64(kind: str, normalize: bool, squared: bool,
+                                                           chunk_size: int | None) -> None:
+    # float32 inputs, compared with the float64 reference on the same (exactly widened)
+    # values: accumulating in float32 would be off by ~1e-7, a chunk written to the
+    # wrong rows by O(1)
     rng = np.random.default_rng(2)
     a = rng.normal(size=(103, 8)).astype(np.float32)
     b = rng.normal(size=(103, 8)).astype(np.float32)
-    for variant in standard_variants():
-        small = PairDistance(variant.kind, variant.normalize, chunk_size=7).scores(a, b)
-        whole = variant.scores(a.astype(np.float64), b.astype(np.float64))
-        assert small.dtype == np.float64 and small.shape == (103,)
-        np.testing.assert_allclose(small, whole, rtol=0, atol=1e-15)
+    got = PairDistance(kind, normalize, squared=squared, chunk_size=chunk_size).scores(a, b)
+    assert got.dtype == np.float64 and got.shape == (103,)
+    ref = np.array([_reference_score(x, y, kind, normalize, squared) for x, y in zip(a, b)])
+    np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-13)
 
 
 def test_names_round_trip() -> None:

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import norm
+from scipy.stats import norm, rankdata
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
@@ -189,17 +189,20 @@ def test_lfw_threshold_between_adjacent_floats() -> None:
 
 
 def test_protocol_predictions_and_confusion() -> None:
-    s, y = _random_pairs(6, 500, 1)
+    # against the brute-force thresholds, not lfw_accuracy (which shares the code); on
+    # these scores some folds have equally accurate candidate thresholds (the smallest wins)
+    s, y = _random_pairs(8, 500, 1)
     folds = np.arange(500) % 10
-    res = M.lfw_accuracy(s, y, folds)
+    accs, thrs = _brute_lfw(s, y, folds)
     pred = M.protocol_predictions(s, y, folds)
     assert pred.dtype == bool
+    np.testing.assert_array_equal(pred, [s[i] > thrs[folds[i]] for i in range(500)])
     for k in range(10):
-        assert np.mean(pred[folds == k] == y[folds == k]) == res.accuracies[k]
-    thr_per_pair = np.asarray(res.thresholds)[folds]
-    conf = M.confusion_at_threshold(s, y, thr_per_pair)
-    assert conf["tp"] == np.sum(pred & (y == 1)) and conf["fp"] == np.sum(pred & (y == 0))
-    assert sum(conf.values()) == 500
+        assert np.mean(pred[folds == k] == y[folds == k]) == accs[k]
+    conf = M.confusion_at_threshold(s, y, np.asarray(thrs)[folds])
+    truth = [(bool(p), int(t)) for p, t in zip(pred, y)]
+    assert conf == {"tp": truth.count((True, 1)), "fp": truth.count((True, 0)),
+                    "tn": truth.count((False, 0)), "fn": truth.count((False, 1))}
 
 
 def test_confusion_is_strict() -> None:
@@ -210,21 +213,46 @@ def test_confusion_is_strict() -> None:
 
 
 # ------------------------------------------------------------------------------ bootstrap
-def test_bootstrap_fast_paths_equal_generic_paths() -> None:
+def _rank_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """AUC by the rank-sum formula (midranks for ties), independent of pipeline.metrics:
+    (sum of the positives' ranks - P (P + 1) / 2) / (P N). Checked against scikit-learn
+    in test_bootstrap_matches_an_independent_resampling."""
+    pos = np.asarray(y) == 1
+    p, n = int(pos.sum()), int((~pos).sum())
+    return float((rankdata(s)[pos].sum() - p * (p + 1) / 2) / (p * n))
+
+
+def _reference_resamples(y: np.ndarray, folds: np.ndarray | None, n_boot: int, seed: int):
+    """The documented resampling, written out here: strata = label, or (fold, label) in
+    sorted (fold, label) order; each stratum drawn with replacement at its own size by
+    ``numpy.random.default_rng(seed).integers``, strata one after the other."""
+    rng = np.random.default_rng(seed)
+    keys = [(0, int(v)) for v in y] if folds is None else [(f, int(v)) for f, v in zip(folds.tolist(), y)]
+    strata = [np.array([i for i, k in enumerate(keys) if k == key]) for key in sorted(set(keys))]
+    for _ in range(n_boot):
+        yield np.concatenate([st[rng.integers(0, len(st), len(st))] for st in strata])
+
+
+def test_bootstrap_matches_an_independent_resampling() -> None:
+    # Every path of bootstrap_samples (weighted AUC, weighted LFW protocol, generic) against
+    # the same resamples drawn here and scored with scikit-learn / the brute-force protocol.
     s, y = _random_pairs(7, 400, 1)
     folds = np.arange(400) % 4
-    fast = M.bootstrap_samples(M.roc_auc, s, y, n_boot=60, seed=5)
-    slow = M.bootstrap_samples(lambda a, b: M.roc_auc(a, b), s, y, n_boot=60, seed=5)
-    np.testing.assert_array_equal(fast, slow)  # same integer formula, bit-identical
-    fast = M.bootstrap_samples(M.roc_auc, s, y, n_boot=20, seed=5, folds=folds)
-    slow = M.bootstrap_samples(lambda a, b, f: M.roc_auc(a, b), s, y, n_boot=20, seed=5,
-                               folds=folds)
-    np.testing.assert_array_equal(fast, slow)  # folds only define the strata
-    fast = M.bootstrap_samples(M.lfw_mean_accuracy, s, y, n_boot=15, seed=5, folds=folds)
-    slow = M.bootstrap_samples(lambda a, b, f: M.lfw_mean_accuracy(a, b, f), s, y,
-                               n_boot=15, seed=5, folds=folds)
-    np.testing.assert_array_equal(fast, slow)
-    assert len(set(fast.tolist())) > 3  # the resamples really differ
+    ref = [roc_auc_score(y[i], s[i]) for i in _reference_resamples(y, None, 60, 5)]
+    np.testing.assert_allclose([_rank_auc(y[i], s[i]) for i in _reference_resamples(y, None, 60, 5)], ref,
+                               rtol=0, atol=1e-12)  # the rank-sum AUC used below agrees with sklearn
+    np.testing.assert_allclose(M.bootstrap_samples(M.roc_auc, s, y, n_boot=60, seed=5), ref, rtol=0, atol=1e-12)
+    generic = M.bootstrap_samples(lambda a, b: roc_auc_score(b, a), s, y, n_boot=60, seed=5)
+    np.testing.assert_allclose(generic, ref, rtol=0, atol=1e-12)
+    assert len(set(np.round(ref, 12).tolist())) > 30  # the resamples really differ
+    # with folds: (fold, label) strata; the AUC itself ignores the folds
+    ref = [roc_auc_score(y[i], s[i]) for i in _reference_resamples(y, folds, 20, 5)]
+    np.testing.assert_allclose(M.bootstrap_samples(M.roc_auc, s, y, n_boot=20, seed=5, folds=folds), ref,
+                               rtol=0, atol=1e-12)
+    ref = [np.mean(_brute_lfw(s[i], y[i], folds[i])[0]) for i in _reference_resamples(y, folds, 15, 5)]
+    np.testing.assert_allclose(M.bootstrap_samples(M.lfw_mean_accuracy, s, y, n_boot=15, seed=5, folds=folds),
+                               ref, rtol=0, atol=1e-12)
+    assert len(set(np.round(ref, 12).tolist())) > 3
 
 
 def test_bootstrap_is_stratified_and_deterministic() -> None:
@@ -267,13 +295,8 @@ def test_paired_bootstrap_auc() -> None:
     assert res["diff"] == pytest.approx(M.roc_auc(s, y) - M.roc_auc(worse, y), abs=1e-15)
     assert 0 < res["low"] < res["diff"] < res["high"]
     assert res["p_value"] == pytest.approx(2 / 301)  # no resample crosses 0
-    # same resamples as an explicit loop over the stratified draws
-    rng2 = np.random.default_rng(0)
-    strata = M._strata(y == 1, None)
-    diffs = []
-    for _ in range(300):
-        idx = M._draw(rng2, strata)
-        diffs.append(M.roc_auc(s[idx], y[idx]) - M.roc_auc(worse[idx], y[idx]))
+    # the same paired resamples drawn independently here, scored by the rank-sum formula
+    diffs = [_rank_auc(y[i], s[i]) - _rank_auc(y[i], worse[i]) for i in _reference_resamples(y, None, 300, 0)]
     assert (res["low"], res["high"]) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])),
                                                       abs=1e-14)
 
@@ -343,30 +366,97 @@ def test_rank1_chunking_matches_full_matrix(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 # --------------------------------------------------------------------------------- report
-def test_verification_report_is_consistent_and_json_safe() -> None:
-    s, y = _random_pairs(13, 3000, 2, shift=1.5)
+def _reference_eer(s: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """EER where FPR = 1 - TPR on scikit-learn's piecewise-linear ROC, by a scan over its
+    segments; threshold interpolated with the same weight (the first segment starts at
+    +inf: its lower end is used)."""
+    fpr, tpr, thr = sk_roc_curve(y, s, drop_intermediate=False)
+    gap = fpr - (1 - tpr)
+    for i in range(len(gap)):
+        if gap[i] == 0:
+            return float(fpr[i]), float(thr[i])
+        if gap[i] > 0:
+            lam = -gap[i - 1] / (gap[i] - gap[i - 1])
+            t = thr[i] if not np.isfinite(thr[i - 1]) else thr[i - 1] + lam * (thr[i] - thr[i - 1])
+            return float(fpr[i - 1] + lam * (fpr[i] - fpr[i - 1])), float(t)
+    raise AssertionError("ROC never crosses FPR = FNR")
+
+
+def _reference_tpr_at(s: np.ndarray, y: np.ndarray, f: float) -> float | None:
+    """Highest TPR of scikit-learn's piecewise-linear ROC at FPR ``f`` (top of a vertical
+    run); None with fewer than ceil(1 / f) negatives."""
+    if np.sum(y == 0) < math.ceil(1 / f - 1e-9):
+        return None
+    fpr, tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
+    best = 0.0
+    for i in range(len(fpr) - 1):
+        if fpr[i] <= f <= fpr[i + 1]:
+            if fpr[i + 1] == fpr[i]:
+                at = tpr[i + 1]
+            else:
+                at = tpr[i] + (f - fpr[i]) / (fpr[i + 1] - fpr[i]) * (tpr[i + 1] - tpr[i])
+            best = max(best, float(at))
+    return best
+
+
+def test_verification_report_matches_independent_references() -> None:
+    # Every figure of the report against a reference computed here (scikit-learn, the
+    # brute-force protocol, the resampling written out above), not against the module's
+    # own functions, which share the report's code.
+    s, y = _random_pairs(13, 3000, 1, shift=1.5)
     folds = np.arange(3000) % 10
     rep = M.verification_report(s, y, folds, n_boot=50, seed=1)
     text = json.dumps(rep, allow_nan=False)
     assert json.loads(text) == rep
-    assert rep["n_pairs"] == 3000 and rep["n_positive"] + rep["n_negative"] == 3000
-    assert rep["auc"] == M.roc_auc(s, y)
-    assert (rep["eer"], rep["eer_threshold"]) == M.eer(s, y)
-    acc = M.lfw_accuracy(s, y, folds)
-    assert rep["accuracy_per_fold"] == list(acc.accuracies) and rep["accuracy_mean"] == acc.mean
-    assert rep["accuracy_std"] == acc.std
-    low, high = rep["auc_ci"]
-    assert low < rep["auc"] < high
-    assert rep["accuracy_ci"][0] < rep["accuracy_mean"] < rep["accuracy_ci"][1]
-    assert tuple(rep["auc_ci"]) == M.bootstrap_ci(M.roc_auc, s, y, n_boot=50, seed=1)
-    pred = M.protocol_predictions(s, y, folds)
-    assert rep["confusion"]["fp"] == np.sum(pred & (y == 0))
-    assert rep["confusion"]["fn"] == np.sum(~pred & (y == 1))
-    tprs = M.tpr_at_fpr(s, y)
-    assert rep["tpr_at_fpr"] == {M.fpr_key(f): v for f, v in tprs.items()}
+    assert (rep["n_pairs"], rep["n_positive"], rep["n_negative"]) == (3000, int(y.sum()), int((y == 0).sum()))
+    assert rep["auc"] == pytest.approx(roc_auc_score(y, s), rel=1e-12, abs=0)
+    ref_eer, ref_eer_thr = _reference_eer(s, y)
+    assert rep["eer"] == pytest.approx(ref_eer, abs=1e-12)
+    assert rep["eer_threshold"] == pytest.approx(ref_eer_thr, abs=1e-12)
+    accs, thrs = _brute_lfw(s, y, folds)
+    assert rep["accuracy_per_fold"] == accs
+    assert rep["accuracy_mean"] == pytest.approx(np.mean(accs), abs=1e-15)
+    assert rep["accuracy_std"] == pytest.approx(np.std(accs), abs=1e-15)
+    np.testing.assert_allclose([float(t) for t in rep["fold_thresholds"]], thrs, rtol=1e-15)
+    assert rep["fold_ids"] == list(range(10)) and rep["threshold_source"] == "other_folds"
+    pred = np.array([s[i] > thrs[folds[i]] for i in range(3000)])
+    assert rep["confusion"] == {"tp": int(np.sum(pred & (y == 1))), "fp": int(np.sum(pred & (y == 0))),
+                                "tn": int(np.sum(~pred & (y == 0))), "fn": int(np.sum(~pred & (y == 1)))}
+    for f, key in [(1e-1, "fpr_1e-01"), (1e-2, "fpr_1e-02"), (1e-3, "fpr_1e-03"), (1e-4, "fpr_1e-04")]:
+        ref = _reference_tpr_at(s, y, f)
+        assert (rep["tpr_at_fpr"][key] is None) == (ref is None)
+        if ref is not None:
+            assert rep["tpr_at_fpr"][key] == pytest.approx(ref, abs=1e-12)
     assert rep["tpr_at_fpr"]["fpr_1e-04"] is None and rep["tpr_at_fpr"]["fpr_1e-02"] is not None
+    assert rep["min_negatives"] == {"fpr_1e-01": 10, "fpr_1e-02": 100, "fpr_1e-03": 1000, "fpr_1e-04": 10000}
+    # bootstrap intervals: 2.5 / 97.5 % quantiles of the metric on the resamples drawn here
+    boot_auc = [_rank_auc(y[i], s[i]) for i in _reference_resamples(y, None, 50, 1)]
+    np.testing.assert_allclose(rep["auc_ci"], np.quantile(boot_auc, [0.025, 0.975]), rtol=0, atol=1e-12)
+    boot_acc = [np.mean(_brute_lfw(s[i], y[i], folds[i])[0]) for i in _reference_resamples(y, folds, 50, 1)]
+    np.testing.assert_allclose(rep["accuracy_ci"], np.quantile(boot_acc, [0.025, 0.975]), rtol=0, atol=1e-12)
+    assert rep["auc_ci"][0] < rep["auc"] < rep["auc_ci"][1]
+    assert rep["accuracy_ci"][0] < rep["accuracy_mean"] < rep["accuracy_ci"][1]
+    assert rep["bootstrap"] == {"n_boot": 50, "seed": 1, "alpha": 0.05}
     no_boot = M.verification_report(s, y, folds, n_boot=0)
     assert no_boot["auc_ci"] is None and no_boot["accuracy_ci"] is None
+
+
+def test_verification_report_hand_example() -> None:
+    # positives 10, 9, 7; negatives 8, -1 ... -9 (10 of them); one fold.
+    # ROC (FP, TP): (0,0) (0,1) (0,2) (1,2) (1,3) (2,3) ... (10,3): at FPR 0.1 a vertical run
+    # from TPR 2/3 to 1, whose top counts. AUC: only (7, 8) misordered -> 29/30.
+    # EER: FPR - FNR = -7/30 at (1,2), +3/30 at (1,3) -> 7/10 of the way: FPR 0.1, threshold
+    # 8 + 0.7 (7 - 8) = 7.3. Protocol (same fold): thresholds 8.5 and 3 both get 12 of 13
+    # right; the smaller (3 = midpoint of 7 and -1) wins: tp 3, fp 1 (the 8), tn 9, fn 0.
+    s = [10, 9, 8, 7] + list(range(-1, -10, -1))
+    y = [1, 1, 0, 1] + [0] * 9
+    rep = M.verification_report(s, y, n_boot=0)
+    assert rep["auc"] == pytest.approx(29 / 30, abs=1e-15)
+    assert rep["eer"] == pytest.approx(0.1, abs=1e-15) and rep["eer_threshold"] == pytest.approx(7.3, abs=1e-12)
+    assert rep["tpr_at_fpr"]["fpr_1e-01"] == 1.0 and rep["tpr_at_fpr"]["fpr_1e-02"] is None
+    assert rep["fold_thresholds"] == [3.0] and rep["threshold_source"] == "same_fold"
+    assert rep["accuracy_per_fold"] == [12 / 13] and rep["accuracy_std"] == 0.0
+    assert rep["confusion"] == {"tp": 3, "fp": 1, "tn": 9, "fn": 0}
 
 
 def test_report_writes_infinite_thresholds_as_strings() -> None:

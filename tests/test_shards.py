@@ -51,16 +51,25 @@ def test_round_trip(tmp_path, fmt):
         assert [r["image_id"] for r in records] == shards.image_ids
 
 
-def test_decode_all_matches_one_by_one_decoding(tmp_path):
-    """decode_all splits the work over threads; every slot must hold its own image."""
+def test_decode_all_matches_the_files_decoded_by_pil(tmp_path):
+    """decode_all splits the work over threads; every slot must hold its own image, as RGB.
+
+    Reference: the aligned JPEG files decoded by Pillow, not the shard's own decoder.
+    Both use libjpeg(-turbo); a different build may round a few values by a level or two,
+    while a channel swap or a misplaced slot is off by tens of levels.
+    """
+    from PIL import Image
+
     aligned = _aligned(tmp_path, n_ids=4, per=9)
     write_set(aligned, tmp_path / "out", ShardParams(format="parquet"), None, progress=False)
     shards = read_shards(tmp_path / "out")
     all_images = shards.decode_all()
-    assert all_images.shape == (36, 112, 112, 3)
-    for k in range(len(shards)):
-        np.testing.assert_array_equal(all_images[k], shards.decode(k))
-    assert len({all_images[k].tobytes() for k in range(len(shards))}) == 36
+    assert all_images.shape == (36, 112, 112, 3) and all_images.dtype == np.uint8
+    for k, image_id in enumerate(shards.image_ids):
+        identity, number = image_id.split("/")
+        ref = np.asarray(Image.open(aligned / identity / f"img{number}.jpg").convert("RGB")).astype(int)
+        assert np.abs(all_images[k].astype(int) - ref).max() <= 2, image_id
+        assert np.abs(shards.decode(k).astype(int) - ref).max() <= 2, image_id
 
 
 def test_missing_manifest(tmp_path):

@@ -27,6 +27,9 @@ class ImageSet:
 
     images: pd.DataFrame
     pairs: pd.DataFrame | None = None
+    # How the pairs' folds were set, for the data stage's summary.json: "from file" or
+    # e.g. "stratified by label, seed 0"; None where the adapter does not say.
+    folds_assigned: str | None = None
 
     def __post_init__(self) -> None:
         self.images = self.images[IMAGE_COLUMNS].reset_index(drop=True)

@@ -100,7 +100,7 @@ def load_lfw(root: str | Path, pairs_file: str | Path | None = None, *, folds: l
     images = pd.DataFrame(
         {"image_id": ids, "path": [str(p) for p in paths], "identity": [i.split("/")[0] for i in ids]}
     )
-    return ImageSet(images, pairs)
+    return ImageSet(images, pairs, folds_assigned="from file")
 
 
 def download_lfw(dest: str | Path, *, archive_url: str = OFFICIAL_ARCHIVE, pairs_url: str = OFFICIAL_PAIRS) -> Path:

@@ -2,14 +2,20 @@
 
 Columns: ``path1, path2, same`` and optionally ``fold``. ``same`` accepts 1/0,
 true/false, same/different. Relative paths are resolved against ``root`` (default:
-the CSV's folder). Without a ``fold`` column, pairs are split into ``default_folds``
-contiguous, equal blocks in file order, as in LFW's 10-fold protocol.
+the CSV's folder). Without a ``fold`` column, the pairs are dealt into
+``default_folds`` folds stratified by label (:func:`stratified_folds`, seeded): every
+fold gets the same share of same and different pairs and the folds differ in size by
+at most one pair, whatever order the file lists them in (a file sorted by label would
+otherwise give single-class folds, and per-fold thresholds would mean nothing). The
+returned set's ``folds_assigned`` says which happened: ``"from file"`` or
+``"stratified by label, seed S"``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipeline.datasets import DatasetError, ImageSet
@@ -19,7 +25,31 @@ _TRUE = {"1", "true", "yes", "same", "match", "genuine"}
 _FALSE = {"0", "false", "no", "different", "diff", "mismatch", "impostor"}
 
 
-def load_pairs_csv(csv_path: str | Path, *, root: str | Path | None = None, default_folds: int = 10) -> ImageSet:
+def stratified_folds(labels: list[int] | np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold ids 1..``k`` for pairs with these labels, stratified by label and seeded.
+
+    Each class's pairs are shuffled (``numpy.random.default_rng(seed)``) and dealt to
+    the folds round-robin; the second class continues the deal where the first one
+    stopped. So every fold holds ``n_c // k`` or ``n_c // k + 1`` pairs of each class
+    ``c`` and ``n // k`` or ``n // k + 1`` pairs in all. Returned in the input's order.
+    """
+    labels = np.asarray(labels)
+    if k < 1:
+        raise ValueError(f"k={k}; expected at least one fold")
+    rng = np.random.default_rng(seed)
+    folds = np.zeros(len(labels), dtype=np.int64)
+    position = 0
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        folds[members] = 1 + (position + np.arange(len(members))) % k
+        position += len(members)
+    return folds
+
+
+def load_pairs_csv(
+    csv_path: str | Path, *, root: str | Path | None = None, default_folds: int = 10, seed: int = 0
+) -> ImageSet:
+    """Read a pairs CSV; ``seed`` drives the fold assignment when the file has no ``fold`` column."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path}: pairs CSV not found; expected {LAYOUT}")
@@ -52,10 +82,11 @@ def load_pairs_csv(csv_path: str | Path, *, root: str | Path | None = None, defa
             folds = table["fold"].astype(int).tolist()
         except ValueError:
             raise DatasetError(f"{csv_path}: the fold column must hold integers") from None
+        folds_assigned = "from file"
     else:
-        n = len(table)
-        k = max(1, min(default_folds, n // 2))
-        folds = [1 + (i * k) // n for i in range(n)]
+        k = max(1, min(default_folds, len(table) // 2))
+        folds = stratified_folds(labels, k, seed).tolist()
+        folds_assigned = f"stratified by label, seed {seed}"
     ids = sorted(set(table["path1"].str.strip()).union(table["path2"].str.strip()))
     paths = [Path(i) if Path(i).is_absolute() else base / i for i in ids]
     if not any(p.is_file() for p in paths):
@@ -66,4 +97,4 @@ def load_pairs_csv(csv_path: str | Path, *, root: str | Path | None = None, defa
     pairs = pd.DataFrame(
         {"fold": folds, "image_id1": table["path1"].str.strip(), "image_id2": table["path2"].str.strip(), "same": labels}
     )
-    return ImageSet(images, pairs)
+    return ImageSet(images, pairs, folds_assigned=folds_assigned)
