@@ -185,8 +185,8 @@ def test_data_stage_records_how_folds_were_assigned(tmp_path):
     (tmp_path / "lfw_pairs.txt").write_text(PAIRS_2_FOLDS)
     sorted_csv = _label_sorted_csv(tmp_path / "csv", 4, 4)
     params = Params.model_validate({
-        "seed": 7,
-        "train_losses": {},
+        "seeds": {"data": 7, "train": [0]},
+        "train_losses": ["softmax"],
         "data": {
             "train": {"kind": "folder", "path": str(tmp_path / "lfw")},
             "tests": {

@@ -422,11 +422,16 @@ def test_verification_report_matches_independent_references() -> None:
     pred = np.array([s[i] > thrs[folds[i]] for i in range(3000)])
     assert rep["confusion"] == {"tp": int(np.sum(pred & (y == 1))), "fp": int(np.sum(pred & (y == 0))),
                                 "tn": int(np.sum(~pred & (y == 0))), "fn": int(np.sum(~pred & (y == 1)))}
+    sk_fpr, sk_tpr, _ = sk_roc_curve(y, s, drop_intermediate=False)
     for f, key in [(1e-1, "fpr_1e-01"), (1e-2, "fpr_1e-02"), (1e-3, "fpr_1e-03"), (1e-4, "fpr_1e-04")]:
         ref = _reference_tpr_at(s, y, f)
+        assert (rep["tpr_at_fpr_interpolated"][key] is None) == (ref is None)
         assert (rep["tpr_at_fpr"][key] is None) == (ref is None)
         if ref is not None:
-            assert rep["tpr_at_fpr"][key] == pytest.approx(ref, abs=1e-12)
+            assert rep["tpr_at_fpr_interpolated"][key] == pytest.approx(ref, abs=1e-12)
+            # headline: the highest TPR that one threshold reaches with FPR <= f
+            assert rep["tpr_at_fpr"][key] == pytest.approx(sk_tpr[sk_fpr <= f].max(), abs=1e-12)
+            assert rep["tpr_at_fpr"][key] <= rep["tpr_at_fpr_interpolated"][key]
     assert rep["tpr_at_fpr"]["fpr_1e-04"] is None and rep["tpr_at_fpr"]["fpr_1e-02"] is not None
     assert rep["min_negatives"] == {"fpr_1e-01": 10, "fpr_1e-02": 100, "fpr_1e-03": 1000, "fpr_1e-04": 10000}
     # bootstrap intervals: 2.5 / 97.5 % quantiles of the metric on the resamples drawn here
