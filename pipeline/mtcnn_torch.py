@@ -430,18 +430,23 @@ class TorchMTCNN:
     @torch.inference_mode()
     def _detect_serial(self, images: list[np.ndarray]) -> list[list[Detection]]:
         sizes = torch.tensor([img.shape[:2] for img in images], dtype=torch.long, device=self.device)
-        batches = self._batches(images)
+        batches, place = self._batches(images)
         boxes, ids, scores = self._stage_pnet(batches)
         if ids.numel():
-            boxes, ids, scores = self._stage_rnet(batches, boxes, ids)
+            boxes, ids, scores = self._stage_rnet(batches, place, boxes, ids)
         landmarks = boxes.new_zeros(0, 10)
         if ids.numel():
-            boxes, ids, scores, landmarks = self._stage_onet(batches, boxes, ids)
+            boxes, ids, scores, landmarks = self._stage_onet(batches, place, boxes, ids)
         return self._to_detections(len(images), sizes, boxes, ids, scores, landmarks)
 
     # -- stages
-    def _batches(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Same-size images stacked: ``[(ids (G,), pixels (G, H, W, 3) float32 normalised), ...]``.
+    def _batches(self, images: list[np.ndarray]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Same-size images stacked: ``[(ids (G,), pixels (G, H, W, 3) float32 normalised), ...]``,
+        and ``place`` ``(2, len(images))``: for image id ``k``, ``place[0, k]`` is the index of
+        its batch in that list and ``place[1, k]`` its row in the batch.
+
+        ``place`` covers every image, including those that will have no candidate left at a
+        later stage, so the crop stages can map any surviving box to its pixels.
 
         Each pixel tensor is a view on a buffer with ``W + 1`` spare zero pixels after it, so
         that the crop sampler may read one pixel right of / one row below any pixel.
@@ -450,17 +455,20 @@ class TorchMTCNN:
         for k, img in enumerate(images):
             groups.setdefault(img.shape[:2], []).append(k)
         out = []
+        place = np.zeros((2, len(images)), dtype=np.int64)
         for (h, w), members in groups.items():
             step = max(1, self.pnet_max_pixels // max(h * w, 1))
             for c in range(0, len(members), step):
                 idx = members[c:c + step]
+                place[0, idx] = len(out)
+                place[1, idx] = np.arange(len(idx))
                 n = len(idx) * h * w * 3
                 buf = torch.zeros(n + (w + 1) * 3, dtype=torch.float32, device=self.device)
                 pix = torch.from_numpy(np.stack([images[k] for k in idx])).to(self.device)
                 x = buf[:n].view(len(idx), h, w, 3)
                 x.copy_(pix).sub_(127.5).div_(128.0)
                 out.append((torch.tensor(idx, dtype=torch.long, device=self.device), x))
-        return out
+        return out, torch.from_numpy(place).to(self.device)
 
     def _area(self, n_in: int, n_out: int) -> torch.Tensor:
         """Cached sparse ``(n_out, n_in)`` TF-area resize matrix."""
@@ -551,22 +559,31 @@ class TorchMTCNN:
         out = torch.lerp(a, b, ly).view(-1, size, size, 3) * valid[..., None]
         return out.permute(0, 3, 1, 2)  # (N, size, size, 3) memory = channels-last
 
-    def _forward_crops(self, net: nn.Module, batches, boxes: torch.Tensor, ids: torch.Tensor, size: int):
-        """Run ``net`` on the ``size`` x ``size`` crops of every box; outputs in the order of ``boxes``."""
+    def _forward_crops(self, net: nn.Module, batches, place: torch.Tensor, boxes: torch.Tensor,
+                       ids: torch.Tensor, size: int):
+        """Run ``net`` on the ``size`` x ``size`` crops of every box; outputs in the order of ``boxes``.
+
+        ``place`` (from :meth:`_batches`) maps each box's image id to its batch and row.
+        """
         n = boxes.shape[0]
-        crops = torch.empty(n, size, size, 3, device=self.device).permute(0, 3, 1, 2)
-        pos = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=self.device)
-        for ids_t, x in batches:
-            pos[ids_t] = torch.arange(ids_t.numel(), device=self.device)
-            sel = torch.nonzero(torch.isin(ids, ids_t)).squeeze(1)
-            if sel.numel():
-                crops[sel] = self._crops(x, boxes[sel], pos[ids[sel]], size)
-            pos[ids_t] = -1
+        if len(batches) == 1:  # one image size: no sorting of boxes by batch needed
+            crops = self._crops(batches[0][1], boxes, place[1, ids], size)
+        else:
+            crops = torch.empty(n, size, size, 3, device=self.device).permute(0, 3, 1, 2)
+            batch_of = place[0, ids]
+            order = torch.argsort(batch_of, stable=True)
+            counts = torch.bincount(batch_of, minlength=len(batches)).tolist()  # one host sync
+            start = 0
+            for (_, x), count in zip(batches, counts):
+                if count:
+                    sel = order[start:start + count]
+                    crops[sel] = self._crops(x, boxes[sel], place[1, ids[sel]], size)
+                start += count
         outs = [net(crops[c:c + self.crop_chunk]) for c in range(0, n, self.crop_chunk)]
         return [torch.cat(parts) for parts in zip(*outs)]
 
-    def _stage_rnet(self, batches, boxes, ids):
-        reg, prob = self._forward_crops(self.rnet, batches, boxes, ids, 24)
+    def _stage_rnet(self, batches, place, boxes, ids):
+        reg, prob = self._forward_crops(self.rnet, batches, place, boxes, ids, 24)
         scores = prob[:, 1].double()
         boxes = _regress(boxes, reg)
         sel = torch.nonzero(scores > self.thresholds[1]).squeeze(1)
@@ -574,8 +591,8 @@ class TorchMTCNN:
         keep = package_nms(boxes, scores, ids, _NMS_RNET, "union")
         return _square(boxes[keep]), ids[keep], scores[keep]
 
-    def _stage_onet(self, batches, boxes, ids):
-        reg, lm, prob = self._forward_crops(self.onet, batches, boxes, ids, 48)
+    def _stage_onet(self, batches, place, boxes, ids):
+        reg, lm, prob = self._forward_crops(self.onet, batches, place, boxes, ids, 48)
         scores = prob[:, 1].double()
         w = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
         h = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]

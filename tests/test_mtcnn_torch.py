@@ -265,3 +265,101 @@ def test_bad_inputs_raise_clear_errors(detector):
         TorchMTCNN(thresholds=(0.6, 0.7))
     with pytest.raises(ValueError, match="min_face_size"):
         TorchMTCNN(min_face_size=0)
+
+
+# ------------------------------------------------- images without a candidate in a batch
+# Patterns of a batch: "F" takes the next face photo, "B" the next image without a face.
+# The blanks are flat (black, mid-gray, one colour, white), too small for any pyramid
+# level, or a checkerboard whose PNet proposals all die in RNet, so an image drops out
+# before RNet or before ONet. Blanks sit first, in the middle, last, in runs, or alone.
+NO_FACE_PATTERNS = ["BFFF", "FBF", "FFB", "FBBBF", "BFBFB", "FFBB", "BBBB", "B"]
+
+
+@pytest.fixture(scope="module")
+def face_and_blank_pool(lfw_images):
+    """Face photos of three sizes and no-face images of five sizes, with the package's
+    single-image detections of each (the reference)."""
+    import cv2
+
+    faces = [lfw_images[0], lfw_images[1], cv2.resize(lfw_images[2], (200, 300)),
+             lfw_images[3], cv2.resize(lfw_images[4], (320, 280))]
+    yy, xx = np.mgrid[0:250, 0:250]
+    blanks = [
+        np.zeros((250, 250, 3), np.uint8),                                   # black, LFW size
+        ((((yy // 10) + (xx // 10)) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2),  # checker
+        np.full((250, 250, 3), 128, np.uint8),                               # uniform gray
+        np.tile(np.array([200, 30, 30], np.uint8), (180, 220, 1)),           # flat colour
+        np.full((10, 10, 3), 90, np.uint8),                                  # below PNet's 12 px
+        np.full((300, 200, 3), 255, np.uint8),                               # white, tall
+    ]
+    return faces, blanks
+
+
+@pytest.fixture(scope="module")
+def pool_reference(package, face_and_blank_pool):
+    faces, blanks = face_and_blank_pool
+    ref = {("F", k): package.detect_faces(img) for k, img in enumerate(faces)}
+    ref.update({("B", k): package.detect_faces(img) for k, img in enumerate(blanks)})
+    return ref
+
+
+def _assert_matches_package(dets: list[Detection], ref: list[dict], where: str) -> None:
+    assert len(dets) == len(ref), f"{where}: {len(dets)} faces vs package {len(ref)}"
+    for d, r in zip(dets, ref):  # both by descending confidence
+        got = to_package_format(d)
+        assert np.abs(np.subtract(got["box"], r["box"])).max() <= 1, f"{where}: box {got['box']} vs {r['box']}"
+        assert abs(d.confidence - float(r["confidence"])) <= 1e-3, where
+        ref_lm = np.array([r["keypoints"][n] for n in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")])
+        assert np.abs(d.landmarks - ref_lm).max() <= 1.0, f"{where}: landmarks {d.landmarks} vs {ref_lm}"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("pattern", NO_FACE_PATTERNS)
+def test_images_without_candidates_anywhere_in_a_batch(pattern, threads, face_and_blank_pool, pool_reference):
+    """Regression: an image with no box left at a stage used to break the image -> pixels
+    mapping of the crop stages (IndexError) when it was the last of its worker's part."""
+    faces, blanks = face_and_blank_pool
+    pools = {"F": faces, "B": blanks}
+    count = {"F": 0, "B": 0}
+    keys = []
+    for c in pattern:
+        keys.append((c, count[c] % len(pools[c])))
+        count[c] += 1
+    batches = [keys]
+    if "F" not in pattern:  # all blank: start the cycle at every blank in turn
+        batches = [[("B", (k + shift) % len(blanks)) for _, k in keys] for shift in range(len(blanks))]
+    detector = _threaded_detector(threads)
+    for keys in batches:
+        images = [pools[c][k] for c, k in keys]
+        found = detector.detect(images)
+        assert len(found) == len(images)
+        for slot, (key, dets) in enumerate(zip(keys, found)):
+            where = f"{pattern} slot {slot} ({key}), {threads} threads"
+            _assert_matches_package(dets, pool_reference[key], where)
+            assert (len(dets) >= 1) if key[0] == "F" else (dets == []), where
+
+
+def test_mixed_sizes_with_blanks_between_faces(face_and_blank_pool, pool_reference):
+    """Every face and blank of the pool in one batch of seven image sizes, blanks between
+    the faces, in both orders, for 1-4 worker parts."""
+    faces, blanks = face_and_blank_pool
+    keys = [("F", 0), ("B", 0), ("B", 3), ("F", 2), ("B", 1), ("F", 4), ("B", 4), ("F", 1), ("B", 5),
+            ("F", 3), ("B", 2)]
+    for threads in (1, 2, 3, 4):
+        for order in (keys, keys[::-1]):
+            images = [(faces if c == "F" else blanks)[k] for c, k in order]
+            found = _threaded_detector(threads).detect(images)
+            for slot, (key, dets) in enumerate(zip(order, found)):
+                where = f"slot {slot} ({key}), {threads} threads"
+                _assert_matches_package(dets, pool_reference[key], where)
+                assert (len(dets) >= 1) if key[0] == "F" else (dets == []), where
+
+
+_DETECTORS: dict[int, TorchMTCNN] = {}
+
+
+def _threaded_detector(threads: int) -> TorchMTCNN:
+    """One detector per worker count (a batch is cut into ``threads`` parts at most)."""
+    if threads not in _DETECTORS:
+        _DETECTORS[threads] = TorchMTCNN(num_threads=threads)
+    return _DETECTORS[threads]
