@@ -363,3 +363,67 @@ def _threaded_detector(threads: int) -> TorchMTCNN:
     if threads not in _DETECTORS:
         _DETECTORS[threads] = TorchMTCNN(num_threads=threads)
     return _DETECTORS[threads]
+
+
+def test_nms_blocking_and_min_score_leave_the_result_unchanged():
+    """Groups of very different sizes, overlaps computed in blocks of any size, and the
+    stages' score threshold applied inside the NMS give the same indices as without."""
+    rng = np.random.default_rng(5)
+    n = 400
+    groups = np.concatenate([np.zeros(250), rng.integers(1, 40, n - 250)]).astype(np.int64)
+    xy = rng.uniform(0, 60, (n, 2))
+    boxes = torch.from_numpy(np.concatenate([xy, xy + rng.uniform(5, 30, (n, 2))], axis=1))
+    scores = torch.from_numpy(np.round(rng.uniform(0.5, 1, n), 2))  # ties
+    g = torch.from_numpy(groups)
+    for method, thr in (("union", 0.5), ("min", 0.7)):
+        ref = package_nms(boxes, scores, g, thr, method)
+        for max_elems in (1, 37, 4096, 1 << 20):
+            assert torch.equal(package_nms(boxes, scores, g, thr, method, max_elems), ref), max_elems
+        sel = torch.nonzero(scores > 0.8).squeeze(1)
+        expected = sel[package_nms(boxes[sel], scores[sel], g[sel], thr, method)]
+        assert torch.equal(package_nms(boxes, scores, g, thr, method, 64, min_score=0.8), expected)
+    assert package_nms(boxes, scores, g, 0.5, min_score=1.0).numel() == 0
+
+
+# ------------------------------------------------------------------ device and host syncs
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+])
+def test_tensors_stay_on_the_chosen_device_and_host_syncs_are_few(device):
+    """Every operator's output is on the detector's device (copies to the host excepted),
+    no tensor is made without ``device=``, and the calls that would make the host wait
+    for a GPU are a fixed few per ``detect`` call, not a few per image or pyramid level.
+
+    On the CPU the first check cannot fail (everything is on the CPU); the other two can,
+    and they are what would put a tensor on the wrong device or stall a GPU."""
+    from pipeline.torch_audit import TorchAudit
+    from tests.conftest import synthetic_face
+
+    faces = [synthetic_face(seed) for seed in range(4)]  # 160 x 160
+    blank = np.zeros((160, 160, 3), np.uint8)
+    checker = np.kron((np.indices((16, 16)).sum(0) % 2 * 255).astype(np.uint8), np.ones((10, 10), np.uint8))
+    checker = np.repeat(checker[..., None], 3, axis=2)  # PNet proposals, none survives RNet
+    big = np.kron(faces[3], np.ones((3, 3, 1), np.uint8))  # 480 x 480: three more pyramid levels
+    detector = TorchMTCNN(device=device, num_threads=1)  # one thread: the watches see the calling thread only
+    reference = TorchMTCNN(device="cpu", num_threads=1)
+    tiny = np.zeros((10, 10, 3), np.uint8)
+    batches = {  # name: (images, which are faces, most host syncs allowed)
+        "one face": ([faces[0]], [True], 10),
+        "same size": ([faces[0], blank, faces[1], checker, faces[2]], [True, False, True, False, True], 10),
+        "one big face": ([big], [True], 10),
+        "mixed sizes": ([faces[0], blank, big, faces[1], tiny, checker[:150]], [True, False, True, True, False, False], 12),
+    }
+    for name, (images, is_face, most) in batches.items():
+        with TorchAudit(device) as audit:
+            found = detector.detect(images)
+        assert audit.calls > 100, name  # the audit saw the work
+        assert not audit.strays, f"{name}: tensors off {device}: {dict(audit.strays)}"
+        assert not audit.undeviced, f"{name}: tensors made without device=: {dict(audit.undeviced)}"
+        assert audit.syncs <= most, f"{name}: {audit.syncs} host syncs: {dict(audit.sites)}"
+        assert [len(d) > 0 for d in found] == is_face, name
+        for got, ref in zip(found, reference.detect(images)):  # on the CPU: the same detector twice
+            assert len(got) == len(ref), name
+            for a, b in zip(got, ref):
+                np.testing.assert_allclose(a.box, b.box, atol=1e-2)
+                np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-2)
