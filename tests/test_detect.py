@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -122,9 +124,10 @@ def test_real_lfw_detection_and_alignment(lfw_dev, tmp_path):
 
 
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
-def test_run_detect_keeps_every_lfw_face_with_blanks_between(lfw_dev, tmp_path, monkeypatch, threads):
+def test_run_detect_keeps_every_lfw_face_with_blanks_between(lfw_dev, tmp_path, monkeypatch, capsys, threads):
     """The stage's own entry point on real photos with faceless images between them, in
-    batches of 4 (blanks first, in the middle, last and in runs), cut into 1-3 worker parts."""
+    batches of 4 per thread (blanks first, in the middle, last and in runs), cut into 1-3
+    worker parts."""
     import json
 
     from pipeline.detect import run_detect
@@ -143,11 +146,12 @@ def test_run_detect_keeps_every_lfw_face_with_blanks_between(lfw_dev, tmp_path, 
     }
     blanks = [(f"blank/{name}", str(write_image(tmp_path / "blank" / name, a)), "blank")
               for name, a in blank_arrays.items()]
-    order = "BFFBFBBFFBFB"  # batches of 4: BFFB FBBF FBFB
+    order = "BFFBFBBFFBFB"  # 1 thread: BFFB FBBF FBFB; 2: BFFBFBBF FBFB; 3: one batch
     pick = {"F": iter(faces), "B": iter(blanks)}
     images = pd.DataFrame([next(pick[c]) for c in order], columns=["image_id", "path", "identity"])
     params = DetectParams(batch_size=4)
     counts = run_detect(params, {"mixed": images}, tmp_path / "detect", tmp_path / "counts.json", progress=False)
+    assert capsys.readouterr().out.splitlines()[0] == f"detect: device cpu, {threads} threads, batch {4 * int(threads)} images"
     table = pd.read_parquet(tmp_path / "detect" / "mixed.parquet").set_index("image_id")
     for image_id, _, _ in faces:
         assert table.loc[image_id, "status"] == "ok", (image_id, table.loc[image_id, "reason"])
@@ -156,3 +160,74 @@ def test_run_detect_keeps_every_lfw_face_with_blanks_between(lfw_dev, tmp_path, 
     expected = {"images": 12, "faces": 6, "dropped": 6, "reasons": {"no face found": 6}}
     assert counts["mixed"] == expected
     assert json.loads((tmp_path / "counts.json").read_text())["mixed"] == expected
+
+
+def test_plan_sizes_batches_and_threads_from_the_machine(monkeypatch):
+    import torch
+
+    from pipeline.config import ConfigError
+    from pipeline.detect import plan_detect
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert plan_detect(DetectParams(), threads=2) == plan_detect(DetectParams(device="cpu"), threads=2)
+    plan = plan_detect(DetectParams(), threads=2)
+    assert (plan.device, plan.threads, plan.batch_size) == ("cpu", 2, 32)  # the committed run's batches
+    assert plan_detect(DetectParams(), threads=16).batch_size == 64  # 4 images per thread
+    assert plan_detect(DetectParams(batch_size=100), threads=16).batch_size == 100
+    monkeypatch.setenv("FACEPIPE_THREADS", "3")
+    assert plan_detect(DetectParams()).threads == 3
+    assert plan_detect(DetectParams(backend="package")).device == "tensorflow"
+    with pytest.raises(ConfigError, match=r"detect.device is 'cuda' but PyTorch sees no CUDA GPU") as err:
+        plan_detect(DetectParams(device="cuda"))
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert plan_detect(DetectParams()).device == "cuda"
+    assert plan_detect(DetectParams(device="cpu")).device == "cpu"
+
+
+def test_decode_pool_and_batches_follow_the_thread_count(tmp_path, monkeypatch):
+    """12 threads (above the old cap of 8 decoders): 12 decoders, batches of 48."""
+    import pipeline.detect as detect_module
+
+    pools = []
+
+    class RecordingPool(detect_module.ThreadPoolExecutor):
+        def __init__(self, max_workers):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers)
+
+    class CountingDetector:
+        def __init__(self):
+            self.calls = []
+
+        def detect(self, images):
+            self.calls.append(len(images))
+            return [[] for _ in images]
+
+    monkeypatch.setattr(detect_module, "ThreadPoolExecutor", RecordingPool)
+    path = write_image(tmp_path / "a" / "gray.png", np.full((40, 40, 3), 128, np.uint8))
+    images = pd.DataFrame({"image_id": [f"a/{k}" for k in range(50)], "path": [str(path)] * 50, "identity": "a"})
+    detector = CountingDetector()
+    table = detect_set(images, detector, DetectParams(), progress=False, threads=12)
+    assert pools == [12] and detector.calls == [48, 2]
+    assert (table["reason"] == "no face found").all()
+
+
+def test_cli_cuda_without_gpu_is_one_line_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["detect"]["device"] = "cuda"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "detect", "--params", str(path), "--no-progress"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "detect.device is 'cuda'" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
