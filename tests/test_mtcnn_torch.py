@@ -42,6 +42,11 @@ def detector() -> TorchMTCNN:
 @pytest.fixture(scope="module")
 def package():
     """The package's detector (imports TensorFlow, ~10 s)."""
+    # Triton (imported by torch._dynamo and torchvision) crashes the process (segfault) when
+    # it loads after TensorFlow, e.g. in test_config's load_params run after these tests:
+    # load it first.
+    import torch._dynamo  # noqa: F401
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     mtcnn = pytest.importorskip("mtcnn")
     return mtcnn.MTCNN()
