@@ -283,8 +283,9 @@ def package_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     Host round trips, whatever the number of groups: scores and groups come to the host in
     one copy (the package's tie order needs numpy's own sort), the order and the group
     layout go back in one copy, and the kept indices are read off once. The overlaps are
-    computed on the device for blocks of groups of similar size (largest first), so many
-    small groups beside a big one are not padded to its size.
+    computed on the device for blocks of groups of similar size (largest first; a block
+    holds groups of at least 0.7 times its largest), so many small groups beside a big one
+    are not padded to its size.
     """
     device = boxes.device
     empty = torch.zeros(0, dtype=torch.long, device=device)
@@ -317,8 +318,9 @@ def package_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     suppressed = torch.zeros(sizes.size, k, dtype=torch.bool, device=device)
     c = 0
     while c < sizes.size:
-        kb = int(sizes[c])  # the largest group of this block
-        step = max(1, max_elems // (kb * kb))  # groups per block
+        kb = int(sizes[c])  # the largest group of this block; the block ends before groups under 0.7 kb
+        similar = int(np.searchsorted(-sizes[c:], -0.7 * kb, side="right"))  # (padding <= 2x the work)
+        step = max(1, min(similar, max_elems // (kb * kb)))  # groups per block
         block = slice(c, c + step)
         rows_per = max(1, min(kb, max_elems // kb))  # suppressor rows per pass (when one group is too big)
         for r in range(0, kb, rows_per):
