@@ -151,7 +151,8 @@ def test_run_detect_keeps_every_lfw_face_with_blanks_between(lfw_dev, tmp_path, 
     images = pd.DataFrame([next(pick[c]) for c in order], columns=["image_id", "path", "identity"])
     params = DetectParams(batch_size=4)
     counts = run_detect(params, {"mixed": images}, tmp_path / "detect", tmp_path / "counts.json", progress=False)
-    assert capsys.readouterr().out.splitlines()[0] == f"detect: device cpu, {threads} threads, batch {4 * int(threads)} images"
+    start_line = capsys.readouterr().out.splitlines()[0]
+    assert start_line == f"detect: device cpu, {threads} threads, batch {4 * int(threads)} images"
     table = pd.read_parquet(tmp_path / "detect" / "mixed.parquet").set_index("image_id")
     for image_id, _, _ in faces:
         assert table.loc[image_id, "status"] == "ok", (image_id, table.loc[image_id, "reason"])

@@ -417,7 +417,8 @@ def test_tensors_stay_on_the_chosen_device_and_host_syncs_are_few(device):
         "one face": ([faces[0]], [True], 10),
         "same size": ([faces[0], blank, faces[1], checker, faces[2]], [True, False, True, False, True], 10),
         "one big face": ([big], [True], 10),
-        "mixed sizes": ([faces[0], blank, big, faces[1], tiny, checker[:150]], [True, False, True, True, False, False], 12),
+        "mixed sizes": ([faces[0], blank, big, faces[1], tiny, checker[:150]],
+                        [True, False, True, True, False, False], 12),
     }
     for name, (images, is_face, most) in batches.items():
         with TorchAudit(device) as audit:
