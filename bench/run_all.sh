@@ -26,6 +26,7 @@ mkdir -p "$OUT"
 step() { local name=$1; shift; echo "== $name: $*"; "$@" 2>&1 | grep -v "^\s*$" | tee "$OUT/$name.txt"; }
 
 step detect      $PY bench/bench_detect.py --images-dir "$LFW_IMAGES" --n 500 --per-image-n 50 --coverage
+step detect_overhead $PY bench/bench_detect_overhead.py --images-dir "$LFW_IMAGES" --n 96 --batch-size 32
 step input       $PY bench/bench_input.py --aligned "$RUN/data/aligned/train" --shards "$RUN/data/shards/train" --epochs 3
 step train_step  $PY bench/bench_train_step.py --shards "$RUN/data/shards" --params configs/lfw-dev.yaml --loss arcface
 step scoring     $PY bench/bench_scoring.py --pairs 1000000

@@ -83,11 +83,12 @@ def data(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> N
 def detect(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
     """Detect one face (MTCNN, 5 landmarks) per image of every set; count what is dropped."""
     from pipeline.data import read_index
-    from pipeline.detect import run_detect
+    from pipeline.detect import plan_detect, run_detect
 
     params = _params(params_file)
+    plan = plan_detect(params.detect)  # detect.device: cuda without a GPU stops here, before any reading
     sets = {name: read_index(paths.DATASETS, name).images for name in ["train", *params.data.tests]}
-    counts = run_detect(params.detect, sets, paths.DETECT, paths.DETECTION_COUNTS, progress=progress)
+    counts = run_detect(params.detect, sets, paths.DETECT, paths.DETECTION_COUNTS, progress=progress, plan=plan)
     for name, c in counts.items():
         typer.echo(f"{name}: {c['images']} -> {c['faces']} faces ({c['dropped']} dropped)")
 

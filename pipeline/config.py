@@ -100,6 +100,7 @@ class DetectParams(_Strict):
     batch_size: int = Field(32, ge=1)
     max_image_side: int = Field(2000, ge=64)
     min_image_side: int = Field(24, ge=12)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # torch backend; auto = cuda when PyTorch sees a GPU
 
     @field_validator("thresholds")
     @classmethod

@@ -10,11 +10,20 @@ dropped, with the reason, and counted per set.
 
 Writes ``OUT/<set>.parquet`` (one row per input image, kept or not),
 ``OUT/rejects.csv``, and the before/after counts to ``counts_path`` (JSON).
+
+Device, threads and batches (:func:`plan_detect`, printed as one line when the stage
+starts): the torch backend runs on ``detect.device`` (``auto``: ``cuda`` when PyTorch sees
+a GPU, else ``cpu``). ``threads`` is :func:`pipeline.cpu.thread_count` (``FACEPIPE_THREADS``
+or the cores this process may run on); files are decoded on that many threads, a batch
+ahead of the detector, and on the CPU the detector cuts each batch into that many parts
+run side by side. A batch holds ``max(detect.batch_size, 4 * threads)`` images, so each
+part gets at least 4 images whatever the machine (an even split and no idle core); with
+the default ``batch_size: 32`` that changes nothing up to 8 threads (the committed
+2-thread run keeps its batches, and its detections).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,12 +35,52 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline import cpu
-from pipeline.config import DetectParams
+from pipeline.config import ConfigError, DetectParams
 from pipeline.images import BadImage, load_rgb
 from pipeline.io import atomic_dir, write_csv, write_json, write_parquet
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 LANDMARK_COLUMNS = [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"]
+IMAGES_PER_THREAD = 4  # smallest share of a batch per thread (see plan_detect)
+
+
+def resolve_device(choice: str) -> str:
+    """``detect.device`` -> the torch device to use: ``auto`` is ``cuda`` when PyTorch sees a
+    CUDA GPU, else ``cpu``. ``cuda`` without one raises :class:`ConfigError` (one line, exit 2)."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("detect.device is 'cuda' but PyTorch sees no CUDA GPU (torch.cuda.is_available() "
+                          "is False); set detect.device to auto or cpu")
+    return choice
+
+
+@dataclass(frozen=True)
+class DetectPlan:
+    """Where and how wide the detect stage runs (see the module docstring)."""
+
+    device: str  # torch device of the torch backend; "tensorflow" for the package backend
+    threads: int  # decode threads, and detector threads (parts of a batch on the CPU)
+    batch_size: int  # images per detector call
+
+    def describe(self) -> str:
+        return f"detect: device {self.device}, {self.threads} threads, batch {self.batch_size} images"
+
+
+def batch_size_for(params: DetectParams, threads: int) -> int:
+    """Images per detector call: ``detect.batch_size``, raised to 4 per thread."""
+    return max(params.batch_size, IMAGES_PER_THREAD * threads)
+
+
+def plan_detect(params: DetectParams, threads: int | None = None) -> DetectPlan:
+    """Device, thread count and batch size for this machine: ``threads`` defaults to
+    :func:`pipeline.cpu.thread_count`; a batch is ``max(params.batch_size, 4 * threads)``
+    images. Raises :class:`ConfigError` for ``device: cuda`` without a GPU."""
+    threads = cpu.thread_count() if threads is None else int(threads)
+    device = resolve_device(params.device) if params.backend == "torch" else "tensorflow"
+    return DetectPlan(device=device, threads=threads, batch_size=batch_size_for(params, threads))
 
 
 @dataclass
@@ -76,16 +125,20 @@ def _face_from_package(result: dict) -> Face:
 
 
 class TorchDetector:
-    """The same networks and weights in batched PyTorch (:mod:`pipeline.mtcnn_torch`)."""
+    """The same networks and weights in batched PyTorch (:mod:`pipeline.mtcnn_torch`), on
+    ``device`` (default: ``params.device`` resolved) with ``threads`` threads (default:
+    :func:`pipeline.cpu.thread_count`)."""
 
-    def __init__(self, params: DetectParams) -> None:
+    def __init__(self, params: DetectParams, *, device: str | None = None, threads: int | None = None) -> None:
         from pipeline.mtcnn_torch import TorchMTCNN
 
+        self.device = resolve_device(params.device) if device is None else device
         self._mtcnn = TorchMTCNN(
             min_face_size=params.min_face_size,
             scale_factor=params.scale_factor,
             thresholds=tuple(params.thresholds),
-            num_threads=cpu.thread_count(),
+            device=self.device,
+            num_threads=cpu.thread_count() if threads is None else threads,
         )
 
     def detect(self, images: list[np.ndarray]) -> list[list[Face]]:
@@ -96,8 +149,12 @@ class TorchDetector:
         ]
 
 
-def make_detector(params: DetectParams) -> Detector:
-    return TorchDetector(params) if params.backend == "torch" else PackageDetector(params)
+def make_detector(params: DetectParams, plan: DetectPlan | None = None) -> Detector:
+    if params.backend != "torch":
+        return PackageDetector(params)
+    if plan is None:
+        return TorchDetector(params)
+    return TorchDetector(params, device=plan.device, threads=plan.threads)
 
 
 def choose_face(faces: Sequence[Face], image_shape: tuple[int, int], min_confidence: float) -> Face | None:
@@ -130,10 +187,10 @@ def _load(path: str, params: DetectParams) -> tuple[np.ndarray | None, float, st
         return None, 1.0, str(err)
 
 
-def _batches(paths: list[str], params: DetectParams, workers: int) -> Iterator[list[tuple[int, np.ndarray | None, float, str]]]:
-    """Decode images on a thread pool, a batch ahead of the detector."""
+def _batches(paths: list[str], params: DetectParams, workers: int,
+             size: int) -> Iterator[list[tuple[int, np.ndarray | None, float, str]]]:
+    """Decode images on ``workers`` threads, ``size`` at a time, a batch ahead of the detector."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        size = params.batch_size
         starts = list(range(0, len(paths), size))
         pending = None
         for start in starts + [None]:
@@ -147,8 +204,14 @@ def _batches(paths: list[str], params: DetectParams, workers: int) -> Iterator[l
 
 
 def detect_set(images: pd.DataFrame, detector: Detector, params: DetectParams, *, desc: str = "detect",
-               progress: bool = True) -> pd.DataFrame:
-    """Detect one face per image; one output row per input row, with ``status`` and ``reason``."""
+               progress: bool = True, threads: int | None = None) -> pd.DataFrame:
+    """Detect one face per image; one output row per input row, with ``status`` and ``reason``.
+
+    Decodes on ``threads`` threads (default :func:`pipeline.cpu.thread_count`), in batches of
+    :func:`batch_size_for` images.
+    """
+    threads = cpu.thread_count() if threads is None else int(threads)
+    batch_size = batch_size_for(params, threads)
     paths = images["path"].tolist()
     n = len(paths)
     status = np.array(["ok"] * n, dtype=object)
@@ -158,9 +221,8 @@ def detect_set(images: pd.DataFrame, detector: Detector, params: DetectParams, *
     marks = np.full((n, 10), np.nan)
     n_faces = np.zeros(n, dtype=np.int32)
     sizes = np.zeros((n, 2), dtype=np.int32)
-    workers = max(1, min(8, os.cpu_count() or 1))
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-    for batch in _batches(paths, params, workers):
+    for batch in _batches(paths, params, threads, batch_size):
         good = [(i, img, scale) for i, img, scale, why in batch if img is not None]
         for i, img, scale, why in batch:
             if img is None:
@@ -197,14 +259,22 @@ def landmarks_of(rows: pd.DataFrame) -> np.ndarray:
 
 
 def run_detect(params: DetectParams, sets: dict[str, pd.DataFrame], out_dir: str | Path,
-               counts_path: str | Path, *, progress: bool = True) -> dict[str, dict]:
-    """Detect faces in every set; write per-set tables, the rejects list and the counts."""
-    detector = make_detector(params)
+               counts_path: str | Path, *, progress: bool = True, plan: DetectPlan | None = None) -> dict[str, dict]:
+    """Detect faces in every set; write per-set tables, the rejects list and the counts.
+
+    Prints :meth:`DetectPlan.describe` first (device, threads, batch size). A ``plan`` of
+    ``plan_detect(params)`` is made when none is given (:class:`ConfigError` before anything
+    is written when ``device: cuda`` has no GPU).
+    """
+    plan = plan_detect(params) if plan is None else plan
+    print(plan.describe(), flush=True)
+    detector = make_detector(params, plan)
     counts: dict[str, dict] = {}
     rejects = []
     with atomic_dir(out_dir) as tmp:
         for name, images in sets.items():
-            table = detect_set(images, detector, params, desc=f"detect {name}", progress=progress)
+            table = detect_set(images, detector, params, desc=f"detect {name}", progress=progress,
+                               threads=plan.threads)
             write_parquet(Path(tmp) / f"{name}.parquet", table)
             dropped = table[table["status"] != "ok"]
             rejects.append(dropped.assign(set=name)[["set", "image_id", "path", "reason"]])

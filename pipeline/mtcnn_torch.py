@@ -32,6 +32,15 @@ mode itself departs from its single-image results on a few percent of LFW images
 it sorts the scores of the whole batch at once and breaks ties differently). Images of
 equal size share PNet forward passes; RNet/ONet crops of all images go through single
 passes (in chunks of ``crop_chunk``).
+
+Every tensor is made on the detector's device. On a GPU the host waits for the device a
+fixed number of times per ``detect`` call (per worker part), whatever the number of
+images or pyramid levels: PNet's face cells are found once for all levels, each of the
+four NMS calls reads its scores once and its kept boxes once (the package's tie order
+needs numpy's own sort on the host), the results come back in one copy, and with several
+image sizes each crop stage reads how many boxes each size has: 10 syncs, 12 with mixed
+sizes (``tests/test_mtcnn_torch.py`` counts them with :mod:`pipeline.torch_audit`).
+Copies to the device go through pinned memory without blocking.
 """
 from __future__ import annotations
 
@@ -250,35 +259,75 @@ def _package_order(scores: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return np.concatenate([idx[np.argsort(scores[idx])[::-1]] for idx in np.split(by_group, bounds)])
 
 
+def _upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``. To a GPU the copy goes through pinned memory without
+    blocking, so it does not wait for the queued kernels (a copy from ordinary, pageable
+    memory does); on the CPU the array's memory is used as it is."""
+    t = torch.from_numpy(array)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def package_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, threshold: float,
-                method: str = "union", max_elems: int = 1 << 20) -> torch.Tensor:
+                method: str = "union", max_elems: int = 1 << 20, *, min_score: float | None = None) -> torch.Tensor:
     """The package's NMS, per group (image): keep a box iff no higher-scored box of its group
     overlaps it by more than ``threshold`` (suppressed boxes still suppress).
 
-    boxes ``(N, 4)`` x1y1x2y2 float64, scores ``(N,)``, groups ``(N,)`` int64, rows of a group
-    in the package's row order. Returns indices into the inputs, ordered by group then
-    descending score (ties ordered as the package orders them).
+    boxes ``(N, 4)`` x1y1x2y2 float64, scores ``(N,)`` float64, groups ``(N,)`` int64 (below
+    2**53), rows of a group in the package's row order. With ``min_score``, only rows with
+    ``score > min_score`` take part (the stages' score threshold, applied first). Returns
+    indices into the inputs, ordered by group then descending score (ties ordered as the
+    package orders them).
+
+    Host round trips, whatever the number of groups: scores and groups come to the host in
+    one copy (the package's tie order needs numpy's own sort), the order and the group
+    layout go back in one copy, and the kept indices are read off once. The overlaps are
+    computed on the device for blocks of groups of similar size (largest first; a block
+    holds groups of at least 0.7 times its largest), so many small groups beside a big one
+    are not padded to its size.
     """
+    device = boxes.device
+    empty = torch.zeros(0, dtype=torch.long, device=device)
     if boxes.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    order = torch.from_numpy(_package_order(scores.cpu().numpy(), groups.cpu().numpy())).to(boxes.device)
-    g = groups[order]
-    _, counts = torch.unique_consecutive(g, return_counts=True)
-    n_groups, k = counts.numel(), int(counts.max())
-    gi = torch.repeat_interleave(torch.arange(n_groups, device=g.device), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(g.numel(), device=g.device) - starts[gi]
-    padded = boxes.new_zeros(n_groups, k, 4)  # padding boxes have zero area -> NaN IoU -> never suppress
-    padded[gi, pos] = boxes[order]
-    later = torch.triu(torch.ones(k, k, dtype=torch.bool, device=g.device), diagonal=1)  # [i, j]: i < j
-    suppressed = torch.zeros(n_groups, k, dtype=torch.bool, device=g.device)
-    step = max(1, max_elems // (k * k))  # groups per block
-    rows = max(1, min(k, max_elems // k))  # suppressor rows per block (when one group is too big)
-    for c in range(0, n_groups, step):
-        for r in range(0, k, rows):
-            iou = _iou_padded(padded[c:c + step, r:r + rows], padded[c:c + step], method)
-            suppressed[c:c + step] |= ((iou > threshold) & later[r:r + rows]).any(dim=1)
-    return order[~suppressed[gi, pos]]
+        return empty
+    host = torch.stack([scores.double(), groups.double()]).cpu().numpy()
+    rows = np.arange(host.shape[1])
+    if min_score is not None:
+        rows = np.flatnonzero(host[0] > min_score)
+        if rows.size == 0:
+            return empty
+    order = rows[_package_order(host[0, rows], host[1, rows].astype(np.int64))]
+    g = host[1, order]
+    first = np.r_[True, g[1:] != g[:-1]]  # a group's first row in ``order``
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.r_[starts, g.size])
+    group_of_row = np.cumsum(first) - 1
+    pos = np.arange(g.size) - starts[group_of_row]  # row within its group
+    # slot of each group: groups by descending size (ties in group order)
+    by_size = np.argsort(-counts, kind="stable")
+    slot = np.empty_like(by_size)
+    slot[by_size] = np.arange(by_size.size)
+    sizes = counts[by_size]
+    k = int(sizes[0])
+    layout = _upload(np.stack([order, slot[group_of_row], pos]), device)
+    order_t, slot_t, pos_t = layout[0], layout[1], layout[2]
+    padded = boxes.new_zeros(sizes.size, k, 4)  # padding boxes have zero area -> NaN IoU -> never suppress
+    padded[slot_t, pos_t] = boxes[order_t]
+    later = torch.triu(torch.ones(k, k, dtype=torch.bool, device=device), diagonal=1)  # [i, j]: i < j
+    suppressed = torch.zeros(sizes.size, k, dtype=torch.bool, device=device)
+    c = 0
+    while c < sizes.size:
+        kb = int(sizes[c])  # the largest group of this block; the block ends before groups under 0.7 kb
+        similar = int(np.searchsorted(-sizes[c:], -0.7 * kb, side="right"))  # (padding <= 2x the work)
+        step = max(1, min(similar, max_elems // (kb * kb)))  # groups per block
+        block = slice(c, c + step)
+        rows_per = max(1, min(kb, max_elems // kb))  # suppressor rows per pass (when one group is too big)
+        for r in range(0, kb, rows_per):
+            iou = _iou_padded(padded[block, r:r + rows_per], padded[block, :kb], method)
+            suppressed[block, :kb] |= ((iou > threshold) & later[r:r + rows_per, :kb]).any(dim=1)
+        c += step
+    return order_t[~suppressed[slot_t, pos_t]]
 
 
 def _square(b: torch.Tensor) -> torch.Tensor:
@@ -429,19 +478,24 @@ class TorchMTCNN:
 
     @torch.inference_mode()
     def _detect_serial(self, images: list[np.ndarray]) -> list[list[Detection]]:
-        sizes = torch.tensor([img.shape[:2] for img in images], dtype=torch.long, device=self.device)
-        batches = self._batches(images)
-        boxes, ids, scores = self._stage_pnet(batches)
+        sizes = _upload(np.array([img.shape[:2] for img in images], dtype=np.int64), self.device)
+        batches, place = self._batches(images)
+        boxes, ids, scores = self._stage_pnet(batches, len(images))
         if ids.numel():
-            boxes, ids, scores = self._stage_rnet(batches, boxes, ids)
+            boxes, ids, scores = self._stage_rnet(batches, place, boxes, ids)
         landmarks = boxes.new_zeros(0, 10)
         if ids.numel():
-            boxes, ids, scores, landmarks = self._stage_onet(batches, boxes, ids)
+            boxes, ids, scores, landmarks = self._stage_onet(batches, place, boxes, ids)
         return self._to_detections(len(images), sizes, boxes, ids, scores, landmarks)
 
     # -- stages
-    def _batches(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Same-size images stacked: ``[(ids (G,), pixels (G, H, W, 3) float32 normalised), ...]``.
+    def _batches(self, images: list[np.ndarray]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """Same-size images stacked: ``[(ids (G,), pixels (G, H, W, 3) float32 normalised), ...]``,
+        and ``place`` ``(2, len(images))``: for image id ``k``, ``place[0, k]`` is the index of
+        its batch in that list and ``place[1, k]`` its row in the batch.
+
+        ``place`` covers every image, including those that will have no candidate left at a
+        later stage, so the crop stages can map any surviving box to its pixels.
 
         Each pixel tensor is a view on a buffer with ``W + 1`` spare zero pixels after it, so
         that the crop sampler may read one pixel right of / one row below any pixel.
@@ -450,17 +504,20 @@ class TorchMTCNN:
         for k, img in enumerate(images):
             groups.setdefault(img.shape[:2], []).append(k)
         out = []
+        place = np.zeros((2, len(images)), dtype=np.int64)
         for (h, w), members in groups.items():
             step = max(1, self.pnet_max_pixels // max(h * w, 1))
             for c in range(0, len(members), step):
                 idx = members[c:c + step]
+                place[0, idx] = len(out)
+                place[1, idx] = np.arange(len(idx))
                 n = len(idx) * h * w * 3
                 buf = torch.zeros(n + (w + 1) * 3, dtype=torch.float32, device=self.device)
-                pix = torch.from_numpy(np.stack([images[k] for k in idx])).to(self.device)
+                pix = _upload(np.stack([images[k] for k in idx]), self.device)
                 x = buf[:n].view(len(idx), h, w, 3)
                 x.copy_(pix).sub_(127.5).div_(128.0)
-                out.append((torch.tensor(idx, dtype=torch.long, device=self.device), x))
-        return out
+                out.append((_upload(np.array(idx, dtype=np.int64), self.device), x))
+        return out, _upload(place, self.device)
 
     def _area(self, n_in: int, n_out: int) -> torch.Tensor:
         """Cached sparse ``(n_out, n_in)`` TF-area resize matrix."""
@@ -483,10 +540,21 @@ class TorchMTCNN:
         z = self._area(h, out_h) @ y  # (oh, ow*G*C)
         return z.view(out_h, out_w, g, c).permute(2, 0, 1, 3).contiguous().permute(0, 3, 1, 2)
 
-    def _stage_pnet(self, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Proposals: ``(N, 4)`` float64 square x1y1x2y2 boxes, ``(N,)`` image ids, ``(N,)`` scores."""
+    def _stage_pnet(self, batches, n_images: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Proposals: ``(N, 4)`` float64 square x1y1x2y2 boxes, ``(N,)`` image ids, ``(N,)`` scores.
+
+        PNet runs on every pyramid level of every batch first; the face cells of all those
+        maps are then found with one ``nonzero``, and the per-level NMS of all of them is one
+        call whose groups are (map, image), in the order the maps were made. The host thus
+        waits on the device a fixed number of times per call, not several times per level.
+        """
         thr = self.thresholds[0]
-        all_boxes, all_ids, all_scores = [], [], []
+        empty = (torch.zeros(0, 4, dtype=torch.float64, device=self.device),
+                 torch.zeros(0, dtype=torch.long, device=self.device),
+                 torch.zeros(0, dtype=torch.float64, device=self.device))
+        scores, regs, map_ids = [], [], []
+        maps = []  # per map (batch x level): first flat index, cells per image, map width, ids start; and scale
+        cells = n_ids = 0
         for ids_t, x in batches:
             h, w = x.shape[1:3]
             xt = x.permute(2, 1, 0, 3).contiguous()  # (W, H, G, 3) for the resize
@@ -498,23 +566,34 @@ class TorchMTCNN:
                 step = max(1, self.pnet_chunk_elems // (16 * oh * ow))  # keep activations cache-sized
                 outs = [self.pnet(level[c:c + step]) for c in range(0, level.shape[0], step)]
                 reg, prob = (torch.cat(t) for t in zip(*outs)) if len(outs) > 1 else outs[0]
-                score = prob[..., 1]
-                g, yy, xx = torch.nonzero(score > thr, as_tuple=True)
-                if g.numel() == 0:
-                    continue
-                r = reg[g, yy, xx].double() * 11.0
-                x0, y0 = (2 * xx + 1).double(), (2 * yy + 1).double()
-                b = torch.stack([x0 + r[:, 0], y0 + r[:, 1], x0 + 11 + r[:, 2], y0 + 11 + r[:, 3]], 1) / float(s)
-                sc = score[g, yy, xx].double()
-                keep = package_nms(b, sc, ids_t[g], _NMS_PNET_LEVEL, "union")
-                all_boxes.append(b[keep])
-                all_ids.append(ids_t[g][keep])
-                all_scores.append(sc[keep])
-        if not all_boxes:
-            return (torch.zeros(0, 4, dtype=torch.float64, device=self.device),
-                    torch.zeros(0, dtype=torch.long, device=self.device),
-                    torch.zeros(0, dtype=torch.float64, device=self.device))
-        boxes, ids, scores = torch.cat(all_boxes), torch.cat(all_ids), torch.cat(all_scores)
+                g, ph, pw = prob.shape[:3]
+                scores.append(prob[..., 1].reshape(-1))
+                regs.append(reg.reshape(-1, 4))
+                map_ids.append(ids_t)
+                maps.append((cells, ph * pw, pw, n_ids, float(s)))
+                cells += g * ph * pw
+                n_ids += g
+        if not maps:
+            return empty
+        score = torch.cat(scores)
+        flat = torch.nonzero(score > thr).squeeze(1)  # (map, image, y, x) order, as per-map nonzero would give
+        if flat.numel() == 0:
+            return empty
+        table = _upload(np.array([m[:4] for m in maps], dtype=np.int64).T.copy(), self.device)
+        scale = _upload(np.array([m[4] for m in maps], dtype=np.float64), self.device)
+        which = torch.searchsorted(table[0], flat, right=True) - 1  # map of each face cell
+        local = flat - table[0][which]
+        per_image, width = table[1][which], table[2][which]
+        g = local // per_image
+        yy = (local - g * per_image) // width
+        xx = local - g * per_image - yy * width
+        ids = torch.cat(map_ids)[table[3][which] + g]
+        r = torch.cat(regs)[flat].double() * 11.0
+        x0, y0 = (2 * xx + 1).double(), (2 * yy + 1).double()
+        b = torch.stack([x0 + r[:, 0], y0 + r[:, 1], x0 + 11 + r[:, 2], y0 + 11 + r[:, 3]], 1) / scale[which][:, None]
+        sc = score[flat].double()
+        keep = package_nms(b, sc, which * n_images + ids, _NMS_PNET_LEVEL, "union")  # per map and image
+        boxes, ids, scores = b[keep], ids[keep], sc[keep]
         keep = package_nms(boxes, scores, ids, _NMS_PNET_ALL, "union")
         return _square(boxes[keep]), ids[keep], scores[keep]
 
@@ -529,7 +608,7 @@ class TorchMTCNN:
         memory by ``W + 1`` readable pixels (see ``_batches``).
         """
         g, h, w, _ = x.shape
-        norm = (boxes / boxes.new_tensor([w, h, w, h])).float()  # x1n, y1n, x2n, y2n
+        norm = torch.stack([boxes[:, 0] / w, boxes[:, 1] / h, boxes[:, 2] / w, boxes[:, 3] / h], 1).float()
         t = torch.arange(size, dtype=torch.float32, device=x.device)[None, :]
         ys = norm[:, 1:2] * (h - 1) + t * ((norm[:, 3:4] - norm[:, 1:2]) * (h - 1) / (size - 1))
         xs = norm[:, 0:1] * (w - 1) + t * ((norm[:, 2:3] - norm[:, 0:1]) * (w - 1) / (size - 1))
@@ -551,40 +630,46 @@ class TorchMTCNN:
         out = torch.lerp(a, b, ly).view(-1, size, size, 3) * valid[..., None]
         return out.permute(0, 3, 1, 2)  # (N, size, size, 3) memory = channels-last
 
-    def _forward_crops(self, net: nn.Module, batches, boxes: torch.Tensor, ids: torch.Tensor, size: int):
-        """Run ``net`` on the ``size`` x ``size`` crops of every box; outputs in the order of ``boxes``."""
+    def _forward_crops(self, net: nn.Module, batches, place: torch.Tensor, boxes: torch.Tensor,
+                       ids: torch.Tensor, size: int):
+        """Run ``net`` on the ``size`` x ``size`` crops of every box; outputs in the order of ``boxes``.
+
+        ``place`` (from :meth:`_batches`) maps each box's image id to its batch and row.
+        """
         n = boxes.shape[0]
-        crops = torch.empty(n, size, size, 3, device=self.device).permute(0, 3, 1, 2)
-        pos = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long, device=self.device)
-        for ids_t, x in batches:
-            pos[ids_t] = torch.arange(ids_t.numel(), device=self.device)
-            sel = torch.nonzero(torch.isin(ids, ids_t)).squeeze(1)
-            if sel.numel():
-                crops[sel] = self._crops(x, boxes[sel], pos[ids[sel]], size)
-            pos[ids_t] = -1
+        if len(batches) == 1:  # one image size: no sorting of boxes by batch needed
+            crops = self._crops(batches[0][1], boxes, place[1, ids], size)
+        else:
+            crops = torch.empty(n, size, size, 3, device=self.device).permute(0, 3, 1, 2)
+            batch_of = place[0, ids]
+            order = torch.argsort(batch_of, stable=True)
+            counts = torch.zeros(len(batches), dtype=torch.long, device=self.device)
+            counts = counts.index_add_(0, batch_of, torch.ones_like(batch_of)).tolist()  # the one host sync
+            start = 0
+            for (_, x), count in zip(batches, counts):
+                if count:
+                    sel = order[start:start + count]
+                    crops[sel] = self._crops(x, boxes[sel], place[1, ids[sel]], size)
+                start += count
         outs = [net(crops[c:c + self.crop_chunk]) for c in range(0, n, self.crop_chunk)]
         return [torch.cat(parts) for parts in zip(*outs)]
 
-    def _stage_rnet(self, batches, boxes, ids):
-        reg, prob = self._forward_crops(self.rnet, batches, boxes, ids, 24)
+    def _stage_rnet(self, batches, place, boxes, ids):
+        reg, prob = self._forward_crops(self.rnet, batches, place, boxes, ids, 24)
         scores = prob[:, 1].double()
         boxes = _regress(boxes, reg)
-        sel = torch.nonzero(scores > self.thresholds[1]).squeeze(1)
-        boxes, ids, scores = boxes[sel], ids[sel], scores[sel]
-        keep = package_nms(boxes, scores, ids, _NMS_RNET, "union")
+        keep = package_nms(boxes, scores, ids, _NMS_RNET, "union", min_score=self.thresholds[1])
         return _square(boxes[keep]), ids[keep], scores[keep]
 
-    def _stage_onet(self, batches, boxes, ids):
-        reg, lm, prob = self._forward_crops(self.onet, batches, boxes, ids, 48)
+    def _stage_onet(self, batches, place, boxes, ids):
+        reg, lm, prob = self._forward_crops(self.onet, batches, place, boxes, ids, 48)
         scores = prob[:, 1].double()
         w = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
         h = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
         lm = lm.double()
         landmarks = torch.cat([w * lm[:, :5] + boxes[:, 0:1] - 1, h * lm[:, 5:] + boxes[:, 1:2] - 1], dim=1)
         boxes = _regress(boxes, reg)
-        sel = torch.nonzero(scores > self.thresholds[2]).squeeze(1)
-        boxes, ids, scores, landmarks = boxes[sel], ids[sel], scores[sel], landmarks[sel]
-        keep = package_nms(boxes, scores, ids, _NMS_ONET, "min")
+        keep = package_nms(boxes, scores, ids, _NMS_ONET, "min", min_score=self.thresholds[2])
         return boxes[keep], ids[keep], scores[keep], landmarks[keep]
 
     def _to_detections(self, n: int, sizes, boxes, ids, scores, landmarks) -> list[list[Detection]]:
@@ -594,7 +679,8 @@ class TorchMTCNN:
         hw = sizes[ids].double()
         lim = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], 1) - 1
         boxes = torch.minimum(boxes.clamp(min=0), lim)  # the package's limit_bboxes
-        b, i, s, lm = (t.cpu().numpy() for t in (boxes, ids, scores, landmarks))
+        host = torch.cat([boxes, ids[:, None].double(), scores[:, None], landmarks], 1).cpu().numpy()  # one copy
+        b, i, s, lm = host[:, :4], host[:, 4], host[:, 5], host[:, 6:]
         for k in range(b.shape[0]):
             x1, y1, x2, y2 = (float(v) for v in b[k])
             out[int(i[k])].append(Detection(box=(x1, y1, x2 - x1, y2 - y1), confidence=float(s[k]),

@@ -62,6 +62,7 @@ BROKEN = [
     ("missing dataset path", _set("data.train", {"kind": "folder", "path": "/no/such/folder"}), "/no/such/folder"),
     ("bad distance", _set("score.distances", ["cosine", "manhattan"]), "score.distances"),
     ("bad threshold", _set("detect.thresholds", [0.6, 0.7, 1.8]), "detect.thresholds"),
+    ("unknown detect device", _set("detect.device", "gpu"), "detect.device"),
 ]
 
 

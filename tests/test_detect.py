@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -58,6 +60,24 @@ def salted(tmp_path_factory):
     noise = np.random.default_rng(0).integers(0, 255, (160, 160, 3), dtype=np.uint8)
     write_image(root / "bad" / "noface.png", np.full_like(noise, 128))
     bad["bad/noface.png"] = "no face"
+    # readable images without a face between faces of the same batch, the last one a
+    # checkerboard whose PNet proposals all die in RNet (it used to crash the detector)
+    yy, xx = np.mgrid[0:160, 0:160]
+    between = {
+        "1_face.png": synthetic_face(4),
+        "2_black.png": np.zeros((160, 160, 3), np.uint8),
+        "3_face.jpg": synthetic_face(5),
+        "4_gray.png": np.full((160, 160, 3), 128, np.uint8),
+        "5_flat.png": np.tile(np.array([30, 160, 90], np.uint8), (120, 200, 1)),
+        "6_face.png": synthetic_face(6),
+        "7_checker.png": ((((yy // 10) + (xx // 10)) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2),
+    }
+    for name, array in between.items():
+        write_image(root / "withblanks" / name, array, **({"quality": 92} if name.endswith(".jpg") else {}))
+        if "face" in name:
+            good[f"withblanks/{name}"] = root / "withblanks" / name
+        else:
+            bad[f"withblanks/{name}"] = "no face found"
     images = list_identity_folder(root)
     detector = TorchDetector(DetectParams())
     detections = detect_set(images, detector, DetectParams(), progress=False)
@@ -101,3 +121,114 @@ def test_real_lfw_detection_and_alignment(lfw_dev, tmp_path):
     marks = landmarks_of(detections[detections["status"] == "ok"])
     assert np.all(marks[:, 0, 0] < marks[:, 1, 0])  # left eye (image left) before right eye
     assert template(112)[0, 1] == pytest.approx(51.6963)
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_run_detect_keeps_every_lfw_face_with_blanks_between(lfw_dev, tmp_path, monkeypatch, capsys, threads):
+    """The stage's own entry point on real photos with faceless images between them, in
+    batches of 4 per thread (blanks first, in the middle, last and in runs), cut into 1-3
+    worker parts."""
+    import json
+
+    from pipeline.detect import run_detect
+
+    monkeypatch.setenv("FACEPIPE_THREADS", threads)
+    people = sorted(p for p in (lfw_dev / "images").iterdir() if p.is_dir())[:6]
+    faces = [(f"{p.name}/{f.name}", str(f), p.name) for p in people for f in sorted(p.glob("*.jpg"))[:1]]
+    yy, xx = np.mgrid[0:250, 0:250]
+    blank_arrays = {
+        "black.png": np.zeros((250, 250, 3), np.uint8),
+        "checker.png": ((((yy // 10) + (xx // 10)) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2),
+        "gray.png": np.full((250, 250, 3), 128, np.uint8),
+        "flat.png": np.tile(np.array([200, 30, 30], np.uint8), (180, 220, 1)),
+        "white.png": np.full((300, 200, 3), 255, np.uint8),
+        "small.png": np.full((30, 30, 3), 90, np.uint8),
+    }
+    blanks = [(f"blank/{name}", str(write_image(tmp_path / "blank" / name, a)), "blank")
+              for name, a in blank_arrays.items()]
+    order = "BFFBFBBFFBFB"  # 1 thread: BFFB FBBF FBFB; 2: BFFBFBBF FBFB; 3: one batch
+    pick = {"F": iter(faces), "B": iter(blanks)}
+    images = pd.DataFrame([next(pick[c]) for c in order], columns=["image_id", "path", "identity"])
+    params = DetectParams(batch_size=4)
+    counts = run_detect(params, {"mixed": images}, tmp_path / "detect", tmp_path / "counts.json", progress=False)
+    start_line = capsys.readouterr().out.splitlines()[0]
+    assert start_line == f"detect: device cpu, {threads} threads, batch {4 * int(threads)} images"
+    table = pd.read_parquet(tmp_path / "detect" / "mixed.parquet").set_index("image_id")
+    for image_id, _, _ in faces:
+        assert table.loc[image_id, "status"] == "ok", (image_id, table.loc[image_id, "reason"])
+    for image_id, _, _ in blanks:
+        assert table.loc[image_id, "status"] == "rejected" and table.loc[image_id, "reason"] == "no face found"
+    expected = {"images": 12, "faces": 6, "dropped": 6, "reasons": {"no face found": 6}}
+    assert counts["mixed"] == expected
+    assert json.loads((tmp_path / "counts.json").read_text())["mixed"] == expected
+
+
+def test_plan_sizes_batches_and_threads_from_the_machine(monkeypatch):
+    import torch
+
+    from pipeline.config import ConfigError
+    from pipeline.detect import plan_detect
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert plan_detect(DetectParams(), threads=2) == plan_detect(DetectParams(device="cpu"), threads=2)
+    plan = plan_detect(DetectParams(), threads=2)
+    assert (plan.device, plan.threads, plan.batch_size) == ("cpu", 2, 32)  # the committed run's batches
+    assert plan_detect(DetectParams(), threads=16).batch_size == 64  # 4 images per thread
+    assert plan_detect(DetectParams(batch_size=100), threads=16).batch_size == 100
+    monkeypatch.setenv("FACEPIPE_THREADS", "3")
+    assert plan_detect(DetectParams()).threads == 3
+    assert plan_detect(DetectParams(backend="package")).device == "tensorflow"
+    with pytest.raises(ConfigError, match=r"detect.device is 'cuda' but PyTorch sees no CUDA GPU") as err:
+        plan_detect(DetectParams(device="cuda"))
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert plan_detect(DetectParams()).device == "cuda"
+    assert plan_detect(DetectParams(device="cpu")).device == "cpu"
+
+
+def test_decode_pool_and_batches_follow_the_thread_count(tmp_path, monkeypatch):
+    """12 threads (above the old cap of 8 decoders): 12 decoders, batches of 48."""
+    import pipeline.detect as detect_module
+
+    pools = []
+
+    class RecordingPool(detect_module.ThreadPoolExecutor):
+        def __init__(self, max_workers):
+            pools.append(max_workers)
+            super().__init__(max_workers=max_workers)
+
+    class CountingDetector:
+        def __init__(self):
+            self.calls = []
+
+        def detect(self, images):
+            self.calls.append(len(images))
+            return [[] for _ in images]
+
+    monkeypatch.setattr(detect_module, "ThreadPoolExecutor", RecordingPool)
+    path = write_image(tmp_path / "a" / "gray.png", np.full((40, 40, 3), 128, np.uint8))
+    images = pd.DataFrame({"image_id": [f"a/{k}" for k in range(50)], "path": [str(path)] * 50, "identity": "a"})
+    detector = CountingDetector()
+    table = detect_set(images, detector, DetectParams(), progress=False, threads=12)
+    assert pools == [12] and detector.calls == [48, 2]
+    assert (table["reason"] == "no face found").all()
+
+
+def test_cli_cuda_without_gpu_is_one_line_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["detect"]["device"] = "cuda"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-m", "pipeline", "detect", "--params", str(path), "--no-progress"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "detect.device is 'cuda'" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

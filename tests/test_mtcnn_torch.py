@@ -42,6 +42,11 @@ def detector() -> TorchMTCNN:
 @pytest.fixture(scope="module")
 def package():
     """The package's detector (imports TensorFlow, ~10 s)."""
+    # Triton (imported by torch._dynamo and torchvision) crashes the process (segfault) when
+    # it loads after TensorFlow, e.g. in test_config's load_params run after these tests:
+    # load it first.
+    import torch._dynamo  # noqa: F401
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     mtcnn = pytest.importorskip("mtcnn")
     return mtcnn.MTCNN()
@@ -265,3 +270,166 @@ def test_bad_inputs_raise_clear_errors(detector):
         TorchMTCNN(thresholds=(0.6, 0.7))
     with pytest.raises(ValueError, match="min_face_size"):
         TorchMTCNN(min_face_size=0)
+
+
+# ------------------------------------------------- images without a candidate in a batch
+# Patterns of a batch: "F" takes the next face photo, "B" the next image without a face.
+# The blanks are flat (black, mid-gray, one colour, white), too small for any pyramid
+# level, or a checkerboard whose PNet proposals all die in RNet, so an image drops out
+# before RNet or before ONet. Blanks sit first, in the middle, last, in runs, or alone.
+NO_FACE_PATTERNS = ["BFFF", "FBF", "FFB", "FBBBF", "BFBFB", "FFBB", "BBBB", "B"]
+
+
+@pytest.fixture(scope="module")
+def face_and_blank_pool(lfw_images):
+    """Face photos of three sizes and no-face images of five sizes, with the package's
+    single-image detections of each (the reference)."""
+    import cv2
+
+    faces = [lfw_images[0], lfw_images[1], cv2.resize(lfw_images[2], (200, 300)),
+             lfw_images[3], cv2.resize(lfw_images[4], (320, 280))]
+    yy, xx = np.mgrid[0:250, 0:250]
+    blanks = [
+        np.zeros((250, 250, 3), np.uint8),                                   # black, LFW size
+        ((((yy // 10) + (xx // 10)) % 2) * 255).astype(np.uint8)[..., None].repeat(3, 2),  # checker
+        np.full((250, 250, 3), 128, np.uint8),                               # uniform gray
+        np.tile(np.array([200, 30, 30], np.uint8), (180, 220, 1)),           # flat colour
+        np.full((10, 10, 3), 90, np.uint8),                                  # below PNet's 12 px
+        np.full((300, 200, 3), 255, np.uint8),                               # white, tall
+    ]
+    return faces, blanks
+
+
+@pytest.fixture(scope="module")
+def pool_reference(package, face_and_blank_pool):
+    faces, blanks = face_and_blank_pool
+    ref = {("F", k): package.detect_faces(img) for k, img in enumerate(faces)}
+    ref.update({("B", k): package.detect_faces(img) for k, img in enumerate(blanks)})
+    return ref
+
+
+def _assert_matches_package(dets: list[Detection], ref: list[dict], where: str) -> None:
+    assert len(dets) == len(ref), f"{where}: {len(dets)} faces vs package {len(ref)}"
+    for d, r in zip(dets, ref):  # both by descending confidence
+        got = to_package_format(d)
+        assert np.abs(np.subtract(got["box"], r["box"])).max() <= 1, f"{where}: box {got['box']} vs {r['box']}"
+        assert abs(d.confidence - float(r["confidence"])) <= 1e-3, where
+        ref_lm = np.array([r["keypoints"][n] for n in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")])
+        assert np.abs(d.landmarks - ref_lm).max() <= 1.0, f"{where}: landmarks {d.landmarks} vs {ref_lm}"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("pattern", NO_FACE_PATTERNS)
+def test_images_without_candidates_anywhere_in_a_batch(pattern, threads, face_and_blank_pool, pool_reference):
+    """Regression: an image with no box left at a stage used to break the image -> pixels
+    mapping of the crop stages (IndexError) when it was the last of its worker's part."""
+    faces, blanks = face_and_blank_pool
+    pools = {"F": faces, "B": blanks}
+    count = {"F": 0, "B": 0}
+    keys = []
+    for c in pattern:
+        keys.append((c, count[c] % len(pools[c])))
+        count[c] += 1
+    batches = [keys]
+    if "F" not in pattern:  # all blank: start the cycle at every blank in turn
+        batches = [[("B", (k + shift) % len(blanks)) for _, k in keys] for shift in range(len(blanks))]
+    detector = _threaded_detector(threads)
+    for keys in batches:
+        images = [pools[c][k] for c, k in keys]
+        found = detector.detect(images)
+        assert len(found) == len(images)
+        for slot, (key, dets) in enumerate(zip(keys, found)):
+            where = f"{pattern} slot {slot} ({key}), {threads} threads"
+            _assert_matches_package(dets, pool_reference[key], where)
+            assert (len(dets) >= 1) if key[0] == "F" else (dets == []), where
+
+
+def test_mixed_sizes_with_blanks_between_faces(face_and_blank_pool, pool_reference):
+    """Every face and blank of the pool in one batch of seven image sizes, blanks between
+    the faces, in both orders, for 1-4 worker parts."""
+    faces, blanks = face_and_blank_pool
+    keys = [("F", 0), ("B", 0), ("B", 3), ("F", 2), ("B", 1), ("F", 4), ("B", 4), ("F", 1), ("B", 5),
+            ("F", 3), ("B", 2)]
+    for threads in (1, 2, 3, 4):
+        for order in (keys, keys[::-1]):
+            images = [(faces if c == "F" else blanks)[k] for c, k in order]
+            found = _threaded_detector(threads).detect(images)
+            for slot, (key, dets) in enumerate(zip(order, found)):
+                where = f"slot {slot} ({key}), {threads} threads"
+                _assert_matches_package(dets, pool_reference[key], where)
+                assert (len(dets) >= 1) if key[0] == "F" else (dets == []), where
+
+
+_DETECTORS: dict[int, TorchMTCNN] = {}
+
+
+def _threaded_detector(threads: int) -> TorchMTCNN:
+    """One detector per worker count (a batch is cut into ``threads`` parts at most)."""
+    if threads not in _DETECTORS:
+        _DETECTORS[threads] = TorchMTCNN(num_threads=threads)
+    return _DETECTORS[threads]
+
+
+def test_nms_blocking_and_min_score_leave_the_result_unchanged():
+    """Groups of very different sizes, overlaps computed in blocks of any size, and the
+    stages' score threshold applied inside the NMS give the same indices as without."""
+    rng = np.random.default_rng(5)
+    n = 400
+    groups = np.concatenate([np.zeros(250), rng.integers(1, 40, n - 250)]).astype(np.int64)
+    xy = rng.uniform(0, 60, (n, 2))
+    boxes = torch.from_numpy(np.concatenate([xy, xy + rng.uniform(5, 30, (n, 2))], axis=1))
+    scores = torch.from_numpy(np.round(rng.uniform(0.5, 1, n), 2))  # ties
+    g = torch.from_numpy(groups)
+    for method, thr in (("union", 0.5), ("min", 0.7)):
+        ref = package_nms(boxes, scores, g, thr, method)
+        for max_elems in (1, 37, 4096, 1 << 20):
+            assert torch.equal(package_nms(boxes, scores, g, thr, method, max_elems), ref), max_elems
+        sel = torch.nonzero(scores > 0.8).squeeze(1)
+        expected = sel[package_nms(boxes[sel], scores[sel], g[sel], thr, method)]
+        assert torch.equal(package_nms(boxes, scores, g, thr, method, 64, min_score=0.8), expected)
+    assert package_nms(boxes, scores, g, 0.5, min_score=1.0).numel() == 0
+
+
+# ------------------------------------------------------------------ device and host syncs
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+])
+def test_tensors_stay_on_the_chosen_device_and_host_syncs_are_few(device):
+    """Every operator's output is on the detector's device (copies to the host excepted),
+    no tensor is made without ``device=``, and the calls that would make the host wait
+    for a GPU are a fixed few per ``detect`` call, not a few per image or pyramid level.
+
+    On the CPU the first check cannot fail (everything is on the CPU); the other two can,
+    and they are what would put a tensor on the wrong device or stall a GPU."""
+    from pipeline.torch_audit import TorchAudit
+    from tests.conftest import synthetic_face
+
+    faces = [synthetic_face(seed) for seed in range(4)]  # 160 x 160
+    blank = np.zeros((160, 160, 3), np.uint8)
+    checker = np.kron((np.indices((16, 16)).sum(0) % 2 * 255).astype(np.uint8), np.ones((10, 10), np.uint8))
+    checker = np.repeat(checker[..., None], 3, axis=2)  # PNet proposals, none survives RNet
+    big = np.kron(faces[3], np.ones((3, 3, 1), np.uint8))  # 480 x 480: three more pyramid levels
+    detector = TorchMTCNN(device=device, num_threads=1)  # one thread: the watches see the calling thread only
+    reference = TorchMTCNN(device="cpu", num_threads=1)
+    tiny = np.zeros((10, 10, 3), np.uint8)
+    batches = {  # name: (images, which are faces, most host syncs allowed)
+        "one face": ([faces[0]], [True], 10),
+        "same size": ([faces[0], blank, faces[1], checker, faces[2]], [True, False, True, False, True], 10),
+        "one big face": ([big], [True], 10),
+        "mixed sizes": ([faces[0], blank, big, faces[1], tiny, checker[:150]],
+                        [True, False, True, True, False, False], 12),
+    }
+    for name, (images, is_face, most) in batches.items():
+        with TorchAudit(device) as audit:
+            found = detector.detect(images)
+        assert audit.calls > 100, name  # the audit saw the work
+        assert not audit.strays, f"{name}: tensors off {device}: {dict(audit.strays)}"
+        assert not audit.undeviced, f"{name}: tensors made without device=: {dict(audit.undeviced)}"
+        assert audit.syncs <= most, f"{name}: {audit.syncs} host syncs: {dict(audit.sites)}"
+        assert [len(d) > 0 for d in found] == is_face, name
+        for got, ref in zip(found, reference.detect(images)):  # on the CPU: the same detector twice
+            assert len(got) == len(ref), name
+            for a, b in zip(got, ref):
+                np.testing.assert_allclose(a.box, b.box, atol=1e-2)
+                np.testing.assert_allclose(a.landmarks, b.landmarks, atol=1e-2)
