@@ -17,9 +17,18 @@ Off x86-64 it does nothing.
 The thread count matters too: PyTorch splits convolution gradients and reductions
 across its threads, so 1, 2 and 3 threads train to different last bits.
 :func:`thread_count` is the one number every stage uses: the cores this process may
-run on, or ``FACEPIPE_THREADS`` when set. A fresh clone on another x86-64 machine
-reproduces the committed metrics exactly when it uses the same thread count as the
-reference run (2); on a bigger machine, ``FACEPIPE_THREADS=2 dvc repro`` does.
+run on, or ``FACEPIPE_THREADS`` when set.
+
+What this buys, as measured: on one host, reruns are bit-identical end to end; on
+another x86-64 host (an AMD EPYC against the Intel Xeon of the committed run, same
+thread count) the synthetic data, detection, alignment and shards were bit-identical,
+but training was not: oneDNN's convolution kernels choose their loop blocking from the
+host's cache sizes, which no environment variable pins, and the last-bit differences
+grow over a run (up to 0.03 AUC for one run). That is why the report compares losses
+over several training seeds: a difference between losses is a result only when it
+exceeds the run-to-run variation, which covers such drift. ``bench/bench_conv_path.py``
+measures what running convolutions without oneDNN (im2col + MKL, which MKL_CBWR pins)
+would cost.
 """
 
 from __future__ import annotations
@@ -36,6 +45,12 @@ PINNED_ENVIRONMENT: dict[str, str] = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN: PyTorch's CPU convolutions and matmuls
     "ATEN_CPU_CAPABILITY": "avx2",  # PyTorch's own vectorised kernels
 }
+# Idle OpenMP threads sleep instead of spinning. With spinning (the default), a thread that
+# has finished its share of a parallel region keeps its core busy for a while; when
+# another process wants that core (DVC itself, a second job), PyTorch's threads slow
+# each other down several-fold (measured: a 64 px training step 211 ms spinning vs 68 ms
+# passive with one competing process on 2 cores). Scheduling only: results are unchanged.
+SCHEDULING_ENVIRONMENT: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
 NATIVE_SWITCH = "FACEPIPE_NATIVE_CPU"
 THREADS_VARIABLE = "FACEPIPE_THREADS"
 
@@ -52,12 +67,16 @@ def pin_instruction_set(environ: os._Environ[str] | dict[str, str] | None = None
     """Set the variables of :data:`PINNED_ENVIRONMENT` that are not set yet; return what was set.
 
     Does nothing off x86-64, when ``FACEPIPE_NATIVE_CPU`` is set to a true value, or for
-    a variable the caller already set (so a user's own choice wins).
+    a variable the caller already set (so a user's own choice wins). The scheduling
+    variables of :data:`SCHEDULING_ENVIRONMENT` are set in every case (same rule: never
+    over a user's own value).
     """
     env = os.environ if environ is None else environ
+    scheduling = {name: value for name, value in SCHEDULING_ENVIRONMENT.items() if name not in env}
+    env.update(scheduling)
     if _native_requested(env) or not _is_x86():
-        return {}
-    applied = {name: value for name, value in PINNED_ENVIRONMENT.items() if name not in env}
+        return scheduling
+    applied = scheduling | {name: value for name, value in PINNED_ENVIRONMENT.items() if name not in env}
     env.update(applied)
     return applied
 

@@ -32,10 +32,12 @@ def test_pin_sets_every_variable_but_keeps_the_users_own():
             assert env[name] == value and applied[name] == value
 
 
-def test_native_switch_leaves_the_environment_alone():
+def test_native_switch_leaves_the_kernels_alone_but_idle_threads_still_sleep():
     env = {"FACEPIPE_NATIVE_CPU": "1"}
-    assert cpu.pin_instruction_set(env) == {}
-    assert env == {"FACEPIPE_NATIVE_CPU": "1"}
+    assert cpu.pin_instruction_set(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert env == {"FACEPIPE_NATIVE_CPU": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    mine = {"FACEPIPE_NATIVE_CPU": "1", "OMP_WAIT_POLICY": "ACTIVE"}
+    assert cpu.pin_instruction_set(mine) == {} and mine["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_thread_count_default_and_override():
