@@ -247,7 +247,8 @@ DRIVER_FOR_CUDA = {11: 450, 12: 525, 13: 580}
 
 #: The torch wheel for GPUs and drivers that the pinned CUDA 13 build cannot serve: the CUDA
 #: 12.6 build has kernels for sm_50 to sm_90 (Maxwell to Hopper) and runs on drivers >= 525.
-OLDER_WHEEL = "the CUDA 12.6 build (pip install torch=={version} --index-url https://download.pytorch.org/whl/cu126)"
+OLDER_WHEEL = ("the CUDA 12.6 build (pip install --index-url https://download.pytorch.org/whl/cu126 "
+               "torch=={version} and the torchvision pinned in requirements.txt)")
 
 #: CUDA_VISIBLE_DEVICES values that hide every GPU on purpose.
 _HIDDEN = {"", "-1", "none", "NoDevFiles"}
@@ -388,7 +389,7 @@ def choose_device(choice: str, status: CudaStatus, key: str = "train.device") ->
         if need and have is not None and have < need:
             reason = (f"torch {status.torch_version} is built for CUDA {status.torch_cuda}, which needs {wanted}, "
                       f"and this machine has driver {status.driver}; update the driver, or install "
-                      f"{OLDER_WHEEL.format(version=base)}, which needs >= 525")
+                      f"{OLDER_WHEEL.format(version=base)}, which needs a driver >= 525")
         elif have is not None:
             reason = (f"driver {status.driver} is recent enough for CUDA {status.torch_cuda}, so the GPU is hidden "
                       "or unavailable to this process (check CUDA_VISIBLE_DEVICES, the container's GPU access and "
