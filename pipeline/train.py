@@ -42,8 +42,9 @@ software agree only approximately: cuDNN autotuning (``cudnn.benchmark``, on for
 fixed input size) picks convolution algorithms by timing them, so the pick can differ
 from run to run, and some kernels accumulate with atomic additions in no fixed order
 (by default e.g. the backward of ``gather`` in the margin losses, ``index_add_`` in
-center loss, adaptive pooling; torch's ``use_deterministic_algorithms`` documentation
-lists them); with several GPUs, SyncBatchNorm and NCCL reductions add their own order.
+center loss, adaptive pooling for inputs other than 112 px; torch's documentation of
+``use_deterministic_algorithms`` lists them); with several GPUs, SyncBatchNorm and NCCL
+reductions add their own order.
 ``train.deterministic: true`` trades speed for repeatability on the same GPU model and
 software: no autotuning, ``cudnn.deterministic``, ``torch.use_deterministic_algorithms``
 (in warn-only mode: an operation without a deterministic kernel warns by name instead
