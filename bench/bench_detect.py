@@ -10,8 +10,15 @@ package's batched mode, which is given its images already decoded.
 With ``--coverage`` the stage then runs over every image under ``--images-dir`` and
 prints the share in which it found a face.
 
+``--device cuda --torch-only`` times ``TorchMTCNN`` on a GPU alone (no TensorFlow
+package, no per-image run), and the detect stage on the GPU once ``DetectParams`` has a
+``device`` field (until then it says so and times the stage on the CPU).
+``--synthetic N`` uses N faces from the built-in generator (250x250 JPEGs written to a
+temporary folder) instead of LFW, for machines without the LFW sample.
+
     .venv/bin/python bench/bench_detect.py --n 200 --batch-size 32
     .venv/bin/python bench/bench_detect.py --n 500 --coverage
+    .venv/bin/python bench/bench_detect.py --synthetic 512 --device cuda --torch-only --batch-size 64
 
 The batched runs alternate (package, torch, package, torch, ...) for ``--repeats`` rounds
 so that both see the same machine load; the figure reported is each one's best round.
@@ -73,6 +80,25 @@ def load_lfw(images_dir: Path, n: int) -> tuple[list[Path], list[np.ndarray]]:
     return files, out
 
 
+def synthetic_images(n: int, folder: Path, size: int = 250) -> tuple[list[Path], list[np.ndarray]]:
+    """``n`` faces from the built-in generator (one per identity, seeded), saved as JPEGs in
+    ``folder/<identity>/0.jpg`` for the stage, and their decoded RGB arrays (as the stage sees them)."""
+    import cv2
+
+    from pipeline.datasets import synthetic
+
+    rng = np.random.default_rng(0)
+    files, out = [], []
+    for k in range(n):
+        face = synthetic.render_face(synthetic.sample_identity(rng, "a"), synthetic.sample_variation(rng, "a"), size)
+        path = folder / f"id{k:05d}" / "0.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(path), cv2.cvtColor(face, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        files.append(path)
+        out.append(cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB))
+    return files, out
+
+
 def stage_frame(files: list[Path]):
     """The detect stage's input: one row per image (``image_id``, ``path``, ``identity``)."""
     import pandas as pd
@@ -82,12 +108,16 @@ def stage_frame(files: list[Path]):
                          "identity": [f.parent.name for f in files]})
 
 
-def run_stage(files: list[Path], batch_size: int, progress: bool = False):
-    """(seconds, detect_set output) of the detect stage with default params on ``files``."""
+def run_stage(files: list[Path], batch_size: int, progress: bool = False, device: str = "cpu"):
+    """(seconds, detect_set output) of the detect stage with default params on ``files``.
+
+    ``device`` goes to ``DetectParams.device`` where that field exists; otherwise the stage
+    runs where it always has (the CPU)."""
     from pipeline.config import DetectParams
     from pipeline.detect import TorchDetector, detect_set
 
-    params = DetectParams(batch_size=batch_size)
+    extra = {"device": device} if "device" in DetectParams.model_fields else {}
+    params = DetectParams(batch_size=batch_size, **extra)
     detector = TorchDetector(params)
     frame = stage_frame(files)
     t = time.perf_counter()
@@ -153,6 +183,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: every core)")
     ap.add_argument("--coverage", action="store_true",
                     help="also run the detect stage over every image in --images-dir and report the share found")
+    ap.add_argument("--device", default="cpu", help="torch device for TorchMTCNN (cpu, cuda, cuda:1, ...)")
+    ap.add_argument("--torch-only", action="store_true",
+                    help="time TorchMTCNN and the stage only (no mtcnn/TensorFlow package runs)")
+    ap.add_argument("--synthetic", type=int, default=0, metavar="N",
+                    help="use N generated faces instead of LFW images")
     args = ap.parse_args()
     if args.n < 1 or args.batch_size < 1 or args.repeats < 1:
         ap.error("--n, --batch-size and --repeats must be positive")
@@ -162,8 +197,25 @@ def main() -> None:
 
     from pipeline.mtcnn_torch import TorchMTCNN, to_package_format
 
-    files, images = load_lfw(args.images_dir, args.n)
-    detector = TorchMTCNN(num_threads=args.threads)
+    if args.device.startswith("cuda"):  # say why before spending time on images
+        from pipeline.train import TrainingError, pick_device
+
+        try:
+            pick_device("cuda", key="--device")
+        except TrainingError as err:
+            sys.exit(f"bench_detect: {err}")
+    if args.synthetic:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory()
+        files, images = synthetic_images(args.synthetic, Path(tmp.name))
+        args.images_dir = Path(tmp.name)
+    else:
+        files, images = load_lfw(args.images_dir, args.n)
+    detector = TorchMTCNN(num_threads=args.threads, device=args.device)
+    if args.torch_only:
+        torch_only(detector, files, images, args)
+        return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     mode = (f"{detector.num_threads} worker threads x 1 torch thread" if detector.num_threads > 1
             else "1 thread")
@@ -237,6 +289,33 @@ def main() -> None:
         for _, row in cov_out[~ok].iterrows():
             print(f"  dropped {row['image_id']}: {row['reason']}")
     print(f"load average at end {os.getloadavg()[0]:.2f}")
+
+
+def torch_only(detector, files: list[Path], images: list[np.ndarray], args) -> None:
+    """TorchMTCNN images/s on ``detector.device`` (best of ``--repeats``), then the stage."""
+    import torch
+
+    print(f"torch {torch.__version__}; TorchMTCNN on {detector.device}"
+          + (f" ({torch.cuda.get_device_name(detector.device)})" if detector.device.type == "cuda" else "")
+          + f"; {len(images)} images ({images[0].shape[1]}x{images[0].shape[0]} first), batch {args.batch_size}")
+    detector.detect(images[: args.batch_size])  # warm-up: kernels, cuDNN, allocator
+    best = float("inf")
+    found = 0
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        found = 0
+        for c in range(0, len(images), args.batch_size):
+            found += sum(bool(d) for d in detector.detect(images[c:c + args.batch_size]))
+        best = min(best, time.perf_counter() - t)
+    print(f"  TorchMTCNN.detect batched on {detector.device}: {len(images) / best:8.1f} images/s "
+          f"(best of {args.repeats}), faces found in {found}/{len(images)}")
+    from pipeline.config import DetectParams
+
+    if "device" not in DetectParams.model_fields and detector.device.type != "cpu":
+        print("  detect stage: DetectParams has no `device` field yet, so the stage below runs on the CPU")
+    stage_s, stage_out = run_stage(files, args.batch_size, device=str(detector.device))
+    print(f"  detect stage (read + decode + detect + choose face): {len(files) / stage_s:8.1f} images/s, "
+          f"face found in {int((stage_out['status'] == 'ok').sum())}/{len(files)}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ Model: ``build_model(backbone)`` (512-D ``bn_dropout_fc_bn`` head) + a 1000-clas
 linear classifier and cross-entropy, SGD (momentum 0.9, weight decay 5e-4), random
 inputs. Prints milliseconds per step, per image and images per second, on the CPU
 (``torch.set_num_threads(os.cpu_count())`` unless ``--threads``) and, when CUDA is
-available, on the GPU with autocast (bf16 where supported, else fp16 with a grad
-scaler) and channels_last.
+available, on the GPU as the trainer runs it: the backbone under autocast (``--amp
+auto``: bf16 from compute capability 8.0 on, fp16 with a grad scaler before; or
+``bf16``/``fp16``/``off``), the head and the loss in fp32, channels_last
+(``--no-channels-last`` to compare), cuDNN autotuning on. ``--devices cuda`` on a
+machine where torch sees no GPU prints why and skips it.
 
 With ``--shards DIR`` it also runs the real trainer (``pipeline.train.train``, the
 loss from ``--loss``, params.yaml's model and train sections) on those shards for a
@@ -16,6 +19,7 @@ spent outside forward/backward/SGD (data wait, the margin loss, NaN checks, logg
     python bench/bench_train_step.py
     python bench/bench_train_step.py --backbones smallcnn resnet18 --batch-size 32 --steps 5
     python bench/bench_train_step.py --backbones smallcnn --shards data/shards --loss arcface
+    python bench/bench_train_step.py --devices cuda --backbones resnet50 iresnet50 --amp bf16 --batch-size 256
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.models import available_backbones, build_model, count_parameters  # noqa: E402
+from pipeline.train import TrainingError, amp_dtype_for, describe_device, pick_device  # noqa: E402
 
 DEFAULT_BACKBONES = ["smallcnn", "resnet18", "resnet34", "resnet50", "iresnet50"]
 CPU_BATCH = {"smallcnn": 64, "resnet18": 64, "resnet34": 32, "resnet50": 16}
@@ -41,7 +46,7 @@ CUDA_BATCH = {"smallcnn": 256, "resnet18": 256}
 
 
 def _time_steps(
-    backbone: str, device: torch.device, batch: int, steps: int, warmup: int, amp: bool,
+    backbone: str, device: torch.device, batch: int, steps: int, warmup: int, amp_dtype: torch.dtype | None,
     channels_last: bool, input_size: int, classes: int, embedding_size: int = 512, head: str = "bn_dropout_fc_bn",
 ) -> tuple[list[float], int]:
     """(seconds per step for ``steps`` timed steps after ``warmup`` ones, model parameters)."""
@@ -57,13 +62,13 @@ def _time_steps(
         x = x.contiguous(memory_format=torch.channels_last)
 
     cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if (cuda and torch.cuda.is_bf16_supported()) else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and cuda and dtype == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype, enabled=amp):
-            loss = nn.functional.cross_entropy(classifier(model(x)).float(), y)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            embeddings = model(x)  # the model's head runs in fp32 inside
+        loss = nn.functional.cross_entropy(classifier(embeddings.float()), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -102,7 +107,7 @@ def pipeline_overhead(shards: Path, loss: str, params_file: Path, steps: int, th
     data_s = timing["step_seconds_data"] / n_steps
     loop_s = timing["seconds_this_run"] / n_steps
     bare, _ = _time_steps(params.model.backbone, torch.device("cpu"), params.train.batch_size, steps=20, warmup=3,
-                          amp=False, channels_last=False, input_size=params.align.size, classes=identities,
+                          amp_dtype=None, channels_last=False, input_size=params.align.size, classes=identities,
                           embedding_size=params.model.embedding_size, head=params.model.head)
     bare_s = statistics.median(bare)
     print(f"\ntrainer on {shards} ({loss}, {params.model.backbone}, batch {params.train.batch_size}, "
@@ -127,6 +132,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
     parser.add_argument("--cpu-channels-last", action="store_true", help="also use channels_last on CPU")
+    parser.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                        help="GPU autocast dtype (auto: bf16 from compute capability 8.0, else fp16); "
+                             "CPU runs are fp32 unless bf16 is asked for")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="channels_last on the GPU (default on, as the trainer)")
     parser.add_argument("--shards", type=Path, help="also time the real trainer on these shards (shards dir)")
     parser.add_argument("--loss", default="arcface", help="loss for --shards")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file for --shards")
@@ -134,7 +144,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    devices = [d for d in args.devices if d == "cpu" or torch.cuda.is_available()]
+    devices = []
+    for name in args.devices:
+        if name == "cuda":
+            try:
+                devices.append(str(pick_device("cuda", key="device")))
+            except TrainingError as err:
+                print(f"skipping cuda: {err}")
+        else:
+            devices.append(name)
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()} (os.cpu_count()={os.cpu_count()}), "
           f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     print(f"input {args.input_size}x{args.input_size}, {args.steps} timed steps after {args.warmup} warm-up, "
@@ -145,16 +163,24 @@ def main(argv: list[str] | None = None) -> None:
     for device_name in devices:
         device = torch.device(device_name)
         cuda = device.type == "cuda"
-        label = "cpu fp32" + (" channels_last" if args.cpu_channels_last else "")
         if cuda:
-            label = f"cuda {'bf16' if torch.cuda.is_bf16_supported() else 'fp16'} channels_last"
+            torch.backends.cudnn.benchmark = True  # as the trainer: fixed input size
+            capability = tuple(torch.cuda.get_device_capability(device))
+            amp_dtype = {"auto": amp_dtype_for("cuda", capability, True), "bf16": torch.bfloat16,
+                         "fp16": torch.float16, "off": None}[args.amp]
+            channels_last = args.channels_last
+            print(describe_device(device, amp_dtype, 1))
+        else:
+            amp_dtype = torch.bfloat16 if args.amp == "bf16" else None
+            channels_last = args.cpu_channels_last
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        label = f"{device.type} {precision}" + (" channels_last" if channels_last else "")
         for backbone in args.backbones:
             table = CUDA_BATCH if cuda else CPU_BATCH
             batch = args.batch_size or table.get(backbone, 128 if cuda else 16)
             times, params = _time_steps(
-                backbone, device, batch, args.steps, args.warmup, amp=cuda,
-                channels_last=cuda or args.cpu_channels_last,
-                input_size=args.input_size, classes=args.classes,
+                backbone, device, batch, args.steps, args.warmup, amp_dtype=amp_dtype,
+                channels_last=channels_last, input_size=args.input_size, classes=args.classes,
             )
             sec = statistics.median(times)
             print(f"{label:<28} {backbone:<11} {params / 1e6:>6.1f}M {batch:>5} {sec * 1e3:>9.1f} "

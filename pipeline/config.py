@@ -130,9 +130,25 @@ class ModelParams(_Strict):
 
 
 class TrainParams(_Strict):
+    """How one run trains (the ``train`` section; a loss's ``<section>.train`` overrides keys).
+
+    Batch and learning rate: ``batch_size`` is the GLOBAL batch, split over the processes
+    (``FACEPIPE_NPROC``), unless ``batch_per_device`` is set, in which case every process
+    takes that many images and the global batch is ``batch_per_device`` x processes (P x K
+    losses, triplet and contrastive, always give each process its own P x K batch, so their
+    global batch is ``pk_identities * pk_images`` x processes). ``lr`` is the peak learning
+    rate for the global batch the run actually has; it is NOT rescaled when that batch
+    changes. To keep a recipe's behaviour when the global batch goes from B to B' (another
+    batch_size, or batch_per_device with another process count), follow the linear scaling
+    rule (Goyal et al., 2017, "Accurate, large minibatch SGD"): lr' = lr * B' / B, keeping
+    the warm-up (``warmup_epochs``), which that rule needs for large batches.
+    """
+
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(64, ge=2)
-    lr: float = Field(0.1, gt=0.0)
+    # images per process; 0 = batch_size is the global batch (split over the processes)
+    batch_per_device: int = Field(0, ge=0)
+    lr: float = Field(0.1, gt=0.0)  # peak rate for the global batch (see the class doc for scaling it)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0)
     schedule: Literal["cosine", "step", "constant"] = "cosine"
@@ -151,6 +167,22 @@ class TrainParams(_Strict):
     amp: bool = True
     clip_grad_norm: float = Field(0.0, ge=0.0)
     max_steps_per_epoch: int = Field(0, ge=0)
+    # read the loss back every this many steps to stop on NaN/inf (a per-step read stalls the GPU);
+    # nothing is missed, a bad step is only reported up to this many steps later
+    nan_check_every: int = Field(20, ge=1)
+    # SyncBatchNorm across GPU processes: auto = only when a process holds fewer than 32 images
+    sync_bn: Literal["auto"] | bool = "auto"
+    # GPU only: deterministic kernels (no cuDNN autotuning, torch.use_deterministic_algorithms), slower
+    deterministic: bool = False
+
+    @field_validator("sync_bn", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool) or value == "auto":
+            return value
+        if value in ("true", "false"):
+            return value == "true"
+        raise ValueError("expected auto, true or false")
 
 
 class EmbedParams(_Strict):

@@ -18,15 +18,18 @@ from pipeline import cpu
 from pipeline.config import EmbedParams, PretrainedParams
 from pipeline.io import atomic_dir
 from pipeline.shards import read_shards, test_sets
-from pipeline.train import embed_array, load_model, pick_device
+from pipeline.train import describe_device, embed_array, load_model, pick_device
 
 
 def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Path, out_dir: str | Path
               ) -> dict[str, int]:
-    """Embed every test set; returns the number of images embedded per set."""
-    dev = pick_device(params.device)
+    """Embed every test set; returns the number of images embedded per set.
+
+    Runs in fp32 on any device (the test embeddings are the measurement; they are cheap)."""
+    dev = pick_device(params.device, key="embed.device")
     if dev.type == "cpu":
         torch.set_num_threads(cpu.thread_count())
+    print(f"embed: {describe_device(dev, None, 1)}", flush=True)
     model, saved = load_model(model_path, dev)
     grayscale = bool(saved["model_params"].get("grayscale", False))
     counts = {}

@@ -836,3 +836,69 @@ def test_training_lowers_the_loss(name: str) -> None:
     after = full_loss()
     print(f"{name}: {before:.4f} -> {after:.4f} ({after / before:.3f})")
     assert after < 0.5 * before, (before, after)
+
+
+# ------------------------------------------------------------ no reads back from a GPU
+TRACED = [("softmax", {}), ("normface", {}), ("sphereface", {}), ("cosface", {}), ("arcface", {}), ("combined", {}),
+          ("subcenter", {}), ("intra", {}), ("inter", {}), ("center", {}), ("triplet", {"mining": "batch_hard"}),
+          ("triplet", {"mining": "semi_hard"}), ("contrastive", {})]
+
+
+@pytest.mark.parametrize("name, params", TRACED)
+def test_training_forward_without_value_checks_never_reads_the_device(name, params):
+    """With ``check_values`` off (the trainer checks the labels once on the host), a training
+    forward has no data-dependent host read: torch.compile(fullgraph=True) traces it as one
+    graph, which it refuses for ``int(t)``, ``bool(t)`` or boolean indexing. With the checks
+    on it refuses, which shows the trace would catch such a read."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 16)
+    y = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for check in (False, True):
+        loss = build(name, num_classes=4, embedding_size=16, **params)
+        loss.begin_training(100)
+        loss.check_values = check
+        eager = build(name, num_classes=4, embedding_size=16, **params)
+        eager.load_state_dict(loss.state_dict())
+        eager.begin_training(100)
+        torch._dynamo.reset()
+        traced = torch.compile(loss, backend="eager", fullgraph=True)
+        if check:
+            with pytest.raises(Exception, match="data-dependent"):
+                traced(x, y)
+        else:
+            torch.testing.assert_close(traced(x, y), eager(x, y))
+
+
+def test_masked_mean_is_the_mean_of_the_selection():
+    from pipeline.losses.pairs import masked_mean
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.rand(64, generator=g)
+    assert torch.equal(masked_mean(values, torch.ones(64, dtype=torch.bool)), values.mean())  # same bits
+    mask = torch.rand(64, generator=g) < 0.3
+    torch.testing.assert_close(masked_mean(values, mask), values[mask].mean())
+    inf_outside = values.masked_fill(~mask, float("inf"))  # masked-out entries may be anything
+    torch.testing.assert_close(masked_mean(inf_outside, mask), values[mask].mean())
+    assert torch.isnan(masked_mean(values, torch.zeros(64, dtype=torch.bool)))
+
+
+def test_pair_losses_without_an_anchor_raise_with_checks_and_give_nan_without():
+    x = torch.randn(4, 8)
+    y = torch.tensor([0, 1, 2, 3])  # no positive pair
+    for name, params in (("triplet", {"mining": "batch_hard"}), ("triplet", {"mining": "semi_hard"}),
+                         ("contrastive", {})):
+        loss = build(name, num_classes=4, embedding_size=8, **params)
+        with pytest.raises(ValueError, match="PKBatchSampler"):
+            loss(x, y)
+        loss.check_values = False
+        assert torch.isnan(loss(x, y))  # the trainer's NaN check stops such a run
+
+
+def test_center_counts_without_bincount_match_bincount():
+    loss = build("center", num_classes=5, embedding_size=3, center_lr=0.5)
+    x = torch.randn(7, 3)
+    y = torch.tensor([0, 4, 4, 2, 0, 0, 1])
+    loss.update_centers(x, y)
+    counts = torch.bincount(y, minlength=5).float()
+    sums = torch.zeros(5, 3).index_add_(0, y, -x)  # centres start at zero
+    torch.testing.assert_close(loss.centers, -0.5 * sums / (1.0 + counts).unsqueeze(1), rtol=0, atol=0)

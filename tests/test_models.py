@@ -331,3 +331,35 @@ def test_pretrained_stem_uses_centre_of_imagenet_kernel(monkeypatch, in_channels
     assert torch.equal(model.backbone.conv1.weight, centre)
     assert torch.equal(model.backbone.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
     assert model.config["pretrained_backbone"] is True
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_head_runs_in_float32_under_autocast(head: str) -> None:
+    """Backbone in the autocast dtype, embedding head (BN, FC, BN) in fp32 on the upcast
+    features, as on a GPU with bf16 (CPU autocast stands in for it: same mechanism)."""
+    torch.manual_seed(0)
+    model = build_model("smallcnn", embedding_size=32, head=head).train()
+    x = torch.randn(4, 3, 112, 112)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.backbone(x)
+        emb = model(x)
+    assert features.dtype == torch.bfloat16  # autocast is on for the backbone
+    assert emb.dtype == torch.float32
+    model.eval()  # same BN statistics for the reference
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.backbone(x)
+        emb = model(x)
+    torch.testing.assert_close(emb, model.head(features.float()), rtol=0, atol=0)
+
+
+def test_flatten_head_passes_a_7x7_map_through_its_pool() -> None:
+    from pipeline.models.heads import GridPool
+
+    pool = _cached("smallcnn", input_size=112).head.layers[0]
+    assert isinstance(pool, GridPool) and pool.output_size == (7, 7)
+    x = torch.randn(2, 5, 7, 7, requires_grad=True)
+    assert pool(x) is x  # no pooling kernel (forward or backward) for the usual 112 input
+    assert torch.equal(nn.AdaptiveAvgPool2d(7)(x), x)  # which is what pooling it gives, bit for bit
+    for size in (4, 14):  # other maps are pooled as before
+        y = torch.randn(2, 5, size, size)
+        assert torch.equal(pool(y), nn.AdaptiveAvgPool2d(7)(y))

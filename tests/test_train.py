@@ -82,9 +82,10 @@ def _setup(loss="arcface", **train_overrides) -> TrainSetup:
                       train=TrainParams(**train_params), seed=3, image_size=112)
 
 
-def test_short_run_learns_and_saves(tmp_path):
+def test_short_run_learns_and_saves(tmp_path, capsys):
     shards = _shards(tmp_path)
     metrics = train(_setup(), shards, tmp_path / "model", tmp_path / "ckpt", tmp_path / "report", progress=False)
+    assert capsys.readouterr().out.startswith("[arcface] device cpu (")  # what computes, said first
     history = pd.read_csv(tmp_path / "report" / "history.csv")
     assert history["epoch"].tolist() == [1, 2, 3]
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
@@ -93,6 +94,18 @@ def test_short_run_learns_and_saves(tmp_path):
     assert saved["epoch"] == metrics["best_epoch"]
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 112, 112)).shape == (2, 16)
+    timing = json.loads((tmp_path / "report" / "timing.json").read_text())
+    assert timing["precision"] == "float32" and timing["global_batch"] == timing["batch_per_process"] == 8
+    # the embed stage says where it computes too
+    import shutil
+
+    from pipeline.config import EmbedParams
+    from pipeline.embed import run_embed
+
+    shutil.copytree(shards / "train", tmp_path / "tests" / "probe")
+    (tmp_path / "tests" / "probe" / "pairs.csv").write_text("")
+    run_embed(EmbedParams(flip=False), tmp_path / "model" / "model.pt", tmp_path / "tests", tmp_path / "emb")
+    assert capsys.readouterr().out.startswith("embed: device cpu (")
 
 
 def test_sphereface_run_ends_at_lambda_min_and_reports_it(tmp_path):
@@ -374,3 +387,321 @@ def test_training_seed_changes_the_run_but_not_the_validation_split(tmp_path, mo
     _, val1 = split_train_val(labels, 0.25, base.data_seed + 1)
     assert not np.array_equal(val0, val1)  # the data seed, not the training seed, moves the split
     assert not np.array_equal(validation_pairs(labels[val0], 0), validation_pairs(labels[val0], 1))
+
+
+# ----------------------------------------------------------------- GPU readiness
+# No GPU runs these tests: the device and precision decisions are plain functions fed with
+# what a GPU machine would report; the step itself is checked for reads back to the host by
+# tracing it with torch.compile(fullgraph=True), which fails on any such read.
+
+
+def _cuda(**fields):
+    from pipeline.train import CudaStatus
+
+    base = dict(usable=False, torch_version="2.14.1+cu130", torch_cuda="13.0",
+                arch_list=("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"))
+    return CudaStatus(**(base | fields))
+
+
+def test_auto_device_is_the_cpu_only_where_there_is_no_gpu():
+    from pipeline.train import choose_device
+
+    assert choose_device("auto", _cuda()) == "cpu"
+    assert choose_device("auto", _cuda(visible_devices="")) == "cpu"  # GPUs hidden on purpose
+    assert choose_device("auto", _cuda(visible_devices="-1")) == "cpu"
+    h200 = _cuda(usable=True, count=1, names=("NVIDIA H200",), capabilities=((9, 0),))
+    assert choose_device("auto", h200) == choose_device("cuda", h200) == "cuda"
+    assert choose_device("cpu", h200) == "cpu"
+    for capability in ((7, 5), (8, 6), (8, 9), (10, 3), (12, 1)):  # same major, newer minor: binary compatible
+        assert choose_device("auto", _cuda(usable=True, count=1, names=("GPU",), capabilities=(capability,))) == "cuda"
+    with pytest.raises(TrainingError, match="no NVIDIA GPU or driver was found.*train.device: cpu"):
+        choose_device("cuda", _cuda())
+
+
+@pytest.mark.parametrize("status, needles", [
+    # driver too old for the CUDA 13 wheel: torch sees nothing, nvidia-smi does
+    (dict(driver_gpu="Tesla T4, compute capability 7.5", driver="535.104.05"),
+     ["Tesla T4", "CUDA 13.0", "driver >= 580", "535.104.05", "whl/cu126", "torch==2.14.1", "train.device: cpu"]),
+    # torch counts the GPU through NVML but cannot initialise CUDA, driver version unknown
+    (dict(count=2), ["torch counts 2 GPU(s)", "driver >= 580", "nvidia-smi"]),
+    # only CUDA_VISIBLE_DEVICES says a GPU was meant to be used
+    (dict(visible_devices="0"), ["CUDA_VISIBLE_DEVICES=0"]),
+    # a CPU-only wheel on a GPU machine
+    (dict(torch_cuda=None, torch_version="2.14.1+cpu", driver_gpu="NVIDIA A100, compute capability 8.0",
+          driver="580.65.06"), ["CPU-only build", "scripts/setup.sh"]),
+    # the driver is new enough: the GPU is hidden from this process
+    (dict(driver_gpu="NVIDIA L4, compute capability 8.9", driver="580.82.07"),
+     ["recent enough", "CUDA_VISIBLE_DEVICES"]),
+    # torch runs, but the wheel has no kernels for this GPU (Volta: CUDA 13 dropped it)
+    (dict(usable=True, count=1, names=("Tesla V100-SXM2-16GB",), capabilities=((7, 0),)),
+     ["Tesla V100", "sm_70", "kernels only for sm_75", "whl/cu126"]),
+    # ... or a GPU newer than the wheel
+    (dict(usable=True, count=1, names=("Future GPU",), capabilities=((13, 0),)), ["sm_130", "newer torch"]),
+])
+def test_auto_device_stops_in_one_line_when_torch_cannot_use_the_gpu(status, needles):
+    from pipeline.train import choose_device
+
+    for choice in ("auto", "cuda"):
+        with pytest.raises(TrainingError) as err:
+            choose_device(choice, _cuda(**status))
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"train.device = {choice}")
+        for needle in needles:
+            assert needle in message, (needle, message)
+    assert choose_device("cpu", _cuda(**status)) == "cpu"  # an explicit cpu never looks at the GPU
+
+
+def _fake_nvidia_smi(folder: Path, line: str) -> str:
+    """A stand-in for the driver's nvidia-smi on a machine whose driver is too old for the wheel:
+    it answers the query the trainer makes. Returns a PATH with it first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\necho '{line}'\n")
+    script.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch can use this machine's GPU")
+def test_cli_stops_in_one_line_on_a_gpu_machine_that_torch_cannot_use(tmp_path):
+    """The real probe and CLI on this (GPU-less) machine, with nvidia-smi saying there is a T4
+    on driver 535: train with device auto must stop instead of training on the CPU."""
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    _write_recipes(tmp_path)
+    env = dict(os.environ, PYTHONPATH=str(ROOT),
+               PATH=_fake_nvidia_smi(tmp_path / "bin", "Tesla T4, 535.104.05, 7.5"))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    result = subprocess.run([sys.executable, "-m", "pipeline", "train", "arcface", "--seed", "0", "--no-progress"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: train.device = auto and this machine has a GPU (nvidia-smi: Tesla T4, "
+                               "compute capability 7.5) that torch cannot use")
+    assert "driver >= 580" in lines[0] and "535.104.05" in lines[0] and "train.device: cpu" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["recipes"]  # nothing trained or written
+
+
+def test_arch_support_follows_binary_and_ptx_compatibility():
+    from pipeline.train import arch_supported
+
+    wheel = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+    assert arch_supported((9, 0), wheel) and arch_supported((8, 9), wheel) and arch_supported((12, 0), wheel)
+    assert not arch_supported((7, 0), wheel) and not arch_supported((6, 1), wheel)
+    assert not arch_supported((8, 0), ["sm_86"])  # a binary runs on the same or a newer minor only
+    assert arch_supported((10, 0), ["sm_80", "compute_90"])  # PTX: the driver compiles it for newer GPUs
+    assert arch_supported((9, 0), ["sm_90a"])
+    assert arch_supported((7, 0), [])  # a build that does not list its architectures: left to torch
+
+
+def test_bf16_only_from_ampere_on():
+    from pipeline.train import amp_dtype_for
+
+    assert amp_dtype_for("cuda", (7, 0), True) == torch.float16  # V100: bf16 only emulated
+    assert amp_dtype_for("cuda", (7, 5), True) == torch.float16  # T4
+    assert amp_dtype_for("cuda", (8, 0), True) == torch.bfloat16
+    assert amp_dtype_for("cuda", (9, 0), True) == torch.bfloat16
+    assert amp_dtype_for("cuda", (9, 0), False) is None
+    assert amp_dtype_for("cpu", None, True) is None
+
+
+def test_device_line_names_the_device_precision_and_processes():
+    from pipeline.train import describe_device, device_line, gpu_text
+
+    line = device_line(gpu_text(1, "NVIDIA H200", (9, 0), 141 * 2**30), torch.bfloat16, 8, "2.14.1+cu130", "13.0")
+    assert line == ("device cuda:1 NVIDIA H200 (compute capability 9.0, 141 GiB); precision bf16 autocast (backbone), "
+                    "fp32 head and loss; 8 processes; torch 2.14.1+cu130 built for CUDA 13.0")
+    assert "fp16 autocast" in device_line("x", torch.float16, 1, "v", "12.6") and "gradient scaler" in device_line(
+        "x", torch.float16, 1, "v", "12.6")
+    cpu_line = describe_device(torch.device("cpu"), None, 1)
+    assert cpu_line.startswith("device cpu (") and "precision fp32; 1 process;" in cpu_line
+
+
+def test_cuda_backend_settings_trade_autotuning_for_determinism():
+    from pipeline.train import cuda_backend_settings
+
+    assert cuda_backend_settings(False) == {"cudnn.benchmark": True, "cudnn.deterministic": False,
+                                            "use_deterministic_algorithms": False, "CUBLAS_WORKSPACE_CONFIG": None}
+    assert cuda_backend_settings(True) == {"cudnn.benchmark": False, "cudnn.deterministic": True,
+                                           "use_deterministic_algorithms": True, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+
+def test_sync_batchnorm_only_for_small_per_gpu_batches():
+    from pipeline.train import use_sync_bn
+
+    assert use_sync_bn("auto", "cuda", 8, 8)  # batch 64 over 8 GPUs
+    assert not use_sync_bn("auto", "cuda", 2, 32)  # 32 images per GPU: plain BN, no all-gather per layer
+    assert not use_sync_bn("auto", "cpu", 2, 4)  # SyncBatchNorm does not run on the CPU
+    assert not use_sync_bn("auto", "cuda", 1, 4) and not use_sync_bn(True, "cuda", 1, 4)  # one process: nothing to sync
+    assert use_sync_bn(True, "cuda", 2, 64) and not use_sync_bn(False, "cuda", 8, 8)
+    with pytest.raises(TrainingError, match="sync_bn = true needs GPUs"):
+        use_sync_bn(True, "cpu", 2, 4)
+
+
+def test_batch_per_device_gives_each_process_its_slice_of_the_same_global_batches():
+    from pipeline.train import Distributed, _epoch_batches, batch_layout
+
+    assert batch_layout(TrainParams(batch_size=64), 2, pk=False) == (64, 32)
+    assert batch_layout(TrainParams(batch_size=64, batch_per_device=16), 4, pk=False) == (64, 16)
+    assert batch_layout(TrainParams(batch_size=64, batch_per_device=16, pk_identities=4, pk_images=3), 2,
+                        pk=True) == (24, 12)
+    with pytest.raises(TrainingError, match="divisible by the 3 processes.*batch_per_device"):
+        batch_layout(TrainParams(batch_size=64), 3, pk=False)
+    # batch_per_device=4 on 2 processes draws exactly the batches of batch_size=8 on 2 processes
+    for rank in (0, 1):
+        dist = Distributed(rank=rank, world=2)
+        global_a, _ = batch_layout(TrainParams(batch_size=8), 2, pk=False)
+        global_b, per = batch_layout(TrainParams(batch_size=100, batch_per_device=4), 2, pk=False)
+        a = _epoch_batches(0, 40, global_a, None, 5, torch.Generator().manual_seed(1), dist)
+        b = _epoch_batches(0, 40, global_b, None, 5, torch.Generator().manual_seed(1), dist)
+        assert per == 4 and all(len(i) == 4 and torch.equal(i, j) and torch.equal(f, g)
+                                for (i, f), (j, g) in zip(a, b))
+
+
+def test_labels_are_checked_once_on_the_host():
+    from pipeline.train import check_labels
+
+    check_labels(np.array([0, 3, 1]), 4, "shards/train")
+    with pytest.raises(TrainingError, match="shards/train: label 4 is outside \\[0, 3\\]"):
+        check_labels(np.array([0, 4]), 4, "shards/train")
+    with pytest.raises(TrainingError, match="label -1"):
+        check_labels(np.array([-1, 2]), 4, "shards/train")
+
+
+def test_flip_is_a_selection_with_the_values_and_layout_of_boolean_indexing():
+    from pipeline.train import flip_rows, to_input
+
+    images = torch.randint(0, 256, (6, 112, 112, 3), dtype=torch.uint8)
+    flips = torch.tensor([True, False, True, True, False, False])
+    old = to_input(images, grayscale=False)
+    old[flips] = old[flips].flip(-1)  # what the trainer did before
+    new = to_input(images, grayscale=False)
+    out = flip_rows(new, flips)
+    assert out is new and torch.equal(new, old) and new.stride() == old.stride()
+
+
+@pytest.mark.parametrize("loss", ["arcface", "triplet"])
+def test_training_forward_reads_nothing_back_from_the_device(loss):
+    """On a GPU every read of a device value (``int(t)``, ``bool(t)``, ``x[mask]``) makes the host
+    wait. torch.compile(fullgraph=True) refuses exactly those, so a step that traces as one graph
+    has none: input conversion, flips, backbone, fp32 head and loss, as the trainer runs them."""
+    from pipeline.train import _TrainStep, build_modules, flip_rows
+
+    torch._dynamo.reset()
+    model, criterion = build_modules(_setup(loss), num_classes=6)
+    criterion.check_values = False  # as the trainer sets it after checking the labels once
+    criterion.begin_training(10)
+    step = _TrainStep(model, criterion, None).train()
+
+    def forward(images, flips, labels):
+        from pipeline.train import to_input
+
+        return step(flip_rows(to_input(images, grayscale=False), flips), labels)
+
+    images = torch.randint(0, 256, (8, 112, 112, 3), dtype=torch.uint8)
+    flips = torch.rand(8) < 0.5
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    value = torch.compile(forward, backend="eager", fullgraph=True)(images, flips, labels)
+    assert value.ndim == 0 and torch.isfinite(value)
+    criterion.check_values = True  # the per-batch value checks do read back, and the trace says so
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="data-dependent"):
+        torch.compile(forward, backend="eager", fullgraph=True)(images, flips, labels)
+
+
+def test_fingerprint_separates_device_precision_and_global_batch(tmp_path):
+    from pipeline.train import fingerprint
+
+    data = read_shards(_shards(tmp_path, n_ids=3, per=4) / "train")
+    setup = _setup()
+
+    def key(setup=setup, device_type="cpu", amp_dtype=None, global_batch=8):
+        return fingerprint(setup, data, device_type=device_type, amp_dtype=amp_dtype, global_batch=global_batch)
+
+    keys = {key(), key(device_type="cuda"), key(device_type="cuda", amp_dtype=torch.bfloat16),
+            key(device_type="cuda", amp_dtype=torch.float16), key(global_batch=16)}
+    assert len(keys) == 5  # a CPU checkpoint never resumes a GPU run, nor bf16 an fp16 one
+    assert key() == key()
+    # what does not change the trained model does not block a resume
+    assert key(_setup(nan_check_every=1, workers=3, decode="per_batch", device="cpu")) == key()
+
+
+def test_validation_embeds_only_the_images_in_its_pairs():
+    from pipeline.train import validation_subset
+
+    labels = np.repeat(np.arange(40), 5)
+    pairs = validation_pairs(labels, seed=0, max_pairs=30)
+    needed, remapped = validation_subset(pairs)
+    assert len(needed) < len(labels)  # fewer images than the validation set
+    assert np.array_equal(needed[remapped[:, :2]], pairs[:, :2]) and np.array_equal(remapped[:, 2], pairs[:, 2])
+
+
+def test_nan_is_read_every_k_steps_and_still_named_with_its_step(tmp_path):
+    shards = _shards(tmp_path)
+    messages = {}
+    for every in (1, 20):
+        out = tmp_path / f"every{every}"
+        with pytest.raises(TrainingError) as err:
+            train(_setup(lr=1e30, nan_check_every=every), shards, out / "model", out / "ckpt", out / "report",
+                  progress=False)
+        messages[every] = str(err.value)
+    import re
+
+    steps = {every: int(re.search(r"became \w+ at step (\d+)", m).group(1)) for every, m in messages.items()}
+    assert steps[1] == steps[20]  # the same first bad step, found late
+    first, last = map(int, re.search(r"covered steps (\d+)-(\d+)", messages[20]).groups())
+    assert first <= steps[20] <= last and "read every 20 steps" in messages[20]
+    assert "arcface" in messages[20] and "margin" in messages[20] and "\n" not in messages[20]
+
+
+def test_reading_the_loss_less_often_trains_the_same_model(tmp_path):
+    shards = _shards(tmp_path)
+    results = {}
+    for every in (1, 3):
+        out = tmp_path / f"every{every}"
+        metrics = train(_setup(epochs=2, nan_check_every=every), shards, out / "model", out / "ckpt", out / "report",
+                        progress=False)
+        results[every] = (metrics, pd.read_csv(out / "report" / "history.csv"),
+                          torch.load(out / "model" / "model.pt", weights_only=False)["model"])
+    assert results[1][0] == results[3][0]
+    pd.testing.assert_frame_equal(results[1][1], results[3][1], check_exact=True)
+    for name, tensor in results[1][2].items():
+        assert torch.equal(tensor, results[3][2][name]), name
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_process_stops_when_process_0_fails_while_checkpointing(tmp_path):
+    """Two processes started as a cluster scheduler starts them (no torchrun agent to stop the
+    survivor). Process 0 cannot write its checkpoint (best.pt is a directory, something only
+    process 0 touches): both must stop, process 1 with one line saying why. Before, process 1
+    was left in the epoch's barrier: over gloo it died with a connection traceback once
+    process 0 had exited; over NCCL, which does not always notice a dead peer, it could
+    wait for the collective timeout (10 minutes by default)."""
+    project = _project(tmp_path, 2, train={"device": "cpu"})  # gloo, also on a machine with one GPU
+    (project / "data" / "checkpoints" / "arcface-0" / "best.pt" / "blocker").mkdir(parents=True)
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", FACEPIPE_THREADS="1", WORLD_SIZE="2",
+                   RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port)
+        env.pop("FACEPIPE_NPROC", None)
+        procs.append(subprocess.Popen([sys.executable, "-m", "pipeline", "train", "arcface", "--seed", "0",
+                                       "--no-progress"], cwd=project, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("a process was still waiting 240 s after the other one failed")
+    assert procs[0].returncode != 0 and procs[1].returncode != 0
+    assert "best.pt" in results[0][1]  # process 0: why it failed
+    lines = [ln for ln in results[1][1].splitlines() if ln.strip()]
+    assert lines == ["error: process 1 stops: process 0 failed while validating or checkpointing epoch 1 "
+                     "(process 0 prints why)"], results[1][1]

@@ -46,12 +46,18 @@ class LossBase(nn.Module):
     ``is_classifier`` (has class ``weight`` and ``logits``) and ``needs_pk_batches``
     (batches must hold several images of each of several identities: use
     :class:`pipeline.samplers.PKBatchSampler`). Validated params are in ``self.hparams``.
+
+    ``check_values`` (True): check each batch's VALUES too (labels in range, a P x K batch
+    with a usable anchor, ...), which reads them back from a GPU and so makes the host wait
+    for it. The trainer turns it off after checking every training label once on the host;
+    shapes and dtypes are always checked (no device read).
     """
 
     name: ClassVar[str] = "base"
     PARAMS: ClassVar[dict[str, Param]] = {}
     is_classifier: ClassVar[bool] = False
     needs_pk_batches: ClassVar[bool] = False
+    check_values: bool = True
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -117,7 +123,7 @@ class LossBase(nn.Module):
             raise ValueError(f"{self.name}: labels must be int64, got {labels.dtype}")
         if labels.numel() == 0:
             raise ValueError(f"{self.name}: empty batch")
-        if self.is_classifier:
+        if self.is_classifier and self.check_values:
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= self.num_classes:
                 bad = lo if lo < 0 else hi

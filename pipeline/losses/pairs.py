@@ -22,6 +22,16 @@ def squared_distances(embeddings: Tensor) -> Tensor:
     return (2.0 - 2.0 * (z @ z.T)).clamp_min(0.0)
 
 
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values[mask]`` (NaN when ``mask`` is all False), without boolean indexing.
+
+    ``values[mask]`` has a size only the data knows, so on a GPU the host must wait to read
+    it back; a masked sum over a fixed shape does not. Where the mask is all True (the P x K
+    batch-hard case) this is the same sum in the same order, so the same bits."""
+    kept = torch.where(mask, values, torch.zeros_like(values))
+    return kept.sum() / mask.sum()
+
+
 def pair_masks(labels: Tensor) -> tuple[Tensor, Tensor]:
     """[B] labels -> ([B, B] positive mask without the diagonal, [B, B] negative mask)."""
     same = labels.view(-1, 1) == labels.view(1, -1)
@@ -38,7 +48,9 @@ class TripletLoss(LossBase):
     * ``semi_hard`` (FaceNet): every anchor-positive pair (a, p); the negative is the
       nearest one farther than p (d_an > d_ap); when there is none, the farthest
       negative of a. Mean over all such pairs (zero-loss pairs included).
-    A batch without any usable anchor raises ``ValueError`` (use the P x K sampler).
+    A batch without any usable anchor raises ``ValueError`` (use the P x K sampler) while
+    ``check_values`` is on; with it off (the trainer) the value is NaN and nothing is read
+    back from the device.
     """
 
     name = "triplet"
@@ -58,13 +70,15 @@ class TripletLoss(LossBase):
             alpha = self.hparams["margin"]
             if self.hparams["mining"] == "batch_hard":
                 valid = pos.any(dim=1) & has_neg
-                self._require(bool(valid.any()))
+                if self.check_values:
+                    self._require(bool(valid.any()))
                 hardest_pos = d.masked_fill(~pos, float("-inf")).amax(dim=1)
                 hardest_neg = d.masked_fill(~neg, float("inf")).amin(dim=1)
-                return F.relu(hardest_pos - hardest_neg + alpha)[valid].mean()
+                return masked_mean(F.relu(hardest_pos - hardest_neg + alpha), valid)
             pairs = pos & has_neg.view(-1, 1)
-            self._require(bool(pairs.any()))
-            return F.relu(d - self._semi_hard_negative(d, neg) + alpha)[pairs].mean()
+            if self.check_values:
+                self._require(bool(pairs.any()))
+            return masked_mean(F.relu(d - self._semi_hard_negative(d, neg) + alpha), pairs)
 
     @staticmethod
     def _semi_hard_negative(d: Tensor, neg: Tensor) -> Tensor:
@@ -92,7 +106,8 @@ class ContrastiveLoss(LossBase):
     Pairs: *all* positive pairs and *all* negative pairs of the batch (i < j), no
     hard mining. loss = mean over positive pairs + mean over negative pairs, so the
     many negatives of a P x K batch do not drown the positives. A batch without a
-    positive or without a negative pair raises ``ValueError``.
+    positive or without a negative pair raises ``ValueError`` while ``check_values`` is on
+    (with it off the value is NaN, and nothing is read back from the device).
     """
 
     name = "contrastive"
@@ -109,12 +124,12 @@ class ContrastiveLoss(LossBase):
             pos, neg = pair_masks(labels)
             upper = torch.ones_like(pos).triu(diagonal=1)
             pos, neg = pos & upper, neg & upper
-            if not bool(pos.any()) or not bool(neg.any()):
+            if self.check_values and (not bool(pos.any()) or not bool(neg.any())):
                 raise ValueError(
                     f"{self.name}: the batch needs at least one positive and one negative pair "
                     "(>= 2 identities, one with >= 2 images; use PKBatchSampler)"
                 )
             dist = d2.clamp_min(1e-12).sqrt()
-            pos_term = 0.5 * d2[pos].mean()
-            neg_term = 0.5 * F.relu(self.hparams["margin"] - dist[neg]).pow(2).mean()
+            pos_term = 0.5 * masked_mean(d2, pos)
+            neg_term = 0.5 * masked_mean(F.relu(self.hparams["margin"] - dist).pow(2), neg)
             return pos_term + neg_term

@@ -88,7 +88,8 @@ class CenterLoss(Softmax):
         """One centre step from a batch: [B, D] embeddings, [B] labels (see class doc)."""
         x = embeddings.detach().float()
         sums = torch.zeros_like(self.centers).index_add_(0, labels, self.centers[labels] - x)
-        counts = torch.bincount(labels, minlength=self.num_classes).to(self.centers.dtype)
+        # a sum of ones rather than torch.bincount, which reads the largest label back from a GPU
+        counts = torch.zeros_like(self.centers[:, 0]).index_add_(0, labels, torch.ones_like(x[:, 0]))
         if _world_size() > 1:  # global batch: one collective for the sums and the counts
             packed = torch.cat([sums, counts.unsqueeze(1)], dim=1)
             torch.distributed.all_reduce(packed)

@@ -141,7 +141,7 @@ class SphereFace(LargeMarginSoftmax):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         self.check_inputs(embeddings, labels)  # before counting the step
         if self.training:
-            if self.hparams["lambda_schedule"] == "fraction" and int(self.total_steps) < 1:
+            if self.check_values and self.hparams["lambda_schedule"] == "fraction" and int(self.total_steps) < 1:
                 raise ValueError(
                     f"{self.name}: lambda_schedule = 'fraction' needs the number of training steps; call "
                     "begin_training(total_steps) before training (the trainer does), or use lambda_schedule: caffe"

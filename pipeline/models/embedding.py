@@ -29,6 +29,11 @@ class EmbeddingModel(nn.Module):
     crops normalised to about [-1, 1]) → raw embedding ``[B, embedding_size]``, NOT
     L2-normalised. In train mode the head's final BatchNorm1d needs B ≥ 2.
 
+    Precision: under autocast only the backbone runs in the lower precision; the head
+    (BN, FC, BN) always runs in float32 on ``features.float()``, as in insightface, so the
+    embedding the margin losses see is not rounded to bf16/fp16. Without autocast this
+    changes nothing (fp32 throughout).
+
     Attributes:
         backbone: feature extractor, ``[B, C, H, W]`` → ``feature_shape`` with batch.
         head: :class:`~pipeline.models.heads.EmbeddingHead`.
@@ -70,7 +75,9 @@ class EmbeddingModel(nn.Module):
                 f"{expected[1]}, {expected[2]}] (in_channels={self.in_channels}, "
                 f"input_size={self.input_size})"
             )
-        return self.head(self.backbone(x))
+        features = self.backbone(x)
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.head(features.float())
 
     def freeze_backbone(self, frozen: bool = True) -> None:
         """Freeze (or unfreeze) the backbone for transfer learning.

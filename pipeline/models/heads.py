@@ -4,9 +4,10 @@ The output is NOT L2-normalised (the losses and the scoring stage do that).
 
 * ``bn_dropout_fc_bn`` – the ArcFace "E" head. It **flattens** the spatial map:
   BN2d → Dropout → Flatten → FC → BN1d. The map is first average-pooled to at
-  most ``FLATTEN_GRID`` × ``FLATTEN_GRID`` (7×7), which is a no-op for a 112×112
-  input (the backbones end at 7×7) and keeps the FC size independent of the input
-  size (a 224 input's 14×14 map is pooled to 7×7). FC has ``F·7·7`` inputs.
+  most ``FLATTEN_GRID`` × ``FLATTEN_GRID`` (7×7), which keeps the FC size
+  independent of the input size (a 224 input's 14×14 map is pooled to 7×7); a
+  112×112 input's 7×7 map (where the backbones end) passes through untouched
+  (:class:`GridPool`). FC has ``F·7·7`` inputs.
 * ``pool_fc`` – **global average pool** → Dropout → FC.
 * ``pool_fc_bn`` – **global average pool** → Dropout → FC → BN1d.
 
@@ -19,12 +20,23 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["FLATTEN_GRID", "HEADS", "EmbeddingHead"]
+__all__ = ["FLATTEN_GRID", "HEADS", "EmbeddingHead", "GridPool"]
 
 #: Largest spatial grid that ``bn_dropout_fc_bn`` flattens (7 = a 112 input / 16).
 FLATTEN_GRID = 7
 
 HEADS: tuple[str, ...] = ("bn_dropout_fc_bn", "pool_fc", "pool_fc_bn")
+
+
+class GridPool(nn.AdaptiveAvgPool2d):
+    """Adaptive average pooling to ``output_size`` that passes a map of that size through
+    untouched (the same values as pooling it), so the usual 7×7 map of a 112 input costs
+    nothing and has no adaptive-pooling backward, which has no deterministic GPU kernel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if tuple(x.shape[-2:]) == tuple(self.output_size):
+            return x
+        return super().forward(x)
 
 
 class EmbeddingHead(nn.Module):
@@ -56,7 +68,7 @@ class EmbeddingHead(nn.Module):
         if kind == "bn_dropout_fc_bn":
             if spatial:
                 grid = (min(feature_shape[1], FLATTEN_GRID), min(feature_shape[2], FLATTEN_GRID))
-                layers = [nn.AdaptiveAvgPool2d(grid), nn.BatchNorm2d(channels), *drop, nn.Flatten()]
+                layers = [GridPool(grid), nn.BatchNorm2d(channels), *drop, nn.Flatten()]
                 in_features = channels * grid[0] * grid[1]
             else:
                 layers = [nn.BatchNorm1d(channels), *drop]
