@@ -247,6 +247,74 @@ def report(params_file: Path = ParamsOption) -> None:
         typer.echo(f"wrote {path}")
 
 
+grid_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="Grids of experiments: one DVC experiment per cell, one report across them.")
+app.add_typer(grid_app, name="grid")
+GridFile = typer.Argument(..., help="A grid file, e.g. configs/grids/arcface-margins.yaml.")
+GridOut = typer.Option(Path("reports/experiments"), "--out", help="Where the grid's report folder goes.")
+
+
+def _grid(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Grid commands: a bad grid file or a failing DVC call is one line and exit 2 / 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.grid import GridError
+
+        try:
+            return func(*args, **kwargs)
+        except GridError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@grid_app.command("run")
+@_grid
+def grid_run(grid_file: Path = GridFile, jobs: int = typer.Option(1, "--jobs", "-j", help="Cells run side by side."),
+             out: Path = GridOut) -> None:
+    """Queue every cell that has not run yet (dvc exp run --queue), run the queue, write the report."""
+    from pipeline.grid import build_report, load_grid, run_grid
+
+    grid = load_grid(grid_file)
+    states = run_grid(grid, Path.cwd(), jobs=jobs, echo=typer.echo)
+    for state in states:
+        if state.status == "failed":
+            typer.echo(f"cell {state.cell.name} failed: {state.error}", err=True)
+    build_report(grid, Path.cwd(), out, states=states, echo=typer.echo)
+
+
+@grid_app.command("report")
+@_grid
+def grid_report(grid_file: Path = GridFile, out: Path = GridOut) -> None:
+    """Build the grid's report from its finished experiments (reads DVC; never trains)."""
+    from pipeline.grid import build_report, load_grid
+
+    build_report(load_grid(grid_file), Path.cwd(), out, echo=typer.echo)
+
+
+@grid_app.command("commands")
+@_grid
+def grid_commands(grid_file: Path = GridFile,
+                  remote: str = typer.Option("origin", "--remote", help="Git remote the experiments are pushed to "
+                                                                       "(with its DVC remote for the cache).")) -> None:
+    """Print one shell line per cell (run it anywhere, then dvc exp push), e.g. for a Slurm job array."""
+    from pipeline.grid import cluster_commands, load_grid
+
+    for line in cluster_commands(load_grid(grid_file), Path.cwd(), remote):
+        typer.echo(line)
+
+
+@grid_app.command("pull")
+@_grid
+def grid_pull(grid_file: Path = GridFile, remote: str = typer.Option("origin", "--remote")) -> None:
+    """Fetch the grid's experiments (git refs and DVC cache) from a shared remote (dvc exp pull)."""
+    from pipeline.grid import load_grid, pull
+
+    pull(load_grid(grid_file), Path.cwd(), remote, echo=typer.echo)
+
+
 def main() -> None:
     app()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import DatasetSpec, Params
+from pipeline.config import ConfigError, DatasetSpec, Params
 from pipeline.datasets import DatasetError, ImageSet
 from pipeline.io import atomic_dir, write_csv, write_json
 
@@ -50,9 +50,12 @@ def run_data(params: Params, out_dir: str | Path = "data/datasets", *, progress:
         if any(spec.kind == "synthetic" for spec in specs.values()):
             from pipeline.datasets.synthetic import generate_synthetic
 
-            generated = generate_synthetic(
-                tmp / "synthetic", seed=params.seeds.data, progress=progress, **params.data.synthetic.model_dump()
-            )
+            try:
+                generated = generate_synthetic(
+                    tmp / "synthetic", seed=params.seeds.data, progress=progress, **params.data.synthetic.model_dump()
+                )
+            except ValueError as err:  # sizes that cannot make the folds and pairs asked for
+                raise ConfigError(f"data.synthetic: {err}") from None
             # The images were written under the temporary folder; record their final paths.
             synthetic = {
                 name: ImageSet(_rebase(images, tmp, out_dir), pairs) for name, (images, pairs) in generated.items()

@@ -280,25 +280,24 @@ def _weighted_roc(scores: np.ndarray, y: np.ndarray, weights: np.ndarray, fprs: 
     ss = scores[order]
     ends = np.flatnonzero(np.append(ss[1:] != ss[:-1], True))  # last pair of each run of tied scores
     w = weights[:, order]
-    ys = y[order]
-    tp = np.cumsum(w * ys, axis=1)[:, ends]
-    fp = np.cumsum(w * ~ys, axis=1)[:, ends]
-    zero = np.zeros((w.shape[0], 1))
-    tp = np.hstack([zero, tp]).astype(np.float64)
-    fp = np.hstack([zero, fp]).astype(np.float64)
-    pos, neg = tp[:, -1:], fp[:, -1:]
-    d = fp * pos - (pos - tp) * neg            # (FPR - FNR) * P * N, rises through 0 once
-    i = np.argmax(d >= 0, axis=1)
+    both = np.cumsum(w, axis=1)[:, ends]                     # pairs at or above each threshold
+    tp = np.cumsum(w * y[order], axis=1)[:, ends].astype(np.float64)
+    fp = both - tp
+    pos, neg = tp[:, -1], fp[:, -1]
     rows = np.arange(w.shape[0])
-    d_i, d_prev = d[rows, i], d[rows, np.maximum(i - 1, 0)]
-    fp_i, fp_prev = fp[rows, i], fp[rows, np.maximum(i - 1, 0)]
+    d = fp * pos[:, None] - (pos[:, None] - tp) * neg[:, None]   # (FPR - FNR) * P * N, rises through 0 once
+    i = np.argmax(d >= 0, axis=1)
+    d_i, fp_i = d[rows, i], fp[rows, i]
+    # the point before i; before the first distinct score it is the ROC's origin (0, 0): d = -P N
+    d_prev = np.where(i > 0, d[rows, np.maximum(i - 1, 0)], -pos * neg)
+    fp_prev = np.where(i > 0, fp[rows, np.maximum(i - 1, 0)], 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         lam = np.where(d_i == 0, 0.0, -d_prev / (d_i - d_prev))
-    rate = np.where(d_i == 0, fp_i, fp_prev + lam * (fp_i - fp_prev)) / neg[:, 0]
+    rate = np.where(d_i == 0, fp_i, fp_prev + lam * (fp_i - fp_prev)) / neg
     tprs = {}
     for f in fprs:
-        last = (fp <= f * neg + 1e-9).sum(axis=1) - 1
-        tprs[f] = tp[rows, last] / pos[:, 0]
+        count = (fp <= f * neg[:, None] + 1e-9).sum(axis=1)   # ROC points with FPR <= f, origin excluded
+        tprs[f] = np.where(count > 0, tp[rows, np.maximum(count - 1, 0)], 0.0) / pos
     return rate, tprs
 
 

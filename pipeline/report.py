@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,8 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def _interval_text(iv: Interval | None, digits: int = 4) -> str:
     if iv is None:
         return "–"
+    if math.isnan(iv.low):
+        return f"{iv.mean:.{digits}f}"
     return f"{iv.mean:.{digits}f} [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
 
 
@@ -75,44 +77,56 @@ class Table:
     pairs_missing: int
 
 
-def _read_scores(run: str, test_set: str, variant: str) -> pd.DataFrame:
-    path = paths.scores_dir(run) / test_set / f"{variant}.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; run `dvc repro` (the score stage of {run})")
-    return pd.read_csv(path, dtype={"image_id1": str, "image_id2": str})
+class WorkspaceRuns:
+    """Reads a run's outputs from this workspace (the stages' files under data/ and reports/)."""
+
+    def test_sets(self, run: str) -> list[str]:
+        folder = paths.scores_dir(run)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: missing; run `dvc repro` (the score stage of {run})")
+        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+    def scores(self, run: str, test_set: str, variant: str) -> pd.DataFrame:
+        path = paths.scores_dir(run) / test_set / f"{variant}.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run `dvc repro` (the score stage of {run})")
+        return pd.read_csv(path, dtype={"image_id1": str, "image_id2": str})
+
+    def metrics(self, run: str) -> dict:
+        path = paths.metrics_file(run)
+        return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_tables(params: Params) -> list[Table]:
-    """One :class:`Table` per test set and scoring variant, for the runs params.yaml lists."""
-    runs = params.runs
+def load_tables(runs: dict[str, list[str]], variants: list[str], source=None) -> list[Table]:
+    """One :class:`Table` per test set and scoring variant.
+
+    ``runs``: model -> its runs; ``variants``: e.g. ``["cosine_norm", "l2_raw"]``;
+    ``source``: where the runs' files are read (:class:`WorkspaceRuns` by default; the
+    grid report reads finished DVC experiments). The pairs every run could score are kept.
+    """
+    source = source or WorkspaceRuns()
     tables = []
     first_run = next(iter(runs.values()))[0]
-    test_sets = sorted(p.name for p in paths.scores_dir(first_run).iterdir() if p.is_dir())
-    for test_set in test_sets:
-        for distance in params.score.distances:
-            for normalize in params.score.normalize:
-                variant = variant_name(distance, normalize)
-                frames = {run: _read_scores(run, test_set, variant) for model in runs for run in runs[model]}
-                base = next(iter(frames.values()))
-                keys = base[["image_id1", "image_id2"]]
-                scored = np.ones(len(base), dtype=bool)
-                for run, frame in frames.items():
-                    if len(frame) != len(base) or not frame[["image_id1", "image_id2"]].equals(keys):
-                        raise ValueError(f"{paths.scores_dir(run) / test_set}: the pairs differ from those of "
-                                         f"{first_run}; rerun the score stages (dvc repro)")
-                    scored &= (frame["status"] == "scored").to_numpy()
-                scores = {model: np.stack([frames[run]["score"].to_numpy(dtype=np.float64)[scored]
-                                           for run in runs[model]]) for model in runs}
-                tables.append(Table(test_set, variant, scores, base["same"].to_numpy()[scored].astype(int),
-                                    base["fold"].to_numpy()[scored], len(base), int((~scored).sum())))
+    for test_set in source.test_sets(first_run):
+        for variant in variants:
+            frames = {run: source.scores(run, test_set, variant) for model in runs for run in runs[model]}
+            base = frames[first_run]
+            keys = base[["image_id1", "image_id2"]]
+            scored = np.ones(len(base), dtype=bool)
+            for run, frame in frames.items():
+                if len(frame) != len(base) or not frame[["image_id1", "image_id2"]].equals(keys):
+                    raise ValueError(f"{test_set}: the pairs scored by {run} differ from those of {first_run}; "
+                                     "models are compared on the same pairs (rerun the score stages)")
+                scored &= (frame["status"] == "scored").to_numpy()
+            scores = {model: np.stack([frames[run]["score"].to_numpy(dtype=np.float64)[scored] for run in runs[model]])
+                      for model in runs}
+            tables.append(Table(test_set, variant, scores, base["same"].to_numpy()[scored].astype(int),
+                                base["fold"].to_numpy()[scored], len(base), int((~scored).sum())))
     return tables
 
 
-def _rank1(run: str, test_set: str) -> float | None:
-    path = paths.metrics_file(run)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get(test_set, {}).get("rank1")
+def params_variants(params: Params) -> list[str]:
+    return [variant_name(d, n) for d in params.score.distances for n in params.score.normalize]
 
 
 # ---------------------------------------------------------------------- statistics
@@ -131,16 +145,23 @@ class ModelStats:
     rank1: Interval | None
 
 
-def model_stats(table: Table, model: str, runs: list[str], *, alpha: float, n_boot: int, seed: int) -> ModelStats:
+def model_stats(table: Table, model: str, runs: list[str], *, alpha: float, n_boot: int, seed: int,
+                rank1_values: list[float | None] | None = None) -> ModelStats:
+    """Every metric of one model over its runs on one table (``rank1_values``: per run, from the score stage)."""
     scores, y, folds = table.scores[model], table.labels, table.folds
     n_neg = int((y == 0).sum())
     available = [f for f in DEFAULT_FPRS if n_neg >= min_negatives_for_fpr(f)]
     auc = auc_interval(scores, y, alpha=alpha)
     accuracy, per_fold = accuracy_interval(scores, y, folds, alpha=alpha)
     roc = roc_stats(scores, y, available, n_boot=n_boot, seed=seed)
-    eer = combine(roc.eer, float(np.var(roc.boot_eer, ddof=1)), alpha=alpha)
-    tpr = {f: (combine(roc.tpr[f], float(np.var(roc.boot_tpr[f], ddof=1)), alpha=alpha) if f in available else None)
-           for f in DEFAULT_FPRS}
+
+    def with_pairs(per_run: np.ndarray, boot: np.ndarray) -> Interval:
+        if n_boot < 2:  # no pair resampling asked for: the mean and the runs, no interval
+            return replace(combine(per_run, 0.0, alpha=alpha), low=math.nan, high=math.nan)
+        return combine(per_run, float(np.var(boot, ddof=1)), alpha=alpha)
+
+    eer = with_pairs(roc.eer, roc.boot_eer)
+    tpr = {f: (with_pairs(roc.tpr[f], roc.boot_tpr[f]) if f in available else None) for f in DEFAULT_FPRS}
     interpolated = {}
     for f in DEFAULT_FPRS:
         values = [tpr_at_fpr(s, y, [f], interpolate=True)[f] for s in scores]
@@ -150,14 +171,18 @@ def model_stats(table: Table, model: str, runs: list[str], *, alpha: float, n_bo
         pred = protocol_predictions(s, y, folds)
         fp.append(int((pred & (y == 0)).sum()))
         fn.append(int((~pred & (y == 1)).sum()))
-    rank1_values = [_rank1(run, table.test_set) for run in runs]
+    rank1_values = rank1_values or []
     rank1 = (combine([float(v) for v in rank1_values], 0.0, alpha=alpha)
              if rank1_values and all(v is not None for v in rank1_values) else None)
     return ModelStats(model, runs, auc, accuracy, per_fold, eer, tpr, interpolated, float(np.mean(fp)),
                       float(np.mean(fn)), rank1)
 
 
+VERDICT_COLUMNS = ["test_set", "variant", "a", "b", "auc_diff", "diff_low", "diff_high", "df", "p", "p_holm", "verdict"]
+
+
 def verdict_table(table: Table, *, alpha: float) -> pd.DataFrame:
+    """Every pair of models of one table (none with a single model), Holm-corrected."""
     from pipeline.repeats import verdicts
 
     rows = []
@@ -165,7 +190,7 @@ def verdict_table(table: Table, *, alpha: float) -> pd.DataFrame:
         rows.append({"test_set": table.test_set, "variant": table.variant, "a": d.a, "b": d.b, "auc_diff": d.diff,
                      "diff_low": d.low, "diff_high": d.high, "df": d.df, "p": d.p, "p_holm": d.p_holm,
                      "verdict": d.verdict})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
 def _per_run(values: tuple[float, ...], digits: int = 4) -> str:
@@ -512,12 +537,17 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
     root = Path(root)
     report = params.report
     primary = variant_name(report.primary_distance, report.primary_normalize)
-    tables = load_tables(params)
+    source = WorkspaceRuns()
+    tables = load_tables(params.runs, params_variants(params), source)
+    run_metrics = {run: source.metrics(run) for runs in params.runs.values() for run in runs}
     stats: dict[tuple[str, str], dict[str, ModelStats]] = {}
     verdict_frames = []
     for table in tables:
         stats[(table.test_set, table.variant)] = {
-            model: model_stats(table, model, runs, alpha=report.alpha, n_boot=report.bootstrap, seed=params.seeds.data)
+            # EER and TPR@FPR intervals need a pair bootstrap: the primary variant only (the costly part)
+            model: model_stats(table, model, runs, alpha=report.alpha, seed=params.seeds.data,
+                               n_boot=report.bootstrap if table.variant == primary else 0,
+                               rank1_values=[run_metrics[run].get(table.test_set, {}).get("rank1") for run in runs])
             for model, runs in params.runs.items()
         }
         verdict_frames.append(verdict_table(table, alpha=report.alpha))
@@ -583,7 +613,9 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
               f"Verdicts: {VERDICT_METHOD}; \"A beats B\" only when the Holm-adjusted p-value is below "
               f"{report.alpha:g}, otherwise \"not distinguishable\". TPR@FPR≤f is the highest TPR that one "
               "threshold reaches with FPR at most f (the interpolated value is in comparison.csv); it is "
-              "left out where a set has fewer than 1/f negative pairs.", "",
+              "left out where a set has fewer than 1/f negative pairs. EER and TPR@FPR get intervals on the "
+              f"primary variant ({_variant_label(primary)}), where {report.bootstrap} pair resamples are drawn; the "
+              "other variants show their mean over runs.", "",
               f"## Comparison ({_variant_label(primary)}; every variant in [comparison.md](comparison.md), "
               "[comparison.csv](comparison.csv), single runs in [runs.csv](runs.csv))", ""]
     for table in tables:

@@ -120,3 +120,14 @@ def test_cli_exits_2_and_writes_nothing(tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "train.lr" in lines[0] and "-1" in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_synthetic_sizes_that_cannot_make_the_pairs_stop_in_one_line(tmp_path):
+    path = _write(tmp_path, _set("data.synthetic", {"train_identities": 6, "closed_images_per_identity": 2,
+                                                    "folds": 2, "pairs_per_fold": 8}))
+    result = subprocess.run([sys.executable, "-m", "pipeline", "data", "--params", str(path), "--no-progress"],
+                            cwd=tmp_path, capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "data.synthetic" in lines[0] and "pairs_per_fold" in lines[0]
+    assert not (tmp_path / "data" / "datasets").exists()

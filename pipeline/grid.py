@@ -1,0 +1,655 @@
+"""Grids of experiments: one DVC experiment per cell, and one report across them.
+
+A grid is a YAML file (``configs/grids/<name>.yaml``)::
+
+    name: arcface-margins                 # report in reports/experiments/<name>/
+    description: ArcFace margin x colour / grayscale input
+    base: params.yaml                     # the params every cell starts from (optional)
+    set:                                  # overrides shared by every cell (optional)
+      train_losses: [arcface]
+    vary:                                 # the grid: every combination of the values is a cell
+      loss.margin: [0.2, 0.5, 0.8]        #   a params key and its values, or
+      input:                              #   a named dimension whose values set several keys
+        colour: {model.grayscale: false}
+        gray: {model.grayscale: true}
+    table:
+      rows: [loss.margin]                 # dimensions as rows / columns; besides the varied
+      columns: [input]                    #   ones: loss, variant (distance x norm), test_set
+      metrics: [accuracy, fp, fn]         # one pivot table per metric and test set
+      test_sets: [synth_closed, synth_open]
+      variants: [cosine_norm]             # default: the primary variant
+    plot: {x: loss.margin, hue: input}    # metric against a numeric param, with interval bars
+    roc: [{loss.margin: 0.5, input: colour}]   # cells whose ROC curves are overlaid
+
+``python -m pipeline grid run FILE -j N`` queues one experiment per cell that has not
+run yet (``dvc exp run --queue -n NAME -S key=value ...``: every unchanged stage is
+restored from the DVC cache), runs the queue with N workers and writes the report.
+Cells are named from their values, with a short hash of their overrides, so a cell that
+already ran (an experiment of that name on the current commit) is never run again, and
+adding a value to the grid runs only the new cells. A failed cell is reported with the
+end of its log; the others still report.
+
+The report (``python -m pipeline grid report FILE``) reads the finished experiments
+through DVC: their params from the experiment commits, the per-pair score files from
+the DVC cache (``dvc.api``). It never trains. Each *model* is one loss in one cell, its
+runs are the cell's training seeds, and the statistics are those of the single-pipeline
+report (:mod:`pipeline.repeats`): mean and 95% interval over runs and test pairs, and
+Holm-corrected verdicts over every pair of models in a table (same test pairs).
+
+Across machines (``grid commands FILE --remote R``): one shell line per cell,
+``dvc exp run -n NAME -S ... && dvc exp push R NAME``, to run anywhere (a cluster job
+array); the report machine then runs ``grid pull FILE --remote R`` (``dvc exp pull``)
+and ``grid report FILE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from pipeline.config import Params, run_name
+from pipeline.io import atomic_dir, write_csv, write_json, write_text
+
+PSEUDO_DIMENSIONS = ("loss", "variant", "test_set")
+METRICS = {
+    "auc": "AUC", "accuracy": "accuracy (LFW protocol)", "eer": "EER", "tpr@fpr_1e-02": "TPR@FPR≤1e-2",
+    "tpr@fpr_1e-03": "TPR@FPR≤1e-3", "fp": "false positives (LFW protocol, mean over runs)",
+    "fn": "false negatives (LFW protocol, mean over runs)", "rank1": "rank-1 identification",
+}
+
+
+class GridError(ValueError):
+    """A grid file that cannot be used, or a grid that cannot run; one line for the user."""
+
+
+# --------------------------------------------------------------------------- grid file
+@dataclass(frozen=True)
+class Cell:
+    """One experiment: its name, the label of each dimension, and its params overrides."""
+
+    name: str
+    labels: dict[str, str]
+    overrides: dict[str, Any]
+
+
+@dataclass
+class Grid:
+    path: Path
+    name: str
+    description: str
+    base: Path | None
+    fixed: dict[str, Any]
+    dimensions: dict[str, dict[str, dict[str, Any]]]   # dimension -> label -> overrides
+    rows: list[str]
+    columns: list[str]
+    metrics: list[str]
+    test_sets: list[str] | None
+    variants: list[str] | None
+    plot: dict[str, str] = field(default_factory=dict)
+    roc: list[dict[str, str]] = field(default_factory=list)
+
+    def cells(self) -> list[Cell]:
+        out = []
+        labels = [list(values) for values in self.dimensions.values()]
+        for combo in itertools.product(*labels):
+            chosen = dict(zip(self.dimensions, combo))
+            overrides = dict(self.fixed)
+            for dim, label in chosen.items():
+                overrides.update(self.dimensions[dim][label])
+            out.append(Cell(_cell_name(self.name, chosen, overrides), chosen, overrides))
+        return out
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _cell_name(grid: str, labels: dict[str, str], overrides: dict[str, Any]) -> str:
+    """``<grid>-<label>-<label>-<hash>``: readable, a valid git ref name, unique per overrides."""
+    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    parts = [re.sub(r"[^A-Za-z0-9_.]+", "_", f"{dim.split('.')[-1]}{label}") for dim, label in labels.items()]
+    name = "-".join([grid, *parts, digest])
+    return name.replace("..", "_")
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file; :class:`GridError` with one line naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"{path}: grid file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise GridError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise GridError(f"{path}: expected a mapping with name, vary and table")
+    unknown = set(raw) - {"name", "description", "base", "set", "vary", "table", "plot", "roc"}
+    if unknown:
+        raise GridError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    name = raw.get("name") or path.stem
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", str(name)):
+        raise GridError(f"{path}: name {name!r} must be letters, digits, '-' or '_'")
+    vary = raw.get("vary")
+    if not isinstance(vary, dict) or not vary:
+        raise GridError(f"{path}: vary: expected a mapping of params keys (or named dimensions) to values")
+    dimensions: dict[str, dict[str, dict[str, Any]]] = {}
+    for dim, values in vary.items():
+        if dim in PSEUDO_DIMENSIONS:
+            raise GridError(f"{path}: vary.{dim}: {dim!r} is a built-in table dimension; choose another name")
+        if isinstance(values, list) and values:
+            dimensions[dim] = {_label(v): {dim: v} for v in values}
+        elif isinstance(values, dict) and values and all(isinstance(v, dict) for v in values.values()):
+            dimensions[dim] = {str(label): dict(sets) for label, sets in values.items()}
+        else:
+            raise GridError(f"{path}: vary.{dim}: expected a non-empty list of values, or labels mapping to "
+                            "{params.key: value}")
+        if len(dimensions[dim]) != (len(values)):
+            raise GridError(f"{path}: vary.{dim}: values repeat")
+    fixed = raw.get("set") or {}
+    if not isinstance(fixed, dict):
+        raise GridError(f"{path}: set: expected a mapping of params keys to values")
+    table = raw.get("table") or {}
+    known = set(dimensions) | set(PSEUDO_DIMENSIONS)
+    rows, columns = list(table.get("rows") or []), list(table.get("columns") or [])
+    for key in rows + columns:
+        if key not in known:
+            raise GridError(f"{path}: table: {key!r} is not a dimension (known: {', '.join(sorted(known))})")
+    metrics = list(table.get("metrics") or ["auc"])
+    for metric in metrics:
+        if metric not in METRICS:
+            raise GridError(f"{path}: table.metrics: {metric!r} unknown (known: {', '.join(METRICS)})")
+    plot = raw.get("plot") or {}
+    if plot and plot.get("x") not in dimensions:
+        raise GridError(f"{path}: plot.x: {plot.get('x')!r} is not a varied dimension")
+    if plot.get("hue") not in (None, *known):
+        raise GridError(f"{path}: plot.hue: {plot.get('hue')!r} is not a dimension")
+    roc = raw.get("roc") or []
+    for choice in roc:
+        for dim, label in choice.items():
+            if dim not in dimensions or _label(label) not in dimensions[dim]:
+                raise GridError(f"{path}: roc: {dim} = {label!r} is not a cell of the grid")
+    base = raw.get("base")
+    return Grid(path, str(name), str(raw.get("description") or ""), Path(base) if base else None, dict(fixed),
+                dimensions, rows, columns, metrics, table.get("test_sets"), table.get("variants"), dict(plot),
+                [{k: _label(v) for k, v in c.items()} for c in roc])
+
+
+# ----------------------------------------------------------------------- DVC commands
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _value(value: Any) -> str:
+    """A value in DVC's ``-S key=value`` (Hydra override) syntax."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return value if re.fullmatch(r"[A-Za-z0-9_./-]+", value) else "'" + value.replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
+    raise GridError(f"cannot pass {value!r} to dvc exp run -S")
+
+
+def set_params(grid: Grid, cell: Cell, workspace: Path) -> list[str]:
+    """``key=value`` overrides that turn the workspace's params.yaml into this cell's params."""
+    overrides: dict[str, Any] = {}
+    if grid.base is not None:
+        base_path = grid.base if grid.base.is_absolute() else workspace / grid.base
+        if not base_path.is_file():
+            raise GridError(f"{grid.path}: base {grid.base} not found")
+        current = _flatten(yaml.safe_load((workspace / "params.yaml").read_text()))
+        for key, value in _flatten(yaml.safe_load(base_path.read_text())).items():
+            if current.get(key, object()) != value:
+                overrides[key] = value
+    overrides.update(cell.overrides)
+    return [f"{key}={_value(value)}" for key, value in overrides.items()]
+
+
+def cell_command(grid: Grid, cell: Cell, workspace: Path, *, queue: bool = False, remote: str | None = None) -> list[str]:
+    args = ["dvc", "exp", "run"] + (["--queue"] if queue else []) + ["-n", cell.name]
+    for item in set_params(grid, cell, workspace):
+        args += ["-S", item]
+    return args
+
+
+def _shell(args: list[str]) -> str:
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _dvc(args: list[str], workspace: Path, *, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["dvc", *args], cwd=workspace, capture_output=True, text=True)
+    if check and result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise GridError(f"dvc {' '.join(args[:3])} failed in {workspace}: {tail[0]}")
+    return result
+
+
+def _code_paths(repo) -> list[str]:
+    """The git-tracked files and folders the stages depend on, with dvc.yaml and params.yaml:
+    what decides an experiment's results besides its params overrides."""
+    paths = {"dvc.yaml", "params.yaml"}
+    for stage in repo.index.stages:
+        for dep in stage.deps:
+            path = str(getattr(dep, "def_path", ""))
+            if path and not path.startswith(("data/", "reports/", "/", "..")) and "://" not in path:
+                paths.add(path)
+    return sorted(paths)
+
+
+def _tree(workspace: Path, commit: str, paths: list[str]) -> tuple[str, ...]:
+    def rev(path: str) -> str:
+        out = subprocess.run(["git", "rev-parse", f"{commit}:{path}"], cwd=workspace, capture_output=True, text=True)
+        return out.stdout.strip()
+
+    return tuple(rev(p) for p in paths)
+
+
+def finished_experiments(workspace: Path) -> dict[str, str]:
+    """Name -> commit of the experiments that stand for the current commit (HEAD).
+
+    An experiment counts when its baseline commit is HEAD, or another commit where every
+    file the stages depend on (code listed in dvc.yaml's deps, ``dvc.yaml``, ``params.yaml``)
+    is the same as at HEAD, so committing a report or a docs change does not make the cells
+    run again, while a change to a stage's code does. HEAD's own experiment wins.
+    """
+    from dvc.repo import Repo
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True,
+                          check=True).stdout.strip()
+    with Repo(str(workspace)) as repo:
+        by_baseline = repo.experiments.ls(all_commits=True)
+        code = _code_paths(repo)
+    wanted = _tree(workspace, head, code)
+    out: dict[str, str] = {}
+    for baseline in sorted(by_baseline, key=lambda b: b != head):  # HEAD first
+        if baseline != head and _tree(workspace, baseline, code) != wanted:
+            continue
+        for name, sha in by_baseline[baseline]:
+            if name and sha and name not in out:
+                out[name] = sha
+    return out
+
+
+def queue_status(workspace: Path) -> dict[str, str]:
+    """Name -> status (Queued, Running, Success, Failed) of the DVC queue's tasks."""
+    out = _dvc(["queue", "status"], workspace, check=False).stdout
+    status = {}
+    for line in out.splitlines():
+        m = re.match(r"^\S+\s+(\S+)\s+.*\b(Queued|Running|Success|Failed)\b", line.strip())
+        if m:
+            status[m.group(1)] = m.group(2)
+    return status
+
+
+@dataclass
+class CellState:
+    cell: Cell
+    status: str          # done | ran | failed | missing
+    rev: str | None = None
+    error: str = ""
+
+
+def run_grid(grid: Grid, workspace: Path, *, jobs: int = 1, poll: float = 5.0, echo=print) -> list[CellState]:
+    """Queue the cells that have not run, run the queue with ``jobs`` workers, wait; returns each cell's state."""
+    done = finished_experiments(workspace)
+    cells = grid.cells()
+    todo = [c for c in cells if c.name not in done]
+    echo(f"grid {grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already ran, {len(todo)} to run")
+    for cell in todo:
+        _dvc(cell_command(grid, cell, workspace, queue=True)[1:], workspace)
+        echo(f"  queued {cell.name}")
+    if todo:
+        _dvc(["queue", "start", "-j", str(jobs)], workspace)
+        names = {c.name for c in todo}
+        started = time.perf_counter()
+        while True:
+            status = {n: s for n, s in queue_status(workspace).items() if n in names}
+            active = [n for n, s in status.items() if s in ("Queued", "Running")]
+            if not active:
+                break
+            echo(f"  {len(names) - len(active)}/{len(names)} cells finished, {time.perf_counter() - started:.0f} s")
+            time.sleep(poll)
+    return cell_states(grid, workspace, ran={c.name for c in todo})
+
+
+def cell_states(grid: Grid, workspace: Path, ran: set[str] | None = None) -> list[CellState]:
+    done = finished_experiments(workspace)
+    status = queue_status(workspace)
+    states = []
+    for cell in grid.cells():
+        if cell.name in done:
+            states.append(CellState(cell, "ran" if ran and cell.name in ran else "done", done[cell.name]))
+        elif status.get(cell.name) == "Failed":
+            log = _dvc(["queue", "logs", cell.name], workspace, check=False).stdout.strip().splitlines()
+            errors = [ln for ln in log if "ERROR" in ln or "error:" in ln]
+            states.append(CellState(cell, "failed", error=(errors or log or ["(no log)"])[-1].strip()))
+        else:
+            states.append(CellState(cell, "missing"))
+    return states
+
+
+def cluster_commands(grid: Grid, workspace: Path, remote: str) -> list[str]:
+    """One shell line per cell: run it anywhere, then push the experiment (git + DVC cache) to ``remote``."""
+    return [f"{_shell(cell_command(grid, cell, workspace))} && dvc exp push {remote} {cell.name}"
+            for cell in grid.cells()]
+
+
+def pull(grid: Grid, workspace: Path, remote: str, echo=print) -> None:
+    names = [c.name for c in grid.cells()]
+    result = _dvc(["exp", "pull", remote, *names], workspace, check=False)
+    if result.returncode != 0:
+        echo((result.stderr or result.stdout).strip().splitlines()[-1] if (result.stderr or result.stdout).strip()
+             else "dvc exp pull failed")
+    else:
+        echo(f"pulled {len(names)} experiment(s) from {remote}")
+
+
+# --------------------------------------------------------------------------- reading
+class ExperimentRuns:
+    """Reads runs' outputs from one finished experiment: files in git at its commit,
+    DVC outputs (per-pair score files) from the cache, through ``dvc.api``."""
+
+    def __init__(self, workspace: Path, rev: str) -> None:
+        self.workspace, self.rev = workspace, rev
+
+    def _text(self, path: str) -> str:
+        import dvc.api
+
+        return dvc.api.read(path, repo=str(self.workspace), rev=self.rev)
+
+    def params(self) -> dict[str, Any]:
+        return yaml.safe_load(self._git_show("params.yaml"))
+
+    def _git_show(self, path: str) -> str:
+        result = subprocess.run(["git", "show", f"{self.rev}:{path}"], cwd=self.workspace, capture_output=True,
+                                text=True)
+        if result.returncode != 0:
+            raise GridError(f"{path} is not in experiment commit {self.rev[:8]}")
+        return result.stdout
+
+    def test_sets(self, run: str) -> list[str]:
+        from dvc.api import DVCFileSystem
+
+        fs = DVCFileSystem(str(self.workspace), rev=self.rev)
+        return sorted(Path(p).name for p in fs.ls(f"data/scores/{run}", detail=False) if fs.isdir(p))
+
+    def scores(self, run: str, test_set: str, variant: str) -> pd.DataFrame:
+        import io
+
+        return pd.read_csv(io.StringIO(self._text(f"data/scores/{run}/{test_set}/{variant}.csv")),
+                           dtype={"image_id1": str, "image_id2": str})
+
+    def metrics(self, run: str) -> dict:
+        try:
+            return json.loads(self._git_show(f"reports/metrics/{run}.json"))
+        except GridError:
+            return {}
+
+
+# ---------------------------------------------------------------------------- report
+def _metric_interval(st, metric: str):
+    from pipeline.metrics import DEFAULT_FPRS, fpr_key
+
+    if metric in ("auc", "accuracy", "eer"):
+        return getattr(st, metric)
+    if metric.startswith("tpr@"):
+        for f in DEFAULT_FPRS:
+            if metric == f"tpr@{fpr_key(f)}":
+                return st.tpr[f]
+    if metric == "rank1":
+        return st.rank1
+    return None
+
+
+def _metric_value(st, metric: str) -> tuple[float, float, float]:
+    """(mean, low, high) of ``metric`` for one model's stats (low/high NaN where none)."""
+    if metric in ("fp", "fn"):
+        return getattr(st, metric), math.nan, math.nan
+    iv = _metric_interval(st, metric)
+    if iv is None:
+        return math.nan, math.nan, math.nan
+    return iv.mean, iv.low, iv.high
+
+
+def build_report(grid: Grid, workspace: Path, out_root: Path, *, states: list[CellState] | None = None,
+                 echo=print) -> Path:
+    """Write ``out_root/<grid>/``: index.md, cells.csv, results.csv, verdicts.csv, pivot CSVs, figures."""
+    from pipeline.config import load_params
+    from pipeline.repeats import METHOD, VERDICT_METHOD
+    from pipeline.report import load_tables, markdown_table, model_stats, verdict_table
+    from pipeline.score import variant_name
+
+    states = states or cell_states(grid, workspace)
+    finished = [s for s in states if s.rev]
+    if not finished:
+        raise GridError(f"grid {grid.name}: no cell has finished yet; run `python -m pipeline grid run {grid.path}`")
+    # every model: (cell, loss) with the runs of the cell's training seeds
+    models: dict[str, dict[str, Any]] = {}
+    sources: dict[str, ExperimentRuns] = {}
+    cell_params: dict[str, Params] = {}
+    for state in finished:
+        source = ExperimentRuns(workspace, state.rev)
+        raw = source.params()
+        params_path = out_root / f".{grid.name}.params.yaml"
+        params_path.parent.mkdir(parents=True, exist_ok=True)
+        params_path.write_text(yaml.safe_dump(raw))
+        try:
+            params = load_params(params_path, check_paths=False, check_models=False)
+        finally:
+            params_path.unlink()
+        cell_params[state.cell.name] = params
+        sources[state.cell.name] = source
+        for loss in params.train_losses:
+            key = f"{state.cell.name}/{loss}"
+            models[key] = {"cell": state.cell, "loss": loss, "runs": [run_name(loss, s) for s in params.seeds.train],
+                           "rev": state.rev}
+    first = cell_params[finished[0].cell.name]
+    primary = variant_name(first.report.primary_distance, first.report.primary_normalize)
+    variants = grid.variants or [primary]
+    alpha, n_boot, seed = first.report.alpha, first.report.bootstrap, first.seeds.data
+
+    # read every model's runs through DVC, one table per test set and variant
+    class _Combined:
+        def __init__(self):
+            self.by_run = {}
+
+        def test_sets(self, run):
+            model = self.by_run[run]
+            return sources[models[model]["cell"].name].test_sets(run.split("::")[1])
+
+        def scores(self, run, test_set, variant):
+            model = self.by_run[run]
+            return sources[models[model]["cell"].name].scores(run.split("::")[1], test_set, variant)
+
+    combined = _Combined()
+    runs = {}
+    for key, m in models.items():
+        runs[key] = [f"{key}::{r}" for r in m["runs"]]
+        for r in runs[key]:
+            combined.by_run[r] = key
+    echo(f"reading {sum(len(r) for r in runs.values())} runs of {len(models)} models from {len(finished)} experiments")
+    tables = load_tables(runs, variants, combined)
+    if grid.test_sets:
+        missing = set(grid.test_sets) - {t.test_set for t in tables}
+        if missing:
+            raise GridError(f"{grid.path}: table.test_sets {', '.join(sorted(missing))} not scored by the cells")
+        tables = [t for t in tables if t.test_set in grid.test_sets]
+    rows, verdict_frames = [], []
+    per_table_stats = {}
+    for table in tables:
+        stats = {}
+        for key, m in models.items():
+            metrics = [sources[m["cell"].name].metrics(r) for r in m["runs"]]
+            stats[key] = model_stats(table, key, runs[key], alpha=alpha, seed=seed,
+                                     n_boot=n_boot if table.variant == primary else 0,
+                                     rank1_values=[mt.get(table.test_set, {}).get("rank1") for mt in metrics])
+        per_table_stats[(table.test_set, table.variant)] = stats
+        verdict_frames.append(verdict_table(table, alpha=alpha))
+        for key, st in stats.items():
+            m = models[key]
+            row = {"model": key, "cell": m["cell"].name, "experiment_rev": m["rev"], "loss": m["loss"],
+                   **m["cell"].labels, "test_set": table.test_set, "variant": table.variant, "runs": len(st.runs)}
+            for metric in METRICS:
+                mean, low, high = _metric_value(st, metric)
+                row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = mean, low, high
+            row["auc_per_run"] = " / ".join(f"{v:.4f}" for v in st.auc.per_run)
+            rows.append(row)
+    results = pd.DataFrame(rows)
+    verdicts = pd.concat(verdict_frames, ignore_index=True) if verdict_frames else pd.DataFrame()
+
+    out_dir = out_root / grid.name
+    with atomic_dir(out_dir) as tmp:
+        tmp = Path(tmp)
+        write_csv(tmp / "results.csv", results)
+        write_csv(tmp / "verdicts.csv", verdicts)
+        cells = pd.DataFrame([{"cell": s.cell.name, **s.cell.labels, "status": s.status,
+                               "experiment_rev": s.rev or "", "error": s.error,
+                               "overrides": json.dumps(s.cell.overrides, sort_keys=True)} for s in states])
+        write_csv(tmp / "cells.csv", cells)
+        summary = {}
+        sections = [f"# Grid `{grid.name}`", "", grid.description, "",
+                    f"Grid file: `{grid.path}`; {len(states)} cells ({sum(s.rev is not None for s in states)} finished"
+                    f", {sum(s.status == 'failed' for s in states)} failed). Each cell is one DVC experiment; this report "
+                    "reads their per-pair score files from the DVC cache and never trains. Regenerate with "
+                    f"`python -m pipeline grid report {grid.path}`.", "",
+                    _scale_line(first), "",
+                    f"Intervals: {METHOD}.", "", f"Verdicts: {VERDICT_METHOD}.", ""]
+        for table in tables:
+            stats = per_table_stats[(table.test_set, table.variant)]
+            view = results[(results["test_set"] == table.test_set) & (results["variant"] == table.variant)]
+            for metric in grid.metrics:
+                pivot = _pivot(view, grid, metric)
+                name = f"{metric}_{table.test_set}_{table.variant}"
+                write_csv(tmp / f"pivot_{name}.csv", pivot.reset_index())
+                sections += [f"## {METRICS[metric]}: {table.test_set} ({table.variant}, {table.labels.size} pairs)", "",
+                             markdown_table(pivot.reset_index()), ""]
+                summary.setdefault(table.test_set, {}).setdefault(table.variant, {})[metric] = {
+                    k: None if math.isnan(v) else round(float(v), 6) for k, v in view.set_index("model")[metric].items()}
+            v = verdicts[(verdicts["test_set"] == table.test_set) & (verdicts["variant"] == table.variant)]
+            beats = v[v["verdict"] != "not distinguishable"]
+            sections += [f"**Verdicts on {table.test_set} ({table.variant})**: "
+                         + (f"{len(beats)} of {len(v)} pairs of models differ (Holm, family-wise α = {alpha:g}): "
+                            + "; ".join(f"{r.a} beats {r.b} (ΔAUC {r.auc_diff:+.4f} [{r.diff_low:+.4f}, "
+                                        f"{r.diff_high:+.4f}])" for r in beats.itertuples())
+                            if len(beats) else f"none of the {len(v)} pairs of models is distinguishable "
+                                              f"(Holm, family-wise α = {alpha:g})") + ".", ""]
+        figures = _plots(grid, results, tables, per_table_stats, models, tmp)
+        sections += [f"![{f.stem}]({f.relative_to(tmp).as_posix()})" for f in figures] + [""]
+        sections += ["## Cells", "", markdown_table(cells.drop(columns=["overrides"]).assign(
+            overrides=[", ".join(f"{k}={v}" for k, v in json.loads(o).items()) for o in cells["overrides"]])), ""]
+        write_json(tmp / "summary.json", summary)
+        write_text(tmp / "index.md", "\n".join(sections) + "\n")
+    echo(f"wrote {out_dir}/index.md")
+    return out_dir
+
+
+def _scale_line(params: Params) -> str:
+    synth = params.data.synthetic
+    data = ("built-in synthetic faces: " f"{synth.train_identities} training identities x "
+            f"{synth.train_images_per_identity} images" if params.data.train.kind == "synthetic"
+            else f"training data: {params.data.train.kind} {params.data.train.path}")
+    return (f"Scale of the base params: {data}; {params.model.backbone}, {params.model.embedding_size}-D, "
+            f"{params.align.size} px faces, {params.train.epochs} epochs, seeds {params.seeds.train}. The same grid "
+            "file runs at CASIA scale by pointing its base params at the real data and a larger backbone.")
+
+
+def _pivot(view: pd.DataFrame, grid: Grid, metric: str) -> pd.DataFrame:
+    def text(r):
+        mean, low, high = r[metric], r[f"{metric}_low"], r[f"{metric}_high"]
+        if math.isnan(mean):
+            return "–"
+        digits = 1 if metric in ("fp", "fn") else 4
+        return f"{mean:.{digits}f}" + ("" if math.isnan(low) else f" [{low:.{digits}f}, {high:.{digits}f}]")
+
+    frame = view.assign(value=[text(r) for _, r in view.iterrows()])
+    rows = grid.rows or ["loss"]
+    columns = grid.columns
+    if not columns:
+        return frame.set_index(rows)[["value"]].rename(columns={"value": METRICS[metric]})
+    return frame.pivot_table(index=rows, columns=columns, values="value", aggfunc="first")
+
+
+def _plots(grid: Grid, results: pd.DataFrame, tables, per_table_stats, models, out: Path) -> list[Path]:
+    from pipeline.report import ROC_GRID, _pyplot, _run_roc
+
+    written = []
+    if not grid.plot and not grid.roc:
+        return written
+    plt, sns = _pyplot()
+    x, hue = grid.plot.get("x"), grid.plot.get("hue")
+    for table in tables:
+        view = results[(results["test_set"] == table.test_set) & (results["variant"] == table.variant)]
+        if x:
+            metric = grid.metrics[0] if grid.metrics[0] not in ("fp", "fn") else "auc"
+            fig, ax = plt.subplots(figsize=(6, 4))
+            groups = view.groupby(hue, sort=False) if hue else [("", view)]
+            for k, (label, group) in enumerate(groups):
+                xs = pd.to_numeric(group[x], errors="coerce")
+                order = np.argsort(xs.to_numpy())
+                g = group.iloc[order]
+                xv = xs.to_numpy()[order] + (k - 0.5 * (len(list(groups)) - 1)) * 0.004 * (np.nanmax(xs) or 1)
+                yerr = np.vstack([g[metric] - g[f"{metric}_low"], g[f"{metric}_high"] - g[metric]])
+                ax.errorbar(xv, g[metric], yerr=np.nan_to_num(yerr), fmt="o-", capsize=4,
+                            label=f"{hue} = {label}" if hue else None)
+            ax.set_xlabel(x)
+            ax.set_ylabel(METRICS[metric])
+            ax.set_title(f"{grid.name}: {table.test_set} ({table.variant}), mean and 95% interval", fontsize=9)
+            if hue:
+                ax.legend(fontsize=8)
+            fig.tight_layout()
+            target = out / "figures" / f"{metric}_vs_{x.split('.')[-1]}_{table.test_set}_{table.variant}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(target, dpi=100)
+            plt.close(fig)
+            written.append(target)
+        if grid.roc:
+            fig, ax = plt.subplots(figsize=(6, 5))
+            for choice in grid.roc:
+                for key, m in models.items():
+                    if all(m["cell"].labels.get(d) == v for d, v in choice.items()):
+                        tpr = np.mean([_run_roc(s, table.labels) for s in table.scores[key]], axis=0)
+                        auc = per_table_stats[(table.test_set, table.variant)][key].auc.mean
+                        label = ", ".join(f"{d}={v}" for d, v in m["cell"].labels.items())
+                        ax.plot(ROC_GRID, tpr, lw=1.6, label=f"{label} {m['loss']} (AUC {auc:.3f})")
+            ax.set_xscale("log")
+            ax.set_xlim(left=max(1e-4, 0.5 / max(1, int((table.labels == 0).sum()))), right=1.0)
+            ax.set_xlabel("false positive rate (log)")
+            ax.set_ylabel("true positive rate")
+            ax.set_title(f"{grid.name}: {table.test_set} ({table.variant}), runs averaged", fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+            fig.tight_layout()
+            target = out / "figures" / f"roc_{table.test_set}_{table.variant}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(target, dpi=100)
+            plt.close(fig)
+            written.append(target)
+    return written
