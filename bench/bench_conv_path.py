@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 _WORKER = r"""
 import sys, time, hashlib
@@ -81,12 +82,14 @@ def main() -> None:
     args = ap.parse_args()
     from pipeline import cpu
 
-    print(f"host: {cpu.cpu_model() if hasattr(cpu, 'cpu_model') else os.uname().machine}, "
-          f"threads {cpu.thread_count()}")
-    verbose = worker(64, 1, 1, True, verbose=True)
-    kernels = sorted({line.split(",")[5] + " " + line.split(",")[3] for line in verbose.splitlines()
-                      if line.startswith("onednn_verbose") and ",exec," in line and len(line.split(",")) > 5})
-    print("oneDNN primitives in one training step (implementation, kind):")
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), os.uname().machine) if Path("/proc/cpuinfo").exists() else "?"
+    print(f"host: {model}, threads {cpu.thread_count()}")
+    verbose = worker(64, 1, 1, True, verbose=True)  # the verbose lines go to stdout before the timing line
+    # onednn_verbose,v1,primitive,exec,cpu,<kind>,<implementation>,<propagation>,...
+    kernels = sorted({f"{f[5]} {f[6]} {f[7]}" for f in (line.split(",") for line in verbose.splitlines())
+                      if len(f) > 7 and f[0] == "onednn_verbose" and f[3] == "exec"})
+    print("oneDNN primitives in one training step (kind, implementation, propagation):")
     for k in kernels:
         print(f"  {k}")
     print(f"\n{'size':>5} {'oneDNN conv ms/img':>20} {'im2col+MKL ms/img':>20} {'ratio':>7}   digests (on / off)")
