@@ -86,9 +86,10 @@ class DataParams(_Strict):
         if not tests:
             raise ValueError("at least one test set is needed")
         for name in tests:
-            if not name.replace("_", "").replace("-", "").isalnum() or name in RESERVED_SET_NAMES:
-                raise ValueError(f"test set name {name!r} must be letters, digits, '_' or '-' and none of "
-                                 f"{', '.join(RESERVED_SET_NAMES)}")
+            if (not name.replace("_", "").replace("-", "").isalnum() or name in RESERVED_SET_NAMES
+                    or name.startswith("_")):
+                raise ValueError(f"test set name {name!r} must be letters, digits, '_' or '-', not start with '_' "
+                                 f"(the embed stage's own files do), and be none of {', '.join(RESERVED_SET_NAMES)}")
         return tests
 
 
@@ -162,9 +163,10 @@ class EmbedParams(_Strict):
 
 #: ``score.threshold.source`` value naming each run's own validation pairs (not a test set).
 VALIDATION_SOURCE = "validation"
-#: Names a test set may not take: the training set, the validation source, and the folder
-#: of prediction files inside each run's scores (``data/scores/RUN/predict``).
-RESERVED_SET_NAMES = ("train", VALIDATION_SOURCE, "predict")
+#: Names a test set may not take: the training set, the validation source, the folder of
+#: prediction files inside each run's scores (``data/scores/RUN/predict``) and the key of
+#: the thresholds in a run's metrics JSON.
+RESERVED_SET_NAMES = ("train", VALIDATION_SOURCE, "predict", "thresholds")
 
 
 class ThresholdParams(_Strict):
