@@ -262,6 +262,34 @@ def score(model: str = typer.Argument(..., help="A loss in train_losses, or a pr
 
 @app.command()
 @stage
+def predict(model: Path = typer.Option(..., "--model", "-m", help="A model.pt saved by the trainer."),
+            pairs: Path = typer.Option(..., "--pairs", help="A pairs CSV: path1,path2[,same][,fold]; relative "
+                                                             "paths against its folder (or --root)."),
+            threshold: str = typer.Option(None, "--threshold", "-t",
+                                          help="Same iff score > T: a number, or a run's "
+                                               "data/scores/RUN/thresholds.json. Default: the threshold stored in "
+                                               "the model file (trainer-saved models have none: then required)."),
+            out: Path = typer.Option(None, "--out", "-o", help="Prediction file to write (default: "
+                                                              "<pairs stem>_<model>_predict.txt here)."),
+            root: Path = typer.Option(None, "--root", help="Folder the pairs file's relative paths start from."),
+            params_file: Path = typer.Option(Path("params.yaml"), "--params", "-p",
+                                             help="Detection, alignment, embedding and scoring settings (defaults "
+                                                  "when the file does not exist)."),
+            device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+            progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars.")) -> None:
+    """Verify the pairs of one file with a saved model, outside the DVC graph: detect, align, embed, score,
+    decide at a threshold; writes a prediction file (path1, path2, score, decision, same)."""
+    from pipeline.predict import predict as run_predict
+
+    cpu.thread_count()  # a bad FACEPIPE_THREADS stops here, before any work
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda")
+    run_predict(model, pairs, threshold=threshold, out=out, root=root, params_path=params_file, device=device,
+                progress=progress)
+
+
+@app.command()
+@stage
 def report(params_file: Path = ParamsOption) -> None:
     """Regenerate reports/: comparison tables, ROC figures, cross-domain and detection tables."""
     from pipeline.report import run_report
