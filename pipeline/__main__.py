@@ -77,6 +77,7 @@ def data(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> N
     resolved = run_data(_params(params_file), paths.DATASETS, progress=progress)
     for name, image_set in resolved.items():
         pairs = "" if image_set.pairs is None else f", {len(image_set.pairs)} pairs"
+        pairs += "" if image_set.labelled else " without labels (predicted only)"
         typer.echo(f"{name}: {len(image_set.images)} images of {len(image_set.identities)} identities{pairs}")
 
 

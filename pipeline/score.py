@@ -164,9 +164,10 @@ def resolve_source(spec: ThresholdParams, validation: ScoredSet | None, sets: di
     labelled = sorted(name for name, s in sets.items() if _usable(s))
     if spec.source != VALIDATION_SOURCE:
         if spec.source not in labelled:
-            why = "is not among the sharded test sets" if spec.source not in sets else "has no labels"
+            why = ("is not among the sharded test sets" if spec.source not in sets else
+                   "has no labels" if not sets[spec.source].labelled else "has scored pairs of one class only")
             raise ConfigError(f"score.threshold.source = {spec.source!r}: that test set {why}; the threshold "
-                              "must be chosen on labelled pairs")
+                              "must be chosen on labelled pairs of both classes")
         return spec.source, ""
     if validation is not None and _usable(validation):
         return VALIDATION_SOURCE, ""
