@@ -436,7 +436,8 @@ def _check_references(path: Path, params: Params) -> None:
         if not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"{path}: pretrained.{name}: a model name is letters, digits, '_' or '-'")
         if name in params.train_losses or name in trained_runs:
-            raise ConfigError(f"{path}: pretrained.{name}: the name is also a trained loss or run; names must be unique")
+            raise ConfigError(f"{path}: pretrained.{name}: the name is also a trained loss or run; "
+                              "names must be unique")
         for other, keys in PRETRAINED_KEYS.items():
             stray = sorted(set(keys) & entry.model_fields_set) if other != kind else []
             if stray:

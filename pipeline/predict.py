@@ -138,7 +138,8 @@ def aligned_faces(rows, size: int, jpeg_quality: int) -> tuple[list[int], np.nda
             crop, _ = align_face(image, points[k], size)
         except (BadImage, ValueError):
             continue
-        ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+        ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR),
+                                   [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
         if not ok:  # pragma: no cover - encoding a uint8 crop does not fail
             continue
         decoded = cv2.imdecode(encoded, cv2.IMREAD_COLOR)

@@ -425,7 +425,8 @@ def stats_markdown(per_model: dict[str, ModelStats], test_set: str | None = None
         return markdown_table(view)
     position = view.columns.get_loc("accuracy (LFW protocol) [95%]") + 1
     view.insert(position, f"{header} [95%]", [
-        ("–" if s.fixed is None or s.fixed.accuracy is None else _interval_text(s.fixed.accuracy)) + _fixed_mark(s.fixed)
+        ("–" if s.fixed is None or s.fixed.accuracy is None else _interval_text(s.fixed.accuracy))
+        + _fixed_mark(s.fixed)
         for s in order])
     view.insert(position + 1, "FP / FN @ threshold", [
         "–" if s.fixed is None or s.fixed.fp is None else f"{s.fixed.fp:.1f} / {s.fixed.fn:.1f}" for s in order])

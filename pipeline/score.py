@@ -176,7 +176,8 @@ def resolve_source(spec: ThresholdParams, validation: ScoredSet | None, sets: di
         if spec.fallback not in labelled:
             raise ConfigError(f"score.threshold.fallback = {spec.fallback!r}: that test set has no labels or is "
                               "not sharded")
-        return spec.fallback, f"{missing} for this model: threshold chosen on {spec.fallback} (score.threshold.fallback)"
+        return spec.fallback, (f"{missing} for this model: threshold chosen on {spec.fallback} "
+                               "(score.threshold.fallback)")
     if not labelled:
         return None, f"{missing} for this model and no labelled test set: no fixed threshold"
     return labelled[0], (f"{missing} for this model: threshold chosen on {labelled[0]}, the first labelled "

@@ -39,8 +39,8 @@ def faces(tmp_path_factory) -> Path:
         rng = np.random.default_rng(100 + k)
         identity = synthetic.sample_identity(rng, "a")
         for n in range(2):
-            write_image(root / person / f"{n}.png", synthetic.render_face(identity, synthetic.sample_variation(rng, "a"),
-                                                                          160))
+            photo = synthetic.render_face(identity, synthetic.sample_variation(rng, "a"), 160)
+            write_image(root / person / f"{n}.png", photo)
     write_image(root / "blank.png", np.full((160, 160, 3), 120, np.uint8))
     return root
 
