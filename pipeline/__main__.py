@@ -29,11 +29,13 @@ ProgressOption = typer.Option(True, "--progress/--no-progress", help="Show progr
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.baselines.dlib_resnet import DlibNotInstalled
     from pipeline.datasets import DatasetError
+    from pipeline.embed import ModelFileError
     from pipeline.shards import ShardError
     from pipeline.train import TrainingError
 
-    return DatasetError, ShardError, TrainingError, FileNotFoundError
+    return DatasetError, ShardError, TrainingError, ModelFileError, DlibNotInstalled, FileNotFoundError
 
 
 def stage(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -75,6 +77,7 @@ def data(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> N
     resolved = run_data(_params(params_file), paths.DATASETS, progress=progress)
     for name, image_set in resolved.items():
         pairs = "" if image_set.pairs is None else f", {len(image_set.pairs)} pairs"
+        pairs += "" if image_set.labelled else " without labels (predicted only)"
         typer.echo(f"{name}: {len(image_set.images)} images of {len(image_set.identities)} identities{pairs}")
 
 
@@ -201,39 +204,89 @@ def _run_of(params: Params, model: str, seed: int | None) -> str:
 @stage
 def embed(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
           params_file: Path = ParamsOption) -> None:
-    """Embed every test image with the model of run LOSS-SEED (raw vectors, optional flip fusion)."""
+    """Embed every test image with the model of run LOSS-SEED (raw vectors, optional flip fusion), and the
+    run's validation pairs (the trainer's split, rebuilt from data/recipes/LOSS.json and the train shards)."""
     from pipeline.embed import run_embed
+    from pipeline.recipes import read_recipe
 
     params = _params(params_file)
     run = _run_of(params, model, seed)
-    run_embed(params.embed, paths.model_dir(run) / "model.pt", paths.SHARDS, paths.embeddings_dir(run))
+    if model in params.pretrained:
+        raise ConfigError(f"{model} is a pretrained model; its stage is embed-pretrained {model}")
+    run_embed(params.embed, paths.model_dir(run) / "model.pt", paths.SHARDS, paths.embeddings_dir(run),
+              recipe=read_recipe(paths.recipe_file(model)))
+
+
+@app.command("pretrained-model")
+@stage
+def pretrained_model(name: str = typer.Argument(..., help="A model named in params.yaml pretrained."),
+                     params_file: Path = ParamsOption) -> None:
+    """Fingerprint the model file(s) of a pretrained entry (SHA-256) into data/pretrained/NAME.json."""
+    from pipeline.pretrained import run_fingerprint
+
+    params = _params(params_file, check_models=False)
+    record = run_fingerprint(params, name, paths.pretrained_fingerprint(name))
+    for role, info in record["files"].items():
+        typer.echo(f"{name} ({record['kind']}) {role}: {info['path']} sha256 {info['sha256'][:16]}… "
+                   f"({info['bytes']} bytes)")
 
 
 @app.command("embed-pretrained")
 @stage
 def embed_pretrained(name: str = typer.Argument(..., help="A model named in params.yaml pretrained."),
                      params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Embed every test image with an off-the-shelf model (e.g. dlib's ResNet), from the original images."""
+    """Embed every test image with an off-the-shelf model: dlib's ResNet from the original images, or a facepipe
+    model.pt from elsewhere (kind facepipe) from the shards, like a trained run."""
     from pipeline.embed import run_embed_pretrained
 
     params = _params(params_file)
     if name not in params.pretrained:
         raise ConfigError(f"{params_file}: pretrained.{name} is not configured")
     run_embed_pretrained(name, params.pretrained[name], paths.DETECT, paths.SHARDS, paths.embeddings_dir(name),
-                         progress=progress)
+                         progress=progress, embed=params.embed)
 
 
 @app.command()
 @stage
 def score(model: str = typer.Argument(..., help="A loss in train_losses, or a pretrained model."),
           seed: int = SeedOption, params_file: Path = ParamsOption) -> None:
-    """Score every test pair of one run: distance x test-time normalisation; per-pair files and metrics."""
+    """Score every test pair of one run: distance x test-time normalisation; per-pair files, metrics,
+    the fixed threshold (score.threshold) and the prediction files of the primary variant."""
     from pipeline.score import run_score
 
     params = _params(params_file, check_models=False)  # no PyTorch: scoring starts in a fraction of the time
     run = _run_of(params, model, seed)
     run_score(params.score, paths.embeddings_dir(run), paths.SHARDS, paths.scores_dir(run),
-              paths.metrics_file(run), seed=params.seeds.data)
+              paths.metrics_file(run), seed=params.seeds.data, run=run,
+              primary=(params.report.primary_distance, params.report.primary_normalize))
+
+
+@app.command()
+@stage
+def predict(model: Path = typer.Option(..., "--model", "-m", help="A model.pt saved by the trainer."),
+            pairs: Path = typer.Option(..., "--pairs", help="A pairs CSV: path1,path2[,same][,fold]; relative "
+                                                             "paths against its folder (or --root)."),
+            threshold: str = typer.Option(None, "--threshold", "-t",
+                                          help="Same iff score > T: a number, or a run's "
+                                               "data/scores/RUN/thresholds.json. Default: the threshold stored in "
+                                               "the model file (trainer-saved models have none: then required)."),
+            out: Path = typer.Option(None, "--out", "-o", help="Prediction file to write (default: "
+                                                              "<pairs stem>_<model>_predict.txt here)."),
+            root: Path = typer.Option(None, "--root", help="Folder the pairs file's relative paths start from."),
+            params_file: Path = typer.Option(Path("params.yaml"), "--params", "-p",
+                                             help="Detection, alignment, embedding and scoring settings (defaults "
+                                                  "when the file does not exist)."),
+            device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+            progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars.")) -> None:
+    """Verify the pairs of one file with a saved model, outside the DVC graph: detect, align, embed, score,
+    decide at a threshold; writes a prediction file (path1, path2, score, decision, same)."""
+    from pipeline.predict import predict as run_predict
+
+    cpu.thread_count()  # a bad FACEPIPE_THREADS stops here, before any work
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda")
+    run_predict(model, pairs, threshold=threshold, out=out, root=root, params_path=params_file, device=device,
+                progress=progress)
 
 
 @app.command()

@@ -86,8 +86,10 @@ class DataParams(_Strict):
         if not tests:
             raise ValueError("at least one test set is needed")
         for name in tests:
-            if not name.replace("_", "").replace("-", "").isalnum() or name == "train":
-                raise ValueError(f"test set name {name!r} must be letters, digits, '_' or '-' and not 'train'")
+            if (not name.replace("_", "").replace("-", "").isalnum() or name in RESERVED_SET_NAMES
+                    or name.startswith("_")):
+                raise ValueError(f"test set name {name!r} must be letters, digits, '_' or '-', not start with '_' "
+                                 f"(the embed stage's own files do), and be none of {', '.join(RESERVED_SET_NAMES)}")
         return tests
 
 
@@ -191,10 +193,37 @@ class EmbedParams(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+#: ``score.threshold.source`` value naming each run's own validation pairs (not a test set).
+VALIDATION_SOURCE = "validation"
+#: Names a test set may not take: the training set, the validation source, the folder of
+#: prediction files inside each run's scores (``data/scores/RUN/predict``) and the key of
+#: the thresholds in a run's metrics JSON.
+RESERVED_SET_NAMES = ("train", VALIDATION_SOURCE, "predict", "thresholds")
+
+
+class ThresholdParams(_Strict):
+    """The fixed threshold of each run and scoring variant (``score.threshold``).
+
+    Chosen on ``source`` by ``rule`` and applied unchanged to every test set:
+    ``source`` is ``validation`` (the run's own validation pairs, split off the training
+    set by the data seed as the trainer does) or a labelled test set in ``data.tests``;
+    ``rule`` is ``best_accuracy`` (midpoint threshold of highest accuracy) or
+    ``target_fpr`` (lowest threshold with FPR <= ``target_fpr``). Models without
+    validation pairs (the pretrained ones) take it from ``fallback``, a labelled test set
+    (null: the first labelled test set in alphabetical order), and say so.
+    """
+
+    source: str = VALIDATION_SOURCE
+    rule: Literal["best_accuracy", "target_fpr"] = "best_accuracy"
+    target_fpr: float = Field(0.001, gt=0.0, lt=1.0)
+    fallback: str | None = None
+
+
 class ScoreParams(_Strict):
     distances: list[Literal["cosine", "l2"]] = Field(default_factory=lambda: ["cosine", "l2"])
     normalize: list[bool] = Field(default_factory=lambda: [True, False])
     bootstrap: int = Field(0, ge=0)  # per-run pair-bootstrap intervals (the report's intervals need none)
+    threshold: ThresholdParams = ThresholdParams()
 
     @field_validator("distances", "normalize")
     @classmethod
@@ -239,15 +268,28 @@ class SeedParams(_Strict):
 
 
 class PretrainedParams(_Strict):
-    """An off-the-shelf model embedded and scored beside the trained ones (``pretrained.<name>``)."""
+    """An off-the-shelf model embedded and scored beside the trained ones (``pretrained.<name>``).
 
+    ``kind`` selects the backend and defaults to the entry's name (so ``dlib: {...}``
+    is a dlib entry):
+
+      dlib      dlib's ResNet with its own detector and chips (``upsample``, ``jitter``,
+                ``mtcnn_fallback``), from the original images
+      facepipe  a ``model.pt`` saved by this project's trainer (``path``, e.g. from another
+                experiment or machine), embedded from the shards like a trained run
+    """
+
+    kind: Literal["dlib", "facepipe"] | None = None
+    path: str | None = None
     upsample: int = Field(1, ge=0, le=3)
     jitter: int = Field(0, ge=0, le=100)
     mtcnn_fallback: bool = True
 
 
+#: Pretrained kinds -> the keys only that kind reads (``path`` is facepipe's).
+PRETRAINED_KEYS = {"dlib": ("upsample", "jitter", "mtcnn_fallback"), "facepipe": ("path",)}
 #: Pretrained backends (``pipeline.baselines``): name -> install hint.
-PRETRAINED_BACKENDS = {"dlib": "pip install -r requirements-dlib.txt"}
+PRETRAINED_BACKENDS = {"dlib": "pip install -r requirements-dlib.txt", "facepipe": "(built in)"}
 
 
 class Params(_Strict):
@@ -265,6 +307,10 @@ class Params(_Strict):
     embed: EmbedParams = EmbedParams()
     score: ScoreParams = ScoreParams()
     report: ReportParams = ReportParams()
+
+    def pretrained_kind(self, name: str) -> str:
+        """The backend of pretrained entry ``name``: its ``kind``, else the name itself."""
+        return self.pretrained[name].kind or name
 
     @property
     def models(self) -> list[str]:
@@ -413,11 +459,36 @@ def _check_references(path: Path, params: Params) -> None:
         raise ConfigError(f"{path}: train_losses: at least one loss is needed")
     if len(set(params.train_losses)) != len(params.train_losses):
         raise ConfigError(f"{path}: train_losses: a loss is listed twice")
-    for name in params.pretrained:
-        if name not in PRETRAINED_BACKENDS:
-            raise ConfigError(f"{path}: pretrained.{name}: unknown pretrained model (known: {', '.join(PRETRAINED_BACKENDS)})")
-        if name in params.train_losses:
-            raise ConfigError(f"{path}: pretrained.{name}: the name is also a trained loss; names must be unique")
+    trained_runs = {run for loss in params.train_losses for run in params.runs[loss]}
+    for name, entry in params.pretrained.items():
+        kind = params.pretrained_kind(name)
+        if kind not in PRETRAINED_BACKENDS:
+            raise ConfigError(f"{path}: pretrained.{name}: unknown pretrained model; set kind "
+                              f"({', '.join(PRETRAINED_BACKENDS)})")
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{path}: pretrained.{name}: a model name is letters, digits, '_' or '-'")
+        if name in params.train_losses or name in trained_runs:
+            raise ConfigError(f"{path}: pretrained.{name}: the name is also a trained loss or run; "
+                              "names must be unique")
+        for other, keys in PRETRAINED_KEYS.items():
+            stray = sorted(set(keys) & entry.model_fields_set) if other != kind else []
+            if stray:
+                raise ConfigError(f"{path}: pretrained.{name}.{stray[0]}: only a {other} entry reads it "
+                                  f"(this entry's kind is {kind})")
+        if kind == "facepipe" and not entry.path:
+            raise ConfigError(f"{path}: pretrained.{name}.path: required for kind facepipe (the model.pt to score)")
+    threshold = params.score.threshold
+    if threshold.source != VALIDATION_SOURCE and threshold.source not in params.data.tests:
+        raise ConfigError(f"{path}: score.threshold.source = {threshold.source!r}: expected {VALIDATION_SOURCE} or "
+                          f"one of data.tests ({', '.join(params.data.tests)})")
+    if threshold.fallback is not None and threshold.fallback not in params.data.tests:
+        raise ConfigError(f"{path}: score.threshold.fallback = {threshold.fallback!r}: not one of data.tests "
+                          f"({', '.join(params.data.tests)})")
+    report = params.report
+    if report.primary_distance not in params.score.distances or report.primary_normalize not in params.score.normalize:
+        raise ConfigError(f"{path}: report.primary_distance / primary_normalize = {report.primary_distance}, "
+                          f"{report.primary_normalize}: not among the scored variants (score.distances x "
+                          f"score.normalize)")
     if params.report.in_domain is not None and params.report.in_domain not in params.data.tests:
         raise ConfigError(f"{path}: report.in_domain = {params.report.in_domain!r}: not one of data.tests")
     for name in params.report.cross_domain:
@@ -485,3 +556,25 @@ def _check_dataset_paths(path: Path, params: Params) -> None:
         for name in spec.exclude_identities_of:
             if name not in params.data.tests:
                 raise ConfigError(f"{path}: {key}.exclude_identities_of: {name!r} is not one of data.tests")
+    unlabelled = [name for name, spec in params.data.tests.items() if not is_labelled(spec)]
+    threshold, report = params.score.threshold, params.report
+    uses = [("score.threshold.source", threshold.source), ("score.threshold.fallback", threshold.fallback),
+            ("report.in_domain", report.in_domain)] + [("report.cross_domain", name) for name in report.cross_domain]
+    for key, name in uses:
+        if name in unlabelled:
+            raise ConfigError(f"{path}: {key} = {name!r}: that test set has no labels (its pairs CSV has no `same` "
+                              f"column); it is predicted only, so pick a labelled set")
+    for name, entry in params.pretrained.items():
+        if params.pretrained_kind(name) == "facepipe" and not Path(entry.path or "").is_file():
+            raise ConfigError(f"{path}: pretrained.{name}.path = {entry.path!r}: no such model file")
+
+
+def is_labelled(spec: DatasetSpec) -> bool:
+    """Whether a test set has same/different labels: every kind does except a pairs CSV
+    without a ``same`` column (read from its header; a missing file counts as labelled
+    here, and the data stage reports it)."""
+    if spec.kind != "pairs_csv" or spec.download:
+        return True
+    from pipeline.datasets.pairs_csv import has_labels
+
+    return has_labels(spec.path or "")

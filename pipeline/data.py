@@ -2,7 +2,8 @@
 
 Writes ``OUT/index/<set>.csv`` (image_id, path, identity) for ``train`` and every
 test set, ``OUT/index/<set>.pairs.csv`` (fold, image_id1, image_id2, same) for
-test sets, ``OUT/summary.json``, and, when a synthetic set is configured, the
+test sets (``same`` empty throughout for an unlabelled pairs CSV, whose summary entry
+says ``"labelled": false``), ``OUT/summary.json``, and, when a synthetic set is configured, the
 generated images under ``OUT/synthetic/``.
 """
 
@@ -85,6 +86,8 @@ def run_data(params: Params, out_dir: str | Path = "data/datasets", *, progress:
                 "pairs": None if image_set.pairs is None else len(image_set.pairs),
                 "folds": None if image_set.pairs is None else int(image_set.pairs["fold"].nunique()),
             }
+            if not image_set.labelled:  # only here, so the labelled sets' summaries stay as they were
+                summary[name]["labelled"] = False
             if image_set.pairs is not None and image_set.folds_assigned is not None:
                 # Only where the adapter says ("from file", "stratified by label, seed S"): the
                 # summaries of the built-in synthetic sets stay byte-identical to earlier runs.

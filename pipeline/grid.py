@@ -217,19 +217,30 @@ def _value(value: Any) -> str:
     raise GridError(f"cannot pass {value!r} to dvc exp run -S")
 
 
+def _exists(tree: dict[str, Any], dotted: str) -> bool:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def set_params(grid: Grid, cell: Cell, workspace: Path) -> list[str]:
-    """``key=value`` overrides that turn the workspace's params.yaml into this cell's params."""
+    """``key=value`` overrides that turn the workspace's params.yaml into this cell's params
+    (``+key=value`` for a key params.yaml does not have yet, as DVC's ``-S`` requires)."""
+    current_tree = yaml.safe_load((workspace / "params.yaml").read_text())
     overrides: dict[str, Any] = {}
     if grid.base is not None:
         base_path = grid.base if grid.base.is_absolute() else workspace / grid.base
         if not base_path.is_file():
             raise GridError(f"{grid.path}: base {grid.base} not found")
-        current = _flatten(yaml.safe_load((workspace / "params.yaml").read_text()))
+        current = _flatten(current_tree)
         for key, value in _flatten(yaml.safe_load(base_path.read_text())).items():
             if current.get(key, object()) != value:
                 overrides[key] = value
     overrides.update(cell.overrides)
-    return [f"{key}={_value(value)}" for key, value in overrides.items()]
+    return [f"{'' if _exists(current_tree, key) else '+'}{key}={_value(value)}" for key, value in overrides.items()]
 
 
 def cell_command(grid: Grid, cell: Cell, workspace: Path, *, queue: bool = False, remote: str | None = None) -> list[str]:
@@ -399,8 +410,11 @@ class ExperimentRuns:
     def test_sets(self, run: str) -> list[str]:
         from dvc.api import DVCFileSystem
 
+        from pipeline.config import RESERVED_SET_NAMES
+
         fs = DVCFileSystem(str(self.workspace), rev=self.rev)
-        return sorted(Path(p).name for p in fs.ls(f"data/scores/{run}", detail=False) if fs.isdir(p))
+        return sorted(Path(p).name for p in fs.ls(f"data/scores/{run}", detail=False)
+                      if fs.isdir(p) and Path(p).name not in RESERVED_SET_NAMES)
 
     def scores(self, run: str, test_set: str, variant: str) -> pd.DataFrame:
         import io
@@ -413,6 +427,9 @@ class ExperimentRuns:
             return json.loads(self._git_show(f"reports/metrics/{run}.json"))
         except GridError:
             return {}
+
+    def thresholds(self, run: str) -> dict:
+        return json.loads(self._text(f"data/scores/{run}/thresholds.json"))
 
 
 # ---------------------------------------------------------------------------- report
@@ -489,6 +506,10 @@ def build_report(grid: Grid, workspace: Path, out_root: Path, *, states: list[Ce
         def scores(self, run, test_set, variant):
             model = self.by_run[run]
             return sources[models[model]["cell"].name].scores(run.split("::")[1], test_set, variant)
+
+        def thresholds(self, run):
+            model = self.by_run[run]
+            return sources[models[model]["cell"].name].thresholds(run.split("::")[1])
 
     combined = _Combined()
     runs = {}

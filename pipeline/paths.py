@@ -18,6 +18,14 @@ DETECTION_COUNTS = REPORTS / "detection.json"
 ALIGNMENT_STATS = REPORTS / "alignment.json"
 CONTACT_SHEET = REPORTS / "figures" / "contact_sheet.png"
 SUMMARY = REPORTS / "summary.json"
+PRETRAINED = Path("data/pretrained")
+
+#: A run's validation pairs, beside its test-set embeddings (embed stage -> score stage).
+VALIDATION_EMBEDDINGS = "_validation.npz"
+VALIDATION_PAIRS = "_validation_pairs.csv"
+#: Inside a run's scores folder: its fixed thresholds, and its prediction files.
+THRESHOLDS = "thresholds.json"
+PREDICT = "predict"
 
 
 def recipe_file(loss: str) -> Path:
@@ -46,3 +54,17 @@ def scores_dir(run: str) -> Path:
 
 def metrics_file(run: str) -> Path:
     return REPORTS / "metrics" / f"{run}.json"
+
+
+def thresholds_file(run: str) -> Path:
+    return scores_dir(run) / THRESHOLDS
+
+
+def prediction_file(run: str, test_set: str) -> Path:
+    """``data/scores/RUN/predict/<set>_<RUN>_predict.txt`` (see :mod:`pipeline.predictions`)."""
+    return scores_dir(run) / PREDICT / f"{test_set}_{run}_predict.txt"
+
+
+def pretrained_fingerprint(name: str) -> Path:
+    """What the embed stage of pretrained model ``name`` depends on (see ``pipeline.pretrained``)."""
+    return PRETRAINED / f"{name}.json"

@@ -53,8 +53,9 @@ from pipeline.metrics import delong_components, lfw_accuracy
 METHOD = (
     "mean over training runs ± t(ν)·SE with SE² = s²_runs/n + Var_pairs: s²_runs the variance of the "
     "per-run values (training seeds), Var_pairs the test-pair sampling variance of the run-averaged "
-    "metric (AUC: DeLong on the run-averaged placement values; LFW-protocol accuracy: spread of the "
-    "run-averaged fold accuracies over the identity-disjoint folds; EER and TPR@FPR: label-stratified "
+    "metric (AUC: DeLong on the run-averaged placement values; LFW-protocol accuracy and accuracy at the fixed "
+    "threshold: spread of the run-averaged fold accuracies over the identity-disjoint folds; EER and TPR@FPR: "
+    "label-stratified "
     "pair bootstrap), ν by Welch–Satterthwaite"
 )
 VERDICT_METHOD = (
@@ -255,6 +256,32 @@ def accuracy_interval(runs: np.ndarray, labels: np.ndarray, folds: np.ndarray, *
     var_pairs = float(fold_means.var(ddof=1) / k) if k > 1 else 0.0
     interval = combine(per_fold.mean(axis=1), var_pairs, df_pairs=(k - 1) if k > 1 else math.inf, alpha=alpha)
     return interval, per_fold
+
+
+def fixed_accuracy_interval(runs: np.ndarray, thresholds: np.ndarray, labels: np.ndarray, folds: np.ndarray, *,
+                            alpha: float = 0.05) -> Interval:
+    """Accuracy at each run's fixed threshold (``score > threshold``), over runs.
+
+    ``runs``: [R, N] scores; ``thresholds``: [R], one per run (chosen elsewhere, e.g. on the
+    run's validation pairs, so nothing is fitted here). The pair part is, as for the
+    LFW-protocol accuracy, the spread over the K identity-disjoint folds of the
+    run-averaged fold accuracy, ``var_f / K`` with K - 1 degrees of freedom; with a single
+    fold, the binomial-style variance of the run-averaged per-pair correctness over N pairs.
+    """
+    runs, y = _check_runs(runs, labels)
+    t = np.asarray(thresholds, dtype=np.float64).reshape(-1)
+    if t.size != runs.shape[0] or np.isnan(t).any():
+        raise ValueError(f"need one threshold per run ({runs.shape[0]}), none NaN; got {thresholds!r}")
+    correct = (runs > t[:, None]) == y[None, :]
+    per_run = correct.mean(axis=1)
+    averaged = correct.mean(axis=0)
+    _, codes = np.unique(np.asarray(folds), return_inverse=True)
+    k = int(codes.max()) + 1 if codes.size else 1
+    if k > 1:
+        fold_means = np.bincount(codes, averaged, k) / np.bincount(codes, None, k)
+        return combine(per_run, float(fold_means.var(ddof=1) / k), df_pairs=k - 1, alpha=alpha)
+    var_pairs = float(averaged.var(ddof=1) / averaged.size) if averaged.size > 1 else 0.0
+    return combine(per_run, var_pairs, alpha=alpha)
 
 
 # ----------------------------------------------------------- EER and TPR@FPR (pairs)

@@ -6,7 +6,9 @@ params.yaml lists (``data/scores/RUN/<set>/<variant>.csv``), so a run left on di
 removed seed is ignored. Statistics are those of :mod:`pipeline.repeats`. Writes:
 
 * ``comparison.csv``  model x test set x variant: mean, 95% interval and per-run values of
-                      AUC, LFW-protocol accuracy, EER, TPR@FPR; FP/FN, rank-1, pairs
+                      AUC, LFW-protocol accuracy, EER, TPR@FPR; FP/FN, rank-1, pairs; accuracy
+                      (with interval), FP/FN, TPR/FPR at each run's fixed threshold and where that
+                      threshold came from (``threshold_from``, ``threshold_on_itself``)
 * ``runs.csv``        the same metrics for every single run
 * ``verdicts.csv``    every pair of models per test set and variant: difference of mean
                       AUCs, interval, p-value, Holm-adjusted p-value, verdict
@@ -17,13 +19,18 @@ removed seed is ignored. Statistics are those of :mod:`pipeline.repeats`. Writes
 * ``roc/<set>/<model>.csv``  the run-averaged ROC (DVC plots)
 * ``figures/``        ROC overlays, per-seed strip plots, training curves
 * ``index.md``        all of it tied together; every sentence is computed from the numbers
+
+Fixed thresholds come from each run's ``data/scores/RUN/thresholds.json`` (score stage).
+Test sets without labels (an unlabelled pairs CSV) are in no table: ``index.md`` lists them
+as "predicted only", and its "Prediction files" section says where every run's prediction
+files are (DVC outputs of the score stages, not in git).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +38,11 @@ import numpy as np
 import pandas as pd
 
 from pipeline import paths
-from pipeline.config import Params
+from pipeline.config import RESERVED_SET_NAMES, Params
 from pipeline.io import atomic_dir, atomic_file, write_csv, write_json, write_text
 from pipeline.metrics import DEFAULT_FPRS, fpr_key, min_negatives_for_fpr, protocol_predictions, tpr_at_fpr
-from pipeline.repeats import METHOD, VERDICT_METHOD, Interval, accuracy_interval, auc_interval, combine, holm, roc_stats
+from pipeline.repeats import (METHOD, VERDICT_METHOD, Interval, accuracy_interval, auc_interval, combine,
+                              fixed_accuracy_interval, holm, roc_stats)
 from pipeline.score import variant_name
 
 ROC_GRID = np.unique(np.concatenate([np.logspace(-4, 0, 81), np.linspace(0, 1, 101)]))
@@ -65,7 +73,8 @@ class Table:
     """The scores of every run of every model on one test set and variant, on common pairs.
 
     ``scores[model]``: [R, N] (runs in seed order); ``labels``, ``folds``: [N];
-    ``pairs_total``: pairs in the set; ``pairs_missing``: pairs some run could not score.
+    ``pairs_total``: pairs in the set; ``pairs_missing``: pairs some run could not score;
+    ``thresholds[model]``: each run's entry of its ``thresholds.json`` for this variant.
     """
 
     test_set: str
@@ -75,6 +84,7 @@ class Table:
     folds: np.ndarray
     pairs_total: int
     pairs_missing: int
+    thresholds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 class WorkspaceRuns:
@@ -84,7 +94,8 @@ class WorkspaceRuns:
         folder = paths.scores_dir(run)
         if not folder.is_dir():
             raise FileNotFoundError(f"{folder}: missing; run `dvc repro` (the score stage of {run})")
-        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+        # the score stage also writes validation/ and predict/ beside the test sets
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in RESERVED_SET_NAMES)
 
     def scores(self, run: str, test_set: str, variant: str) -> pd.DataFrame:
         path = paths.scores_dir(run) / test_set / f"{variant}.csv"
@@ -96,18 +107,27 @@ class WorkspaceRuns:
         path = paths.metrics_file(run)
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def thresholds(self, run: str) -> dict[str, Any]:
+        path = paths.thresholds_file(run)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; rerun the score stage of {run} (dvc repro)")
+        return json.loads(path.read_text())
+
 
 def load_tables(runs: dict[str, list[str]], variants: list[str], source=None) -> list[Table]:
-    """One :class:`Table` per test set and scoring variant.
+    """One :class:`Table` per labelled test set and scoring variant.
 
     ``runs``: model -> its runs; ``variants``: e.g. ``["cosine_norm", "l2_raw"]``;
     ``source``: where the runs' files are read (:class:`WorkspaceRuns` by default; the
     grid report reads finished DVC experiments). The pairs every run could score are kept.
+    Sets without labels (see :func:`predicted_only_sets`) have no table.
     """
     source = source or WorkspaceRuns()
     tables = []
     first_run = next(iter(runs.values()))[0]
-    for test_set in source.test_sets(first_run):
+    unlabelled = predicted_only_sets(runs, variants, source)
+    thresholds = {run: source.thresholds(run) for model in runs for run in runs[model]}
+    for test_set in [name for name in source.test_sets(first_run) if name not in unlabelled]:
         for variant in variants:
             frames = {run: source.scores(run, test_set, variant) for model in runs for run in runs[model]}
             base = frames[first_run]
@@ -121,7 +141,21 @@ def load_tables(runs: dict[str, list[str]], variants: list[str], source=None) ->
             scores = {model: np.stack([frames[run]["score"].to_numpy(dtype=np.float64)[scored] for run in runs[model]])
                       for model in runs}
             tables.append(Table(test_set, variant, scores, base["same"].to_numpy()[scored].astype(int),
-                                base["fold"].to_numpy()[scored], len(base), int((~scored).sum())))
+                                base["fold"].to_numpy()[scored], len(base), int((~scored).sum()),
+                                {model: [thresholds[run].get(variant, {}) for run in runs[model]] for model in runs}))
+    return tables
+
+
+def predicted_only_sets(runs: dict[str, list[str]], variants: list[str], source=None) -> dict[str, dict[str, int]]:
+    """Test sets without labels: ``{set: {"pairs", "missing"}}`` (from the first run's per-pair file)."""
+    source = source or WorkspaceRuns()
+    first_run = next(iter(runs.values()))[0]
+    out = {}
+    for test_set in source.test_sets(first_run):
+        frame = source.scores(first_run, test_set, variants[0])
+        if frame["same"].isna().all():
+            out[test_set] = {"pairs": int(len(frame)), "missing": int((frame["status"] != "scored").sum())}
+    return out
     return tables
 
 
@@ -143,6 +177,58 @@ class ModelStats:
     fp: float
     fn: float
     rank1: Interval | None
+    fixed: "FixedStats | None" = None
+
+
+@dataclass
+class FixedStats:
+    """A model at its runs' fixed thresholds on one table's pairs (means over runs).
+
+    ``source``: where the runs' thresholds were chosen (a set name or ``validation``;
+    several joined by ``/`` if the runs differ); ``requested``: ``score.threshold.source``;
+    ``rule``: readable rule; ``on_itself``: chosen on this very test set (optimistic);
+    ``fallback``: the model had no validation pairs and fell back to ``source``.
+    """
+
+    accuracy: Interval | None
+    fp: float | None
+    fn: float | None
+    tpr: float | None
+    fpr: float | None
+    thresholds: tuple[float, ...]
+    source: str
+    requested: str
+    rule: str
+    on_itself: bool
+    fallback: bool
+
+
+def _rule_text(entry: dict[str, Any]) -> str:
+    if entry.get("rule") == "target_fpr":
+        return f"FPR ≤ {entry.get('target_fpr'):g}"
+    return str(entry.get("rule", "?")).replace("_", " ")
+
+
+def fixed_stats(table: Table, model: str, *, alpha: float) -> FixedStats | None:
+    """:class:`FixedStats` of ``model`` on ``table``; None when its score files carry no thresholds."""
+    entries = table.thresholds.get(model) or []
+    if not entries or any(not e for e in entries):
+        return None
+    sources = sorted({str(e.get("source")) for e in entries})
+    info = dict(source="/".join(sources), requested=str(entries[0].get("requested_source", sources[0])),
+                rule=_rule_text(entries[0]), on_itself=table.test_set in sources,
+                fallback=any(bool(e.get("fallback")) for e in entries))
+    if any(e.get("threshold") is None for e in entries):
+        return FixedStats(None, None, None, None, None, (), **info)
+    t = np.asarray([float(e["threshold"]) for e in entries])
+    scores, y = table.scores[model], table.labels.astype(bool)
+    decided = scores > t[:, None]
+    fp = (decided & ~y).sum(axis=1)
+    fn = (~decided & y).sum(axis=1)
+    tp = (decided & y).sum(axis=1)
+    accuracy = fixed_accuracy_interval(scores, t, table.labels, table.folds, alpha=alpha)
+    return FixedStats(accuracy, float(fp.mean()), float(fn.mean()), float((tp / y.sum()).mean()),
+                      float((fp / (~y).sum()).mean()), tuple(float(v) for v in t), **info)
 
 
 def model_stats(table: Table, model: str, runs: list[str], *, alpha: float, n_boot: int, seed: int,
@@ -175,7 +261,7 @@ def model_stats(table: Table, model: str, runs: list[str], *, alpha: float, n_bo
     rank1 = (combine([float(v) for v in rank1_values], 0.0, alpha=alpha)
              if rank1_values and all(v is not None for v in rank1_values) else None)
     return ModelStats(model, runs, auc, accuracy, per_fold, eer, tpr, interpolated, float(np.mean(fp)),
-                      float(np.mean(fn)), rank1)
+                      float(np.mean(fn)), rank1, fixed_stats(table, model, alpha=alpha))
 
 
 VERDICT_COLUMNS = ["test_set", "variant", "a", "b", "auc_diff", "diff_low", "diff_high", "df", "p", "p_holm", "verdict"]
@@ -223,6 +309,18 @@ def comparison_frame(stats: dict[tuple[str, str], dict[str, ModelStats]], tables
                         f"{key}_interpolated": st.tpr_interpolated[f]}
             row |= {"fp": st.fp, "fn": st.fn, "rank1": None if st.rank1 is None else st.rank1.mean,
                     "pairs_scored": int(table.labels.size), "pairs_missing": table.pairs_missing}
+            fx = st.fixed
+            acc = None if fx is None else fx.accuracy
+            row |= {"fixed_accuracy": None if acc is None else acc.mean,
+                    "fixed_accuracy_low": None if acc is None else acc.low,
+                    "fixed_accuracy_high": None if acc is None else acc.high,
+                    "fixed_accuracy_per_run": None if acc is None else _per_run(acc.per_run),
+                    "fixed_fp": None if fx is None else fx.fp, "fixed_fn": None if fx is None else fx.fn,
+                    "fixed_tpr": None if fx is None else fx.tpr, "fixed_fpr": None if fx is None else fx.fpr,
+                    "threshold_per_run": None if fx is None or not fx.thresholds else _per_run(fx.thresholds, 6),
+                    "threshold_from": None if fx is None else fx.source,
+                    "threshold_rule": None if fx is None else fx.rule,
+                    "threshold_on_itself": None if fx is None else fx.on_itself}
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -234,6 +332,10 @@ def runs_frame(stats: dict[tuple[str, str], dict[str, ModelStats]], tables: list
             for k, run in enumerate(st.runs):
                 row = {"run": run, "model": model, "test_set": table.test_set, "variant": table.variant,
                        "auc": st.auc.per_run[k], "accuracy": st.accuracy.per_run[k], "eer": st.eer.per_run[k]}
+                fx = st.fixed
+                row["fixed_threshold"] = fx.thresholds[k] if fx is not None and fx.thresholds else None
+                row["fixed_accuracy"] = (fx.accuracy.per_run[k] if fx is not None and fx.accuracy is not None
+                                         else None)
                 for f in DEFAULT_FPRS:
                     row[f"tpr@{fpr_key(f)}"] = None if st.tpr[f] is None else st.tpr[f].per_run[k]
                 rows.append(row)
@@ -288,7 +390,42 @@ def _model_label(model: str, st: ModelStats) -> str:
     return f"{model} ({len(st.runs)} run{'s' if len(st.runs) != 1 else ''})"
 
 
-def stats_markdown(per_model: dict[str, ModelStats]) -> str:
+ON_ITSELF_MARK, FALLBACK_MARK = "‡", "†"
+
+
+def _fixed_mark(fx: FixedStats | None) -> str:
+    if fx is None:
+        return ""
+    return (FALLBACK_MARK if fx.fallback else "") + (ON_ITSELF_MARK if fx.on_itself else "")
+
+
+def fixed_header(per_model: dict[str, ModelStats]) -> str | None:
+    """``accuracy @ threshold from SOURCE (RULE)``: the requested source and rule of the table's models."""
+    found = [s.fixed for s in per_model.values() if s.fixed is not None]
+    if not found:
+        return None
+    return f"accuracy @ threshold from {found[0].requested} ({found[0].rule})"
+
+
+def fixed_notes(per_model: dict[str, ModelStats], test_set: str) -> list[str]:
+    """Footnotes for the marks of :func:`stats_markdown`."""
+    notes = []
+    fallback = sorted({s.fixed.source for s in per_model.values() if s.fixed is not None and s.fixed.fallback})
+    if fallback:
+        models = [m for m, s in per_model.items() if s.fixed is not None and s.fixed.fallback]
+        notes.append(f"{FALLBACK_MARK} {', '.join(models)}: no validation pairs (pretrained), so the threshold "
+                     f"was chosen on {' / '.join(fallback)} (score.threshold.fallback).")
+    itself = [m for m, s in per_model.items() if s.fixed is not None and s.fixed.on_itself]
+    if itself:
+        notes.append(f"{ON_ITSELF_MARK} threshold chosen on {test_set} itself ({', '.join(itself)}): its accuracy "
+                     "there is optimistic, not a held-out figure.")
+    missing = [m for m, s in per_model.items() if s.fixed is not None and s.fixed.accuracy is None]
+    if missing:
+        notes.append(f"no fixed threshold for {', '.join(missing)} (no labelled pairs to choose it on).")
+    return notes
+
+
+def stats_markdown(per_model: dict[str, ModelStats], test_set: str | None = None) -> str:
     order = sorted(per_model.values(), key=lambda s: -s.auc.mean)
     view = pd.DataFrame({
         "model": [_model_label(s.model, s) for s in order],
@@ -301,7 +438,19 @@ def stats_markdown(per_model: dict[str, ModelStats]) -> str:
         "rank-1": [_fmt(None if s.rank1 is None else s.rank1.mean) for s in order],
         "FP / FN": [f"{s.fp:.1f} / {s.fn:.1f}" for s in order],
     })
-    return markdown_table(view)
+    header = fixed_header(per_model)
+    if header is None:
+        return markdown_table(view)
+    position = view.columns.get_loc("accuracy (LFW protocol) [95%]") + 1
+    view.insert(position, f"{header} [95%]", [
+        ("–" if s.fixed is None or s.fixed.accuracy is None else _interval_text(s.fixed.accuracy))
+        + _fixed_mark(s.fixed)
+        for s in order])
+    view.insert(position + 1, "FP / FN @ threshold", [
+        "–" if s.fixed is None or s.fixed.fp is None else f"{s.fixed.fp:.1f} / {s.fixed.fn:.1f}" for s in order])
+    view = view.rename(columns={"FP / FN": "FP / FN (LFW protocol)"})
+    notes = fixed_notes(per_model, test_set or "")
+    return "\n\n".join([markdown_table(view), *notes])
 
 
 def verdict_sentences(v: pd.DataFrame, models: list[str], alpha: float) -> list[str]:
@@ -367,6 +516,34 @@ def training_table(params: Params) -> pd.DataFrame:
             "loss state at the end (mean)": state,
         })
     return pd.DataFrame(rows)
+
+
+def _fixed_threshold_text(tables: list[Table], stats) -> list[str]:
+    found = [st.fixed for table in tables for st in stats[(table.test_set, table.variant)].values()
+             if st.fixed is not None]
+    if not found:
+        return []
+    return [f"**Fixed threshold.** Beside the LFW-protocol accuracy (whose threshold is re-chosen on the other "
+            f"folds of the same set), every run has one threshold per scoring variant, chosen on "
+            f"{found[0].requested} by {found[0].rule} (`score.threshold`) and applied unchanged to every test set; "
+            "the tables show the accuracy and FP / FN at it (mean over runs; FP / FN are pair counts). "
+            f"{FALLBACK_MARK} marks a model without validation pairs (pretrained) whose threshold was chosen on a "
+            f"test set instead; {ON_ITSELF_MARK} a threshold chosen on the very set it is shown for (optimistic). "
+            "Each run's thresholds and where they came from: `data/scores/RUN/thresholds.json`."]
+
+
+def prediction_files_section(params: Params, primary: str) -> list[str]:
+    """Where every run's prediction files are (DVC outputs of the score stages)."""
+    first_run = next(iter(params.runs.values()))[0]
+    sets = WorkspaceRuns().test_sets(first_run)
+    files = [paths.prediction_file(run, name) for runs in params.runs.values() for run in runs for name in sets]
+    return ["## Prediction files", "",
+            f"Every run's decision for every pair at its fixed threshold ({_variant_label(primary)}), one file per "
+            "test set: `data/scores/RUN/predict/<set>_<RUN>_predict.txt`, tab-separated with a header "
+            "`path1 path2 score decision same` (decision 1 = same, 0 = different, n/a = an image without a face; "
+            "same is empty where the set has no labels). They are DVC outputs of the score stages, not in git "
+            "(`data/` is not): `dvc repro` writes them, `dvc pull` fetches them from a DVC remote.", "",
+            f"<details><summary>{len(files)} files</summary>", "", *[f"- `{f}`" for f in files], "", "</details>", ""]
 
 
 # ------------------------------------------------------------------------ figures
@@ -570,6 +747,8 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
             summary[table.test_set] = {
                 model: {"auc": round(st.auc.mean, 6), "auc_low": round(st.auc.low, 6), "auc_high": round(st.auc.high, 6),
                         "accuracy": round(st.accuracy.mean, 6), "runs": len(st.runs)}
+                | ({"accuracy_fixed": round(st.fixed.accuracy.mean, 6)}
+                   if st.fixed is not None and st.fixed.accuracy is not None else {})
                 for model, st in stats[(table.test_set, primary)].items()}
     write_json(out("summary.json"), summary)
 
@@ -588,7 +767,7 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
     for table in tables:
         v = verdicts[(verdicts["test_set"] == table.test_set) & (verdicts["variant"] == table.variant)]
         sections_md += [f"## {table.test_set}: {_variant_label(table.variant)}", "",
-                        stats_markdown(stats[(table.test_set, table.variant)]), "",
+                        stats_markdown(stats[(table.test_set, table.variant)], table.test_set), "",
                         verdicts_markdown(v) if len(v) else "", ""]
     write_text(out("comparison.md"), "\n".join(sections_md))
 
@@ -616,6 +795,7 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
               "left out where a set has fewer than 1/f negative pairs. EER and TPR@FPR get intervals on the "
               f"primary variant ({_variant_label(primary)}), where {report.bootstrap} pair resamples are drawn; the "
               "other variants show their mean over runs.", "",
+              *_fixed_threshold_text(tables, stats), "",
               f"## Comparison ({_variant_label(primary)}; every variant in [comparison.md](comparison.md), "
               "[comparison.csv](comparison.csv), single runs in [runs.csv](runs.csv))", ""]
     for table in tables:
@@ -623,7 +803,7 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
             continue
         v = verdicts[(verdicts["test_set"] == table.test_set) & (verdicts["variant"] == primary)]
         index += [f"### {table.test_set} ({table.labels.size} pairs scored, {table.pairs_missing} missing)", "",
-                  stats_markdown(stats[(table.test_set, primary)]), "",
+                  stats_markdown(stats[(table.test_set, primary)], table.test_set), "",
                   f"![AUC per run](figures/seeds/{table.test_set}.png)", ""]
         if len(v):
             index += ["<details><summary>All pairwise verdicts</summary>", "", verdicts_markdown(v), "",
@@ -635,6 +815,12 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
             "drop [95%]": [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]" for d, lo, hi in zip(xd["drop"], xd["drop_low"], xd["drop_high"])],
             "Holm p": [f"{p:.2g}" for p in xd["p_holm"]], "reading": xd["reading"]})
         index += ["## Cross-domain", "", markdown_table(view), ""]
+    unlabelled = predicted_only_sets(params.runs, params_variants(params), source)
+    if unlabelled:
+        index += ["## Predicted only (no labels)", "",
+                  *[f"- **{name}**: predicted only, {c['pairs']} pairs ({c['missing']} with an image without a face); "
+                    "no labels, so in no table: see its prediction files below." for name, c in unlabelled.items()], ""]
+    index += prediction_files_section(params, primary)
     det = detection_table()
     if not det.empty:
         index += ["## Detection (images before and after MTCNN)", "", markdown_table(det), "",

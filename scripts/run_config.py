@@ -40,9 +40,11 @@ def fail(message: str) -> None:
 
 
 def absolute_data_paths(params: dict) -> dict:
-    """Make the dataset paths of a params file absolute (relative to the repository)."""
+    """Make the dataset paths and the pretrained model paths of a params file absolute
+    (relative to the repository)."""
     data = params.get("data", {})
     sets = [data.get("train")] + list((data.get("tests") or {}).values())
+    sets += list((params.get("pretrained") or {}).values())  # a facepipe entry's model.pt
     for spec in sets:
         if not isinstance(spec, dict):
             continue

@@ -41,3 +41,34 @@ def synthetic_face(seed: int = 0, size: int = 160) -> np.ndarray:
     identity = synthetic.sample_identity(rng, "a")
     variation = synthetic.sample_variation(rng, "a")
     return synthetic.render_face(identity, variation, size)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> dict:
+    """One short real training run (``pipeline.train.train`` on the tiny shards of
+    tests/test_train.py), shared by the embed and predict tests. Records the validation
+    images and pairs the trainer itself used, so tests can check they are rebuilt exactly.
+
+    Returns ``{"model": model.pt, "shards": shards dir (train/ only), "metrics",
+    "val_images": [V, H, W, 3] uint8, "val_pairs": [M, 3], "recipe": the recipe fields the
+    embed stage reads}``.
+    """
+    from pipeline import train as train_module
+    from tests.test_train import _setup, _shards
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    shards = _shards(root)
+    seen: dict = {}
+    original = train_module.validation_auc
+
+    def recording(model, images, pairs, **kwargs):
+        seen["val_images"], seen["val_pairs"] = images.numpy().copy(), np.asarray(pairs).copy()
+        return original(model, images, pairs, **kwargs)
+
+    setup = _setup(epochs=1)
+    setup.data_seed = 5
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "validation_auc", recording)
+        metrics = train_module.train(setup, shards, root / "model", root / "ckpt", root / "report", progress=False)
+    return {"model": root / "model" / "model.pt", "shards": shards, "metrics": metrics, **seen,
+            "recipe": {"train": setup.train.model_dump(), "data_seed": setup.data_seed}}

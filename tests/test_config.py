@@ -63,6 +63,22 @@ BROKEN = [
     ("bad distance", _set("score.distances", ["cosine", "manhattan"]), "score.distances"),
     ("bad threshold", _set("detect.thresholds", [0.6, 0.7, 1.8]), "detect.thresholds"),
     ("unknown detect device", _set("detect.device", "gpu"), "detect.device"),
+    ("threshold source not a test set", _set("score.threshold", {"source": "lfw"}), "score.threshold.source"),
+    ("unknown threshold rule", _set("score.threshold", {"rule": "eer"}), "score.threshold.rule"),
+    ("target FPR out of range", _set("score.threshold", {"target_fpr": 1.5}), "score.threshold.target_fpr"),
+    ("threshold fallback not a test set", _set("score.threshold", {"fallback": "lfw"}), "score.threshold.fallback"),
+    ("test set named validation", _set("data.tests.validation", {"kind": "synthetic", "set": "synth_open"}),
+     "'validation'"),
+    ("unknown pretrained kind", _set("pretrained", {"mine": {"kind": "onnx", "path": "m.pt"}}), "pretrained.mine.kind"),
+    ("pretrained name that is no kind", _set("pretrained", {"mine": {"path": "m.pt"}}), "pretrained.mine"),
+    ("facepipe entry without path", _set("pretrained", {"mine": {"kind": "facepipe"}}), "pretrained.mine.path"),
+    ("facepipe entry with a dlib key", _set("pretrained", {"mine": {"kind": "facepipe", "path": "m.pt", "jitter": 2}}),
+     "pretrained.mine.jitter"),
+    ("dlib entry with a path", _set("pretrained", {"dlib": {"path": "m.pt"}}), "pretrained.dlib.path"),
+    ("facepipe model file missing", _set("pretrained", {"mine": {"kind": "facepipe", "path": "/no/model.pt"}}),
+     "/no/model.pt"),
+    ("pretrained name of a trained run", _set("pretrained", {"arcface-0": {"kind": "dlib"}}), "arcface-0"),
+    ("primary variant not scored", _set("score.distances", ["l2"]), "report.primary_distance"),
 ]
 
 
@@ -131,3 +147,41 @@ def test_synthetic_sizes_that_cannot_make_the_pairs_stop_in_one_line(tmp_path):
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert "data.synthetic" in lines[0] and "pairs_per_fold" in lines[0]
     assert not (tmp_path / "data" / "datasets").exists()
+
+
+def test_pretrained_kind_defaults_to_the_name(tmp_path):
+    path = _write(tmp_path, _set("pretrained", {"dlib": {"upsample": 1, "jitter": 0}}))
+    params = load_params(path)
+    assert params.pretrained_kind("dlib") == "dlib" and params.runs["dlib"] == ["dlib"]
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    path = _write(tmp_path, _set("pretrained", {"other_lab": {"kind": "facepipe", "path": str(model)},
+                                                "hog": {"kind": "dlib", "jitter": 2}}))
+    params = load_params(path)
+    assert params.pretrained_kind("other_lab") == "facepipe" and params.pretrained_kind("hog") == "dlib"
+    assert set(params.models[-2:]) == {"other_lab", "hog"}
+
+
+def test_unlabelled_set_cannot_be_a_threshold_source_or_report_set(tmp_path):
+    from tests.conftest import write_image
+
+    import numpy as np
+
+    write_image(tmp_path / "web" / "a.jpg", np.zeros((8, 8, 3), np.uint8))
+    (tmp_path / "web" / "pairs.csv").write_text("path1,path2\na.jpg,a.jpg\n")
+    web = {"kind": "pairs_csv", "path": str(tmp_path / "web" / "pairs.csv")}
+
+    def edit(key, value):
+        def apply(params):
+            params["data"]["tests"]["web"] = web
+            _set(key, value)(params)
+        return apply
+
+    load_params(_write(tmp_path, edit("score.threshold", {"source": "validation"})))  # listed, not used: fine
+    for key, value in [("score.threshold.source", "web"), ("score.threshold.fallback", "web"),
+                       ("report.in_domain", "web"), ("report.cross_domain", ["web"])]:
+        path = _write(tmp_path, edit(key, value) if key.startswith("report") else
+                      edit("score.threshold", {key.rsplit(".", 1)[1]: value}))
+        with pytest.raises(ConfigError) as err:
+            load_params(path)
+        assert "\n" not in str(err.value) and key in str(err.value) and "no labels" in str(err.value)

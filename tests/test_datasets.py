@@ -202,3 +202,50 @@ def test_data_stage_records_how_folds_were_assigned(tmp_path):
     assert summary["web"]["folds_assigned"] == "stratified by label, seed 7"
     # The data seed drives the deal: the same folds as the adapter given that seed.
     assert resolved["web"].pairs["fold"].tolist() == load_pairs_csv(sorted_csv, seed=7).pairs["fold"].tolist()
+
+
+def test_unlabelled_pairs_csv_is_a_dataset(tmp_path):
+    from pipeline.datasets.pairs_csv import has_labels
+
+    for name in ("a/1.jpg", "a/2.jpg", "b/1.jpg"):
+        write_image(tmp_path / name, PIXELS)
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("path1,path2\na/1.jpg,a/2.jpg\na/1.jpg,b/1.jpg\nb/1.jpg,a/2.jpg\n")
+    assert not has_labels(csv)
+    image_set = load_pairs_csv(csv, seed=3)
+    assert not image_set.labelled
+    assert image_set.pairs["same"].isna().all() and len(image_set.pairs) == 3
+    assert image_set.pairs["fold"].tolist() == [1, 1, 1]
+    assert image_set.folds_assigned == "none (no labels)"
+    csv.write_text("path1,path2,fold\na/1.jpg,a/2.jpg,2\na/1.jpg,b/1.jpg,1\n")
+    assert load_pairs_csv(csv).pairs["fold"].tolist() == [2, 1]
+    csv.write_text(" PATH1 , Path2 , Same \na/1.jpg,a/2.jpg,1\n")
+    assert has_labels(csv) and load_pairs_csv(csv).labelled
+    csv.write_text("path1,path2,same\na/1.jpg,a/2.jpg,1\na/1.jpg,b/1.jpg,\n")  # a same column must be filled
+    with pytest.raises(DatasetError, match=r"pairs.csv:3: same = ''"):
+        load_pairs_csv(csv)
+
+
+def test_unlabelled_pairs_go_through_the_data_stage(tmp_path):
+    import json
+
+    from pipeline.config import Params
+    from pipeline.data import read_index, run_data
+
+    _lfw_tree(tmp_path / "lfw", {"Alice": 2, "Bob": 2})
+    for name in ("x/1.jpg", "y/1.jpg"):
+        write_image(tmp_path / "web" / name, PIXELS)
+    (tmp_path / "web" / "pairs.csv").write_text("path1,path2\nx/1.jpg,y/1.jpg\ny/1.jpg,x/1.jpg\n")
+    params = Params.model_validate({
+        "seeds": {"data": 0, "train": [0]}, "train_losses": ["softmax"],
+        "data": {"train": {"kind": "folder", "path": str(tmp_path / "lfw")},
+                 "tests": {"web": {"kind": "pairs_csv", "path": str(tmp_path / "web" / "pairs.csv")}}},
+    })
+    run_data(params, tmp_path / "out", progress=False)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["web"]["labelled"] is False and summary["web"]["pairs"] == 2
+    assert "labelled" not in summary["train"]
+    lines = (tmp_path / "out" / "index" / "web.pairs.csv").read_text().splitlines()
+    assert lines == ["fold,image_id1,image_id2,same", "1,x/1.jpg,y/1.jpg,", "1,y/1.jpg,x/1.jpg,"]
+    back = read_index(tmp_path / "out", "web")
+    assert not back.labelled and back.pairs["same"].isna().all()

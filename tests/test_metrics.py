@@ -505,3 +505,103 @@ def test_bad_folds_and_options_raise() -> None:
         M.bootstrap_ci(M.roc_auc, s, y, n_boot=5, alpha=1.5)
     with pytest.raises(ValueError, match="one value per pair"):
         M.confusion_at_threshold(s, y, [0.1, 0.2])
+
+
+# ------------------------------------------------------------------------ fixed threshold
+def _correct_at(s: np.ndarray, y: np.ndarray, t: float) -> int:
+    """Correct decisions at threshold t, counted pair by pair (rule: same iff score > t)."""
+    return sum(1 for score, label in zip(s.tolist(), y.tolist()) if (score > t) == (label == 1))
+
+
+def _brute_best_accuracy(s: np.ndarray, y: np.ndarray) -> float:
+    """Every candidate (+inf, midpoints of consecutive distinct scores, -inf); best, then smallest."""
+    vals = sorted(set(s.tolist()))
+    candidates = [-math.inf] + [(a + b) / 2 for a, b in zip(vals, vals[1:])] + [math.inf]
+    best = max(_correct_at(s, y, t) for t in candidates)
+    return min(t for t in candidates if _correct_at(s, y, t) == best)
+
+
+def _probes(s: np.ndarray) -> list[float]:
+    """Thresholds anywhere on the line: every score, just above and below it, and +-inf."""
+    out = [-math.inf, math.inf]
+    for v in set(s.tolist()):
+        out += [v, float(np.nextafter(v, math.inf)), float(np.nextafter(v, -math.inf))]
+    return out
+
+
+@pytest.mark.parametrize(("seed", "decimals"), [(0, 1), (1, 0), (2, None), (3, 1), (4, 2)])
+def test_best_accuracy_threshold_matches_brute_force(seed: int, decimals: int | None) -> None:
+    s, y = _random_pairs(seed, 150 + 41 * seed, decimals)
+    t = M.best_accuracy_threshold(s, y)
+    assert t == _brute_best_accuracy(s, y)
+    # no threshold anywhere does better, and every equally good one is larger (the smallest wins)
+    mine = _correct_at(s, y, t)
+    for probe in _probes(s):
+        assert _correct_at(s, y, probe) <= mine
+    assert M.choose_threshold(s, y, "best_accuracy") == t
+
+
+def test_best_accuracy_threshold_hand_example() -> None:
+    # 0.9(1) 0.7(0) 0.5(1) 0.5(0) 0.2(0): correct at +inf 3, 0.8 4, 0.6 3, 0.35 3, -inf 2
+    s, y = [0.9, 0.7, 0.5, 0.5, 0.2], [1, 0, 1, 0, 0]
+    assert M.best_accuracy_threshold(s, y) == pytest.approx(0.8)
+    # 0.8(1) 0.6(0) 0.4(1) 0.2(0): 0.7 and 0.3 both get 3 of 4 right; the smaller (0.3) wins
+    assert M.best_accuracy_threshold([0.6, 0.4, 0.2, 0.8], [0, 1, 0, 1]) == pytest.approx(0.3)
+    assert M.best_accuracy_threshold([1.0, 0.0], [0, 1]) == -math.inf  # +inf and -inf: 1 of 2 each
+    assert M.best_accuracy_threshold([1.0, 0.0, 2.0], [1, 0, 1]) == pytest.approx(0.5)
+
+
+def _brute_target_fpr(s: np.ndarray, y: np.ndarray, target: float) -> float:
+    """Lowest threshold (among every score, +-inf) with #(negatives > t) / #negatives <= target, exactly."""
+    from fractions import Fraction
+
+    neg = [v for v, label in zip(s.tolist(), y.tolist()) if label == 0]
+    limit = Fraction(str(target))
+    ok = [t for t in [-math.inf, math.inf, *set(s.tolist())]
+          if Fraction(sum(v > t for v in neg), len(neg)) <= limit]
+    return min(ok)
+
+
+@pytest.mark.parametrize(("seed", "decimals", "target"),
+                         [(0, 1, 0.1), (1, 2, 0.05), (2, None, 0.01), (3, 1, 0.3), (4, 0, 0.25), (5, None, 0.5)])
+def test_target_fpr_threshold_matches_brute_force(seed: int, decimals: int | None, target: float) -> None:
+    s, y = _random_pairs(seed, 200 + 40 * seed, decimals)
+    t = M.target_fpr_threshold(s, y, target)
+    assert t == _brute_target_fpr(s, y, target)
+    neg = s[y == 0]
+    assert np.mean(neg > t) <= target
+    below = float(np.nextafter(t, -math.inf))  # the lowest: anything lower breaks the target
+    assert t == -math.inf or np.mean(neg > below) > target
+    assert M.choose_threshold(s, y, "target_fpr", target) == t
+
+
+def test_target_fpr_threshold_exact_counts_and_edges() -> None:
+    # 20 negatives at 0.00 .. 0.19 (distinct), target 0.1 allows exactly 2 false positives:
+    # the threshold is the 3rd highest negative, 0.17 (0.18 and 0.19 lie above it)
+    neg = np.round(np.arange(20) / 100, 2)
+    s = np.concatenate([neg, [0.5, 0.17, 0.05]])
+    y = np.concatenate([np.zeros(20, int), [1, 1, 1]])
+    assert M.target_fpr_threshold(s, y, 0.1) == 0.17
+    rep = M.threshold_report(s, y, 0.17)
+    assert (rep["fp"], rep["tp"], rep["fn"]) == (2, 1, 2)  # the positive at exactly 0.17 is "different"
+    assert M.target_fpr_threshold(s, y, 0.001) == 0.19  # fewer negatives than 1/target: FPR 0
+    assert M.target_fpr_threshold(s, y, 1.0) == -math.inf
+    with pytest.raises(ValueError, match="target_fpr"):
+        M.target_fpr_threshold(s, y, 0.0)
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        M.choose_threshold(s, y, "eer")
+
+
+def test_threshold_report_counts_pair_by_pair() -> None:
+    s, y = _random_pairs(9, 300, 1)
+    for t in (0.35, 0.4, -math.inf, math.inf, float(np.median(s))):
+        rep = M.threshold_report(s, y, t)
+        decided = [(score > t, label) for score, label in zip(s.tolist(), y.tolist())]
+        tp, fp = decided.count((True, 1)), decided.count((True, 0))
+        tn, fn = decided.count((False, 0)), decided.count((False, 1))
+        assert (rep["tp"], rep["fp"], rep["tn"], rep["fn"]) == (tp, fp, tn, fn)
+        assert rep["accuracy"] == (tp + tn) / 300
+        assert rep["tpr"] == tp / (tp + fn) and rep["fpr"] == fp / (fp + tn)
+        assert rep["n_pairs"] == 300
+    assert M.threshold_report(s, y, math.inf)["threshold"] == "inf"
+    np.testing.assert_array_equal(M.apply_threshold([0.5, 0.6, 0.4], 0.5), [False, True, False])

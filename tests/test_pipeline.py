@@ -5,8 +5,10 @@ runs nothing; a run killed (SIGKILL) inside every stage in turn and restarted en
 with the same report as the clean run; changing the ArcFace margin reruns only
 ArcFace's runs and the report; a loss's recipe override retrains only that loss;
 adding a training seed runs only its stages, removing one only the report; changing a
-scoring switch reruns only scoring and the report; the report's numbers equal a
-recomputation from the per-pair score files.
+scoring switch reruns only scoring; the report's numbers equal a recomputation from the
+per-pair score files; fixed thresholds come from each run's validation pairs and every run
+writes its prediction files; a facepipe model file outside the repository is scored like
+the run it came from and embedded again when its content changes.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ TINY = {
     },
     "detect": {"batch_size": 16},
     "align": {"contact_sheet": 16},
-    "train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "pk_identities": 4, "pk_images": 2},
+    # val_fraction 0.25: two validation images per identity, so the validation pairs hold both classes
+    "train": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0, "pk_identities": 4, "pk_images": 2,
+              "val_fraction": 0.25},
     "model": {"embedding_size": 32},
     "score": {"bootstrap": 20},
     "report": {"bootstrap": 100},
@@ -148,6 +152,13 @@ def test_repro_builds_the_report(project):
     assert len(verdicts) == 3 * 4  # one pair of models per test set and variant
     summary = json.loads((project / "reports" / "summary.json").read_text())
     assert set(summary["synth_open"]) == {"softmax", "arcface"}
+    # fixed thresholds chosen on each run's validation pairs, and the prediction files
+    assert set(table["threshold_from"]) == {"validation"} and not table["threshold_on_itself"].any()
+    assert table["fixed_accuracy"].between(0, 1).all() and table["fixed_fp"].notna().all()
+    for run in RUNS:
+        assert (project / "data" / "embeddings" / run / "_validation.npz").is_file()
+        for test_set in ("synth_open", "synth_closed", "synth_domain"):
+            assert (project / "data" / "scores" / run / "predict" / f"{test_set}_{run}_predict.txt").is_file()
 
 
 def test_report_numbers_equal_a_recomputation_from_the_score_files(project):
@@ -246,5 +257,30 @@ def test_scoring_switch_reruns_only_scoring(project):
     _set_param(project, "score.bootstrap", 10)
     result = _run(["dvc", "repro"], project)
     runs = ["softmax-0", "softmax-2", "arcface-0", "arcface-2"]  # seeds.train as the test above left it
-    assert _ran(result.stdout) == _stages("score", runs) | {"report"}
+    # score.bootstrap only changes reports/metrics/RUN.json; data/scores, which the report reads, stays
+    # byte-identical, so DVC skips the report (as it did before the fixed thresholds, on e9e5513)
+    assert _ran(result.stdout) == _stages("score", runs)
     assert "up to date" in _run(["dvc", "status"], project).stdout
+
+
+def test_a_facepipe_model_file_outside_the_repository_is_scored_like_its_run(project):
+    """Last: a pretrained entry keeps `dvc status` from being "up to date" (its fingerprint stage always runs)."""
+    outside = project.parent / "elsewhere" / "model.pt"
+    outside.parent.mkdir(exist_ok=True)
+    shutil.copy(project / "data" / "models" / "arcface-0" / "model.pt", outside)
+    _set_param(project, "pretrained", {"other": {"kind": "facepipe", "path": str(outside)}})
+    result = _run(["dvc", "repro"], project)
+    assert _ran(result.stdout) == {"pretrained_model@other", "embed_pretrained@other", "score_pretrained@other",
+                                   "report"}
+    for test_set in ("synth_open", "synth_domain"):
+        mine = pd.read_csv(project / "data" / "scores" / "arcface-0" / test_set / "l2_raw.csv")
+        theirs = pd.read_csv(project / "data" / "scores" / "other" / test_set / "l2_raw.csv")
+        pd.testing.assert_series_equal(mine["score"], theirs["score"])
+        assert (project / "data" / "scores" / "other" / "predict" / f"{test_set}_other_predict.txt").is_file()
+    table = pd.read_csv(project / "reports" / "comparison.csv")
+    assert set(table.query("model == 'other'")["threshold_from"]) == {"synth_closed"}  # no validation pairs
+    assert _ran(_run(["dvc", "repro"], project).stdout) == {"pretrained_model@other"}  # same file: nothing after it
+    with open(outside, "ab") as handle:  # another file at the same path: embedded again
+        handle.write(b"\0")
+    result = subprocess.run(["dvc", "repro"], cwd=project, env=_env(), capture_output=True, text=True)
+    assert "embed_pretrained@other" in _ran(result.stdout)

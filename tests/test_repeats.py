@@ -184,3 +184,26 @@ def test_accuracy_interval_uses_the_spread_over_folds():
 def test_welch_df_of_known_parts_is_infinite():
     assert math.isinf(repeats.welch_df([(0.1, math.inf)]))
     assert repeats.welch_df([(0.1, 2), (0.1, 2)]) == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("n_runs", [1, 3])
+def test_fixed_accuracy_interval_by_hand(n_runs):
+    runs, y = _runs(n_runs, 300, decimals=1, seed=4)
+    thresholds = np.linspace(0.3, 0.6, n_runs).round(1)  # on observed scores: the strict rule matters
+    folds = np.arange(300) % 6
+    iv = repeats.fixed_accuracy_interval(runs, thresholds, y, folds, alpha=0.05)
+    per_run = [np.mean([(s > t) == (label == 1) for s, label in zip(run, y)]) for run, t in zip(runs, thresholds)]
+    assert iv.per_run == pytest.approx(per_run, abs=1e-15)
+    correct = np.array([[(s > t) == (label == 1) for s, label in zip(run, y)] for run, t in zip(runs, thresholds)])
+    fold_acc = [correct[:, folds == k].mean() for k in range(6)]
+    var_pairs = np.var(fold_acc, ddof=1) / 6
+    var_runs = np.var(per_run, ddof=1) / n_runs if n_runs > 1 else 0.0
+    total = var_pairs + var_runs
+    df = 5 if n_runs == 1 else total ** 2 / (var_pairs ** 2 / 5 + var_runs ** 2 / (n_runs - 1))
+    half = stats.t.ppf(0.975, df) * math.sqrt(total)
+    assert iv.mean == pytest.approx(np.mean(per_run)) and iv.df == pytest.approx(df)
+    assert (iv.low, iv.high) == pytest.approx((np.mean(per_run) - half, np.mean(per_run) + half))
+    one_fold = repeats.fixed_accuracy_interval(runs, thresholds, y, np.zeros(300, int))
+    assert one_fold.var_pairs == pytest.approx(np.var(correct.mean(axis=0), ddof=1) / 300)
+    with pytest.raises(ValueError, match="one threshold per run"):
+        repeats.fixed_accuracy_interval(runs, np.r_[thresholds, 0.1], y, folds)

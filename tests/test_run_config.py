@@ -23,7 +23,10 @@ def test_dataset_paths_become_absolute_relative_to_the_repository():
             },
         },
     }
+    params["pretrained"] = {"dlib": {"upsample": 1}, "other": {"kind": "facepipe", "path": "models/a.pt"}}
     out = run_config.absolute_data_paths(params)
+    assert out["pretrained"]["other"]["path"] == str((ROOT / "models/a.pt").resolve())
+    assert out["pretrained"]["dlib"] == {"upsample": 1}
     assert out["data"]["train"]["path"] == str((ROOT / "../shared/data/lfw-dev/images").resolve())
     assert out["data"]["tests"]["lfw"]["path"] == "/abs/lfw"
     assert out["data"]["tests"]["lfw"]["pairs"] == str(ROOT / "pairs.txt")

@@ -2,7 +2,16 @@
 
 Columns: ``path1, path2, same`` and optionally ``fold``. ``same`` accepts 1/0,
 true/false, same/different. Relative paths are resolved against ``root`` (default:
-the CSV's folder). Without a ``fold`` column, the pairs are dealt into
+the CSV's folder).
+
+**Unlabelled pairs**: a file without a ``same`` column is a valid dataset too: its
+pairs are scored and predicted (prediction files), never evaluated. Its ``same``
+column is empty (NA) from here on, its folds are the file's ``fold`` column or a single
+fold 1, and ``folds_assigned`` says ``"none (no labels)"`` in that case. It cannot be
+the source of a fixed threshold or a report's in-/cross-domain set (the config check
+says so in one line; :func:`has_labels` reads only the header).
+
+Without a ``fold`` column, labelled pairs are dealt into
 ``default_folds`` folds stratified by label (:func:`stratified_folds`, seeded): every
 fold gets the same share of same and different pairs and the folds differ in size by
 at most one pair, whatever order the file lists them in (a file sorted by label would
@@ -20,7 +29,7 @@ import pandas as pd
 
 from pipeline.datasets import DatasetError, ImageSet
 
-LAYOUT = "a CSV with columns path1,path2,same[,fold]"
+LAYOUT = "a CSV with columns path1,path2[,same][,fold] (no same column: unlabelled pairs, predicted only)"
 _TRUE = {"1", "true", "yes", "same", "match", "genuine"}
 _FALSE = {"0", "false", "no", "different", "diff", "mismatch", "impostor"}
 
@@ -46,6 +55,16 @@ def stratified_folds(labels: list[int] | np.ndarray, k: int, seed: int) -> np.nd
     return folds
 
 
+def has_labels(csv_path: str | Path) -> bool:
+    """Whether the pairs CSV has a ``same`` column (header only). A file that cannot be read
+    counts as labelled: :func:`load_pairs_csv` reports what is wrong with it."""
+    try:
+        header = pd.read_csv(csv_path, dtype=str, nrows=0, skipinitialspace=True)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return True
+    return "same" in {str(c).strip().lower() for c in header.columns}
+
+
 def load_pairs_csv(
     csv_path: str | Path, *, root: str | Path | None = None, default_folds: int = 10, seed: int = 0
 ) -> ImageSet:
@@ -58,14 +77,15 @@ def load_pairs_csv(
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DatasetError(f"{csv_path}: cannot be read as CSV ({str(err).splitlines()[0]}); expected {LAYOUT}") from None
     table.columns = [c.strip().lower() for c in table.columns]
-    missing = {"path1", "path2", "same"} - set(table.columns)
+    missing = {"path1", "path2"} - set(table.columns)
     if missing:
         raise DatasetError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; expected {LAYOUT}")
     if table.empty:
         raise DatasetError(f"{csv_path}: no pairs")
     base = Path(root) if root else csv_path.parent
-    labels = []
-    for row, value in enumerate(table["same"].fillna(""), start=2):
+    labelled = "same" in table.columns
+    labels: list = []
+    for row, value in enumerate(table["same"].fillna("") if labelled else [], start=2):
         token = str(value).strip().lower()
         if token in _TRUE:
             labels.append(1)
@@ -83,6 +103,8 @@ def load_pairs_csv(
         except ValueError:
             raise DatasetError(f"{csv_path}: the fold column must hold integers") from None
         folds_assigned = "from file"
+    elif not labelled:
+        folds, folds_assigned = [1] * len(table), "none (no labels)"
     else:
         k = max(1, min(default_folds, len(table) // 2))
         folds = stratified_folds(labels, k, seed).tolist()
@@ -95,6 +117,7 @@ def load_pairs_csv(
         {"image_id": ids, "path": [str(p) for p in paths], "identity": [str(Path(i).parent) for i in ids]}
     )
     pairs = pd.DataFrame(
-        {"fold": folds, "image_id1": table["path1"].str.strip(), "image_id2": table["path2"].str.strip(), "same": labels}
+        {"fold": folds, "image_id1": table["path1"].str.strip(), "image_id2": table["path2"].str.strip(),
+         "same": pd.array(labels if labelled else [pd.NA] * len(table), dtype="Int64")}
     )
     return ImageSet(images, pairs, folds_assigned=folds_assigned)

@@ -1,0 +1,156 @@
+"""Report: accuracy and FP/FN at each run's fixed threshold beside the LFW-protocol accuracy,
+the threshold's source named (and marked where a set is its own source), unlabelled sets
+listed as predicted only and kept out of the statistics, and the prediction files listed.
+
+Runs are scored by the real score stage on made-up embeddings; the expected numbers are
+recomputed here from the per-pair score files and each run's thresholds.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import paths
+from pipeline.config import Params
+from pipeline.report import run_report
+from pipeline.score import run_score
+from tests.test_score import _embeddings, _pairs
+
+SETS = {"alpha": (10, 4, 160, True), "beta": (8, 5, 120, True), "web": (6, 3, 30, False)}
+RUNS = {"softmax": ["softmax-0", "softmax-1"], "arcface": ["arcface-0", "arcface-1"], "ext": ["ext"]}
+
+
+def _project(root: Path, threshold: dict) -> Params:
+    params = Params.model_validate({
+        "seeds": {"data": 0, "train": [0, 1]},
+        "train_losses": ["softmax", "arcface"],
+        "pretrained": {"ext": {"kind": "facepipe", "path": "elsewhere/model.pt"}},
+        "data": {"train": {"kind": "synthetic", "set": "train"},
+                 "tests": {name: {"kind": "synthetic", "set": "synth_open"} for name in SETS}},
+        "score": {"bootstrap": 0, "threshold": threshold},
+        "report": {"in_domain": "alpha", "cross_domain": ["beta"], "bootstrap": 100},
+    })
+    shards = root / "data" / "shards"
+    identities = {}
+    for name, (n_ids, per, n_pairs, labelled) in SETS.items():
+        ids = [f"{name}{k}" for k in range(n_ids * per)]
+        identities[name] = (ids, [f"{name}-id{k // per}" for k in range(n_ids * per)])
+        (shards / name).mkdir(parents=True, exist_ok=True)
+        _pairs(*identities[name], n_pairs, 11, labelled=labelled).to_csv(shards / name / "pairs.csv", index=False)
+    val_ids = [f"v{k}" for k in range(40)]
+    val_identities = [f"v-id{k // 4}" for k in range(40)]
+    val_pairs = _pairs(val_ids, val_identities, 120, 12, folds=1)
+    for k, run in enumerate(run for runs in RUNS.values() for run in runs):
+        emb = paths.embeddings_dir(run)
+        emb.mkdir(parents=True)
+        for name, (ids, ident) in identities.items():
+            np.savez(emb / f"{name}.npz", **_embeddings(ids, ident, 100 + 7 * k + len(name)))
+        if run != "ext":  # a pretrained model has no validation pairs
+            val_pairs[["fold", "image_id1", "image_id2", "same"]].to_csv(emb / "_validation_pairs.csv", index=False)
+            np.savez(emb / "_validation.npz", **_embeddings(val_ids, val_identities, 300 + k))
+        run_score(params.score, emb, shards, paths.scores_dir(run), paths.metrics_file(run), seed=0, run=run,
+                  primary=("cosine", True))
+    return params
+
+
+def _expected(model: str, test_set: str, variant: str) -> dict:
+    """Fixed-threshold figures of a model, from its runs' per-pair files, on the pairs every run scored."""
+    frames = {run: pd.read_csv(paths.scores_dir(run) / test_set / f"{variant}.csv")
+              for runs in RUNS.values() for run in runs}
+    common = np.logical_and.reduce([(f["status"] == "scored").to_numpy() for f in frames.values()])
+    acc, fp, fn, thresholds, sources = [], [], [], [], set()
+    for run in RUNS[model]:
+        entry = json.loads(paths.thresholds_file(run).read_text())[variant]
+        t = float(entry["threshold"])
+        frame = frames[run][common]
+        decided = [(s > t, int(y)) for s, y in zip(frame["score"], frame["same"])]
+        acc.append(sum(d == bool(y) for d, y in decided) / len(decided))
+        fp.append(decided.count((True, 0)))
+        fn.append(decided.count((False, 1)))
+        thresholds.append(t)
+        sources.add(entry["source"])
+    return {"accuracy": np.mean(acc), "per_run": acc, "fp": np.mean(fp), "fn": np.mean(fn), "sources": sources}
+
+
+@pytest.fixture
+def reported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = _project(tmp_path, {"source": "validation", "rule": "best_accuracy"})
+    run_report(params)
+    return tmp_path, params
+
+
+def test_fixed_threshold_columns_equal_a_recomputation(reported):
+    root, _ = reported
+    table = pd.read_csv(root / "reports" / "comparison.csv")
+    assert set(table["test_set"]) == {"alpha", "beta"}  # the unlabelled set is in no table
+    for model in RUNS:
+        for test_set in ("alpha", "beta"):
+            for variant in ("cosine_norm", "l2_raw"):
+                row = table.query("model == @model and test_set == @test_set and variant == @variant")
+                want = _expected(model, test_set, variant)
+                assert row["fixed_accuracy"].item() == pytest.approx(want["accuracy"], abs=1e-12)
+                assert row["fixed_accuracy_per_run"].item() == " / ".join(f"{a:.4f}" for a in want["per_run"])
+                assert row["fixed_fp"].item() == pytest.approx(want["fp"]) and row["fixed_fn"].item() == pytest.approx(
+                    want["fn"])
+                assert row["fixed_accuracy_low"].item() <= row["fixed_accuracy"].item() <= row[
+                    "fixed_accuracy_high"].item()
+                assert {row["threshold_from"].item()} == want["sources"]
+                assert row["threshold_on_itself"].item() == (test_set in want["sources"])
+    ext = table.query("model == 'ext' and variant == 'cosine_norm'").set_index("test_set")
+    assert ext.loc["alpha", "threshold_from"] == "alpha" and bool(ext.loc["alpha", "threshold_on_itself"])
+    assert not table.query("model != 'ext'")["threshold_on_itself"].any()
+    runs = pd.read_csv(root / "reports" / "runs.csv")
+    row = runs.query("run == 'arcface-1' and test_set == 'beta' and variant == 'l2_raw'")
+    assert row["fixed_accuracy"].item() == pytest.approx(_expected("arcface", "beta", "l2_raw")["per_run"][1])
+    summary = json.loads((root / "reports" / "summary.json").read_text())
+    assert set(summary) == {"alpha", "beta"}
+    assert summary["alpha"]["arcface"]["accuracy_fixed"] == pytest.approx(
+        _expected("arcface", "alpha", "cosine_norm")["accuracy"], abs=1e-6)
+
+
+def test_index_names_the_source_marks_fallbacks_and_lists_predictions(reported):
+    root, params = reported
+    index = (root / "reports" / "index.md").read_text()
+    assert "accuracy @ threshold from validation (best accuracy) [95%]" in index
+    assert "FP / FN @ threshold" in index and "FP / FN (LFW protocol)" in index
+    alpha = index[index.index("### alpha"):index.index("### beta")]
+    beta = index[index.index("### beta"):index.index("## Cross-domain")]
+    ext_alpha = next(line for line in alpha.splitlines() if line.startswith("| ext"))
+    ext_beta = next(line for line in beta.splitlines() if line.startswith("| ext"))
+    assert "†‡" in ext_alpha and "†" in ext_beta and "‡" not in ext_beta
+    assert "‡ threshold chosen on alpha itself (ext)" in alpha
+    assert "† ext: no validation pairs (pretrained), so the threshold was chosen on alpha" in beta
+    assert "- **web**: predicted only, 30 pairs (0 with an image without a face)" in index
+    section = index[index.index("## Prediction files"):]
+    assert "DVC outputs of the score stages" in section
+    for run in ("softmax-0", "arcface-1", "ext"):
+        for test_set in SETS:
+            name = f"data/scores/{run}/predict/{test_set}_{run}_predict.txt"
+            assert f"- `{name}`" in section and (root / name).is_file()
+    comparison = (root / "reports" / "comparison.md").read_text()
+    assert comparison.count("accuracy @ threshold from validation (best accuracy)") == 2 * 4
+    assert "web" not in pd.read_csv(root / "reports" / "verdicts.csv")["test_set"].tolist()
+
+
+def test_threshold_from_a_test_set_is_marked_on_that_set(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = _project(tmp_path, {"source": "beta", "rule": "target_fpr", "target_fpr": 0.1})
+    run_report(params)
+    index = (tmp_path / "reports" / "index.md").read_text()
+    assert "accuracy @ threshold from beta (FPR ≤ 0.1) [95%]" in index
+    beta = index[index.index("### beta"):index.index("## Cross-domain")]
+    rows = [line for line in beta.splitlines() if line.startswith("| ") and " run" in line.split("|")[1]]
+    assert len(rows) == 3 and all("‡" in line for line in rows)
+    alpha = index[index.index("### alpha"):index.index("### beta")]
+    assert "‡" not in alpha and "†" not in alpha
+    table = pd.read_csv(tmp_path / "reports" / "comparison.csv")
+    assert set(table.query("test_set == 'beta'")["threshold_on_itself"]) == {True}
+    assert set(table.query("test_set == 'alpha'")["threshold_on_itself"]) == {False}
+    assert set(table["threshold_rule"]) == {"FPR ≤ 0.1"}
+    assert (table.query("test_set == 'beta'")["fixed_fpr"] <= 0.1).all()
