@@ -6,7 +6,9 @@
   verification AUC that picks the best epoch.
 * Optimisation: SGD (momentum, weight decay) over the network and the loss's own
   parameters (class weights); linear warm-up then cosine or step decay, per step.
-  Horizontal flips, optional grayscale. Classifier losses see shuffled batches;
+  Horizontal flips, optional grayscale; further augmentation (random resized crop, scale jitter,
+  colour jitter and temperature, random grayscale) as ``train.augment`` (:mod:`pipeline.augment`).
+  Classifier losses see shuffled batches;
   pair/triplet losses see P x K batches (P identities x K images).
 * Robustness: a checkpoint after every epoch (model, loss, optimiser, schedule, step,
   best score) in ``checkpoint_dir``; rerunning the stage resumes from it when it was
@@ -73,8 +75,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import cpu
-from pipeline.config import ModelParams, TrainParams
+from pipeline import augment, cpu
+from pipeline.config import AugmentParams, ModelParams, TrainParams
 from pipeline.io import atomic_file, write_csv, write_json
 from pipeline.shards import FaceShards, join_location, read_shards
 
@@ -156,11 +158,26 @@ def validation_subset(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def to_input(batch_uint8: torch.Tensor, *, grayscale: bool) -> torch.Tensor:
     """``[B, H, W, 3]`` uint8 -> ``[B, C, H, W]`` float in about [-1, 1] (C = 1 if grayscale)."""
-    x = batch_uint8.permute(0, 3, 1, 2).float()
+    return scale_input(batch_uint8.permute(0, 3, 1, 2).float(), grayscale=grayscale)
+
+
+def scale_input(x: torch.Tensor, *, grayscale: bool) -> torch.Tensor:
+    """``[B, 3, H, W]`` float pixel values (0..255) -> the model's input (see :func:`to_input`)."""
     if grayscale:
         weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
         x = (x * weights).sum(dim=1, keepdim=True)
     return (x - 127.5) / 128.0
+
+
+def batch_input(images: torch.Tensor, draws: torch.Tensor | None, augment_params: AugmentParams, *,
+                grayscale: bool) -> torch.Tensor:
+    """The model input of a training batch ``[B, H, W, 3]`` uint8 (on the training device) before
+    the flips: augmented with ``draws`` ``[B, N]`` (see :mod:`pipeline.augment`), or, when
+    ``draws`` is None (nothing but the flip on), exactly :func:`to_input`, as before augmentation existed."""
+    if draws is None:
+        return to_input(images, grayscale=grayscale)
+    return scale_input(augment.apply(images.permute(0, 3, 1, 2).float(), draws, augment_params),
+                       grayscale=grayscale)
 
 
 # ----------------------------------------------------------------------- schedule
@@ -232,7 +249,7 @@ def fingerprint(setup: TrainSetup, data: FaceShards, *, device_type: str, amp_dt
 def code_hash() -> str:
     """Hash of the source files that shape training, so a code change never resumes an old run."""
     root = Path(__file__).parent
-    files = [root / "train.py", root / "samplers.py", root / "shards.py"]
+    files = [root / "train.py", root / "samplers.py", root / "shards.py", root / "augment.py"]
     files += sorted((root / "losses").glob("*.py")) + sorted((root / "models").glob("*.py"))
     digest = hashlib.sha1()
     for f in files:
@@ -887,6 +904,11 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
     for epoch in range(state["epoch"], params.epochs):
         generator = torch.Generator().manual_seed(setup.seed * 1000 + epoch)
         batches = _epoch_batches(epoch, len(train_idx), global_batch, sampler, steps_per_epoch, generator, dist)
+        # augmentation draws of the epoch (None: flips only), moved to the device once per epoch
+        draws = augment.epoch_draws(params.augment, setup.seed, epoch, len(batches), global_batch, rank=dist.rank,
+                                    world=dist.world)
+        if draws is not None:
+            draws = draws.to(device)
         losses_seen: list[float] = []
         unread: list[torch.Tensor] = []  # this rank's loss of each step since the last read, on the device
         loader = BatchPrefetcher(fill, data.image_shape(), train_idx, train_labels, batches, workers=fill_workers,
@@ -894,10 +916,11 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         bar = tqdm(loader, desc=f"train {setup.loss_name} epoch {epoch + 1}/{params.epochs}", unit="batch",
                    disable=not (progress and dist.is_main), dynamic_ncols=True)
         lr = params.lr
-        for images, labels, flips in bar:
+        for k, (images, labels, flips) in enumerate(bar):
             t0 = time.perf_counter()
-            x = to_input(images.to(device, non_blocking=True), grayscale=setup.model.grayscale)
-            if params.flip and flips.any():  # flips are on the host: no device sync
+            x = batch_input(images.to(device, non_blocking=True), None if draws is None else draws[k], params.augment,
+                            grayscale=setup.model.grayscale)
+            if params.augment.flip and flips.any():  # flips are on the host: no device sync
                 x = flip_rows(x, flips.to(device, non_blocking=True))
             y = labels.to(device, non_blocking=True)
             if device.type == "cuda":
