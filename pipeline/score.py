@@ -10,6 +10,10 @@ keep a row with ``status = missing`` and no score: they are counted and reported
 never scored.
 
 Higher score = more likely the same person; for L2 the score is minus the distance.
+
+Identification: ``rank1`` per test set (leave-one-out 1:N from the embeddings, every model)
+and, for a closed-set test of a classifier loss, ``n_way_accuracy`` of the classifier head
+(:func:`n_way_metrics`).
 """
 
 from __future__ import annotations
@@ -86,6 +90,23 @@ def score_set(pairs: pd.DataFrame, embeddings: dict[str, np.ndarray], params: Sc
     return tables, metrics
 
 
+def n_way_metrics(head_path: str | Path, embeddings: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Closed-set identification by the classifier head: ``n_way_accuracy`` (fraction of images
+    whose predicted training identity is theirs) and ``n_way_images``, from the head predictions
+    the embed stage wrote for a closed-set test (see :mod:`pipeline.embed`); {} without them
+    (not a closed-set test, or a loss without a classifier)."""
+    head_path = Path(head_path)
+    if not head_path.is_file():
+        return {}
+    with np.load(head_path, allow_pickle=False) as z:
+        predicted = dict(zip(z["image_ids"], z["predicted"]))
+    truth = dict(zip(embeddings["image_ids"], embeddings["identities"]))
+    if set(predicted) != set(truth):
+        raise ValueError(f"{head_path}: the head predictions are not for the embedded images; rerun the embed stage")
+    hits = [predicted[image_id] == identity for image_id, identity in truth.items()]
+    return {"n_way_accuracy": float(np.mean(hits)), "n_way_images": len(hits)}
+
+
 def run_score(params: ScoreParams, embeddings_dir: str | Path, shards_dir: str | Path, out_dir: str | Path,
               metrics_path: str | Path, *, seed: int = 0) -> dict[str, Any]:
     """Score every test set of one run; write the per-pair files and the run's metrics JSON."""
@@ -98,6 +119,7 @@ def run_score(params: ScoreParams, embeddings_dir: str | Path, shards_dir: str |
             tables, metrics = score_set(pairs, embeddings, params, seed=seed)
             for variant, table in tables.items():
                 write_csv(Path(tmp) / name / f"{variant}.csv", table)
+            metrics.update(n_way_metrics(Path(embeddings_dir) / "head" / f"{name}.npz", embeddings))
             all_metrics[name] = metrics
             summary = metrics[first_variant]
             print(f"{name}: {metrics['pairs_scored']} pairs ({metrics['pairs_missing']} missing)  "
