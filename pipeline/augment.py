@@ -224,8 +224,11 @@ def write_preview(params: AugmentParams, train_shards: str | Path, target: str |
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import textwrap
+
     rows, cols = tiles.shape[:2]
-    fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.35 * rows + 0.9), squeeze=False)
+    width = max(1.35 * cols, 6.0)  # room for the title with few columns
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 1.35 * rows + 1.1), squeeze=False)
     for r in range(rows):
         for c in range(cols):
             ax = axes[r, c]
@@ -236,12 +239,12 @@ def write_preview(params: AugmentParams, train_shards: str | Path, target: str |
                 ax.set_title(titles[c], fontsize=6.5)
     off = [name for name in ("crop", "scale_jitter", "brightness", "contrast", "saturation", "temperature",
                              "grayscale") if name not in params.active()] + ([] if params.flip else ["flip"])
-    note = (f"train.augment: {', '.join(params.active()) or 'no augmentation'}"
-            + (" + flip" if params.flip else "") + f" on; off: {', '.join(off) or 'none'}. "
+    on = (["flip"] if params.flip else []) + params.active()
+    note = (f"train.augment on: {', '.join(on) or 'nothing'}; off: {', '.join(off) or 'nothing'}. "
             f"Illustrative draws (seed {seed}); training draws per (training seed, epoch)."
             + (" Shown grey: model.grayscale is on." if grayscale_model else ""))
-    fig.suptitle("What the model sees: training faces (rows) un-augmented and augmented (columns)\n" + note,
-                 fontsize=7.5)
+    fig.suptitle("What the model sees: training faces (rows) un-augmented and augmented (columns)\n"
+                 + textwrap.fill(note, width=int(width * 15)), fontsize=7.5)
     fig.tight_layout()
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
