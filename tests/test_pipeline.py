@@ -148,6 +148,18 @@ def test_repro_builds_the_report(project):
     assert len(verdicts) == 3 * 4  # one pair of models per test set and variant
     summary = json.loads((project / "reports" / "summary.json").read_text())
     assert set(summary["synth_open"]) == {"softmax", "arcface"}
+    # what the model sees; closed-set identification; angle distributions
+    assert (project / "reports" / "figures" / "augmented.png").read_bytes()[:4] == b"\x89PNG"
+    closed = table.query("test_set == 'synth_closed'")
+    assert closed["n_way_accuracy"].between(0, 1).all()  # both are classifier losses
+    assert table.query("test_set != 'synth_closed'")["n_way_accuracy"].isna().all()
+    assert "N-way (head)" in index and "## Angle distributions" in index
+    assert {f.name for f in (project / "reports" / "figures" / "angles").glob("*.png")} == {"softmax.png",
+                                                                                          "arcface.png"}
+    assert "Warning: checkpoint chosen on a test set" not in index
+    for run in RUNS:
+        assert json.loads((project / "reports" / "train" / run / "metrics.json").read_text())["selected_on"] == \
+            "validation"
 
 
 def test_report_numbers_equal_a_recomputation_from_the_score_files(project):
@@ -222,11 +234,18 @@ def test_margin_change_reruns_only_arcface(project):
 
 
 def test_recipe_override_retrains_only_that_loss(project):
-    _set_param(project, "losses.softmax", {"train": {"lr": 0.05}})
+    """Also: training-time normalisation shows in the label, a checkpoint chosen on a test set warns."""
+    _set_param(project, "losses.softmax", {"normalize": True, "train": {"lr": 0.05, "select_on": "synth_closed"}})
     result = _run(["dvc", "repro"], project)
     softmax = [r for r in RUNS if r.startswith("softmax")]
     assert _ran(result.stdout) == {"recipes", "report"} | _stages("train", softmax) | _stages("embed", softmax) | \
         _stages("score", softmax)
+    index = (project / "reports" / "index.md").read_text()
+    assert "> **Warning: checkpoint chosen on a test set.** softmax (softmax-0, softmax-1)" in index
+    assert index.index("Warning: checkpoint chosen") < index.index("## Readings")  # at the top
+    assert "softmax (train-norm) (2 runs)" in index
+    assert json.loads((project / "reports" / "train" / "softmax-0" / "metrics.json").read_text())["selected_on"] == \
+        "synth_closed"
 
 
 def test_adding_a_seed_runs_only_its_stages_and_removing_one_only_the_report(project):
