@@ -53,6 +53,20 @@ def test_brightness_contrast_saturation_temperature_by_hand():
     np.testing.assert_allclose(out[0].numpy(), np.stack([r * 0.8, g, np.clip(b * 1.2, 0, 255)]), rtol=1e-6)
 
 
+def test_colour_factors_are_per_image():
+    """Two images, two draws: each image gets its own factor and its own mean grey."""
+    x = torch.stack([torch.full((3, 2, 2), 100.0), torch.tensor([[[0.0, 200.0], [100.0, 100.0]]] * 3)])
+    u = _draws(2)
+    u[:, COLUMNS.index("brightness")] = torch.tensor([0.0, 1.0])
+    out = apply(x, u, AugmentParams(brightness=0.5))
+    torch.testing.assert_close(out[0], x[0] * 0.5)
+    torch.testing.assert_close(out[1], (x[1] * 1.5).clamp(0, 255))
+    u = _draws(2, contrast=0.0)
+    out = apply(x, u, AugmentParams(contrast=0.5))
+    torch.testing.assert_close(out[0], x[0])  # a flat image keeps its values about its own mean
+    torch.testing.assert_close(out[1], (x[1] - 100.0) * 0.5 + 100.0)
+
+
 def test_random_grayscale_turns_exactly_the_drawn_images_grey():
     x = _images(4).permute(0, 3, 1, 2).float()
     u = _draws(4)
@@ -206,6 +220,29 @@ def test_training_with_augmentation_off_trains_the_model_of_the_code_before(tmp_
     assert new[0] == old[0]
     for key, tensor in new[1].items():
         assert torch.equal(tensor, old[1][key]), key
+
+
+def test_trainer_feeds_each_step_its_own_draws(tmp_path, monkeypatch):
+    """The draws the trainer hands to the augmentation are, step by step, those of
+    epoch_draws(seed, epoch) for that step: no step reuses another's, no epoch another's."""
+    from tests.test_train import _setup
+
+    seen = []
+    real_apply = augment.apply
+
+    def recording(x, draws, params):
+        seen.append(draws.clone())
+        return real_apply(x, draws, params)
+
+    monkeypatch.setattr(augment, "apply", recording)
+    metrics, _ = _train_weights(tmp_path, "record", augment={"brightness": 0.2})
+    setup = _setup(epochs=2, augment={"brightness": 0.2})
+    steps = metrics["steps"] // 2
+    expected = [epoch_draws(setup.train.augment, setup.seed, epoch, steps, 8)[k] for epoch in (0, 1)
+                for k in range(steps)]
+    assert len(seen) == len(expected) == 2 * steps and steps > 1
+    for got, want in zip(seen, expected):
+        assert torch.equal(got, want)
 
 
 def test_training_with_augmentation_is_seeded_and_resumes_exactly(tmp_path, monkeypatch):
