@@ -55,7 +55,7 @@ def test_brightness_contrast_saturation_temperature_by_hand():
 
 def test_colour_factors_are_per_image():
     """Two images, two draws: each image gets its own factor and its own mean grey."""
-    x = torch.stack([torch.full((3, 2, 2), 100.0), torch.tensor([[[0.0, 200.0], [100.0, 100.0]]] * 3)])
+    x = torch.stack([torch.full((3, 2, 2), 60.0), torch.tensor([[[0.0, 200.0], [100.0, 100.0]]] * 3)])  # means 60, 100
     u = _draws(2)
     u[:, COLUMNS.index("brightness")] = torch.tensor([0.0, 1.0])
     out = apply(x, u, AugmentParams(brightness=0.5))

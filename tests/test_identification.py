@@ -53,6 +53,29 @@ def test_head_predictions_are_the_argmax_of_the_logits(trained):
     assert head_predictions(load_head(triplet), x, triplet["identity_names"]) is None
 
 
+def test_head_sees_the_mean_of_the_image_and_its_mirror(tmp_path):
+    """embed.flip sums the two embeddings; the head (trained on single embeddings) gets their mean.
+    A bias makes the difference: per view e = (1, 0.5), logits with b = (0, 0.8): mean -> (1, 1.3),
+    class b; the sum (2, 1) -> (2, 1.8) would give class a."""
+    from types import SimpleNamespace
+
+    from pipeline import losses
+    from pipeline.embed import write_head_predictions
+
+    head = losses.build("softmax", 2, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(2))
+        head.bias.copy_(torch.tensor([0.0, 0.8]))
+    data = SimpleNamespace(image_ids=["b/1"], identities=["b"])
+    summed = np.array([[2.0, 1.0]], dtype=np.float32)
+    assert write_head_predictions(tmp_path / "h.npz", head, {"identity_names": ["a", "b"]}, data, summed, flip=True)
+    with np.load(tmp_path / "h.npz") as z:
+        assert z["predicted"].tolist() == ["b"]
+    write_head_predictions(tmp_path / "g.npz", head, {"identity_names": ["a", "b"]}, data, summed, flip=False)
+    with np.load(tmp_path / "g.npz") as z:
+        assert z["predicted"].tolist() == ["a"]  # the same vector as a single embedding
+
+
 def test_closed_set_is_recognised_by_its_identities():
     from pipeline.embed import is_closed_set
 

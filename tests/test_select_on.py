@@ -84,8 +84,9 @@ def test_selection_set_keeps_the_pairs_whose_images_exist(shards, tmp_path):
     copy = tmp_path / "shards"
     shutil.copytree(shards, copy)
     table.loc[0, "image_id1"] = "id0/missing"
+    table.loc[1, "image_id2"] = "id0/missing"
     table.to_csv(copy / "closed" / "pairs.csv", index=False)
-    assert len(train_module.selection_set(copy, "closed")[1]) == len(table) - 1
+    assert len(train_module.selection_set(copy, "closed")[1]) == len(table) - 2
     table["same"] = 0
     table.to_csv(copy / "closed" / "pairs.csv", index=False)
     with pytest.raises(train_module.TrainingError, match="select_on = 'closed'.*needs both"):
@@ -116,13 +117,13 @@ def _scripted_aucs(monkeypatch, validation: list[float], selection: list[float])
 
 
 def test_checkpoint_chosen_on_a_named_test_set(shards, tmp_path, monkeypatch):
-    calls = _scripted_aucs(monkeypatch, validation=[0.9, 0.6, 0.7], selection=[0.5, 0.8, 0.6])
+    calls = _scripted_aucs(monkeypatch, validation=[0.9, 0.6, 0.95], selection=[0.5, 0.8, 0.6])
     metrics = train(_setup(select_on="closed"), shards, tmp_path / "m", tmp_path / "c", tmp_path / "r", progress=False)
     assert calls == {"validation": 3, "selection": 3}
     assert metrics["selected_on"] == "closed" and metrics["best_epoch"] == 2
     assert metrics["selection_auc"] == 0.8 and metrics["best_val_auc"] == 0.6  # validation AUC of that epoch
     history = pd.read_csv(tmp_path / "r" / "history.csv")
-    assert history["select_auc"].tolist() == [0.5, 0.8, 0.6] and history["val_auc"].tolist() == [0.9, 0.6, 0.7]
+    assert history["select_auc"].tolist() == [0.5, 0.8, 0.6] and history["val_auc"].tolist() == [0.9, 0.6, 0.95]
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["selected_on"] == "closed"
     _, saved = load_model(tmp_path / "m" / "model.pt")
     assert saved["epoch"] == 2 and saved["selected_on"] == "closed"
