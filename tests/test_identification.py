@@ -163,3 +163,16 @@ def test_embed_writes_the_training_angles(embedded, trained, shards):
     np.testing.assert_allclose(angles["target"], expected["target"], atol=1e-3)
     with np.load(embedded["triplet"] / "train" / "angles.npz") as z:
         assert str(z["centre"]) == "mean embedding"
+
+
+def test_angles_of_a_large_training_set_use_a_seeded_sample(trained, shards, tmp_path, monkeypatch):
+    from pipeline import embed
+
+    monkeypatch.setattr(embed, "MAX_ANGLE_IMAGES", 20)
+    model, saved = load_model(trained["triplet"])
+    for name in ("a", "b"):
+        assert embed.write_training_angles(tmp_path / name / "angles.npz", model, saved, load_head(saved), shards,
+                                           torch.device("cpu"))
+    with np.load(tmp_path / "a" / "angles.npz") as a, np.load(tmp_path / "b" / "angles.npz") as b:
+        assert a["target"].shape == (20,) and np.array_equal(a["target"], b["target"])
+        assert len(a["nearest_centre"]) <= 6  # mean embeddings: the classes the sample holds
