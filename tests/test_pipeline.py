@@ -262,8 +262,11 @@ def test_adding_a_seed_runs_only_its_stages_and_removing_one_only_the_report(pro
 
 
 def test_scoring_switch_reruns_only_scoring(project):
+    # score.bootstrap only changes the per-run intervals in reports/metrics/RUN.json, which the
+    # report does not use: the per-pair score files stay the same, so the report is not rerun
+    # (it expected a report rerun, and failed, before this branch too)
     _set_param(project, "score.bootstrap", 10)
     result = _run(["dvc", "repro"], project)
     runs = ["softmax-0", "softmax-2", "arcface-0", "arcface-2"]  # seeds.train as the test above left it
-    assert _ran(result.stdout) == _stages("score", runs) | {"report"}
+    assert _ran(result.stdout) == _stages("score", runs)
     assert "up to date" in _run(["dvc", "status"], project).stdout
