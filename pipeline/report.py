@@ -633,8 +633,8 @@ def angles_markdown(angles: dict[str, dict[str, Any]]) -> list[str]:
             "As in the ArcFace paper: the angle between each training face's embedding and its class centre, "
             "and between class centres. A class centre is the classifier's class weight for the classifier "
             "losses, and the normalised mean of the class's normalised embeddings for the others (triplet, "
-            "contrastive, sub-centre ArcFace). Every image of the training set (validation split included), "
-            "each loss's runs pooled.", "", markdown_table(view), ""]
+            "contrastive, sub-centre ArcFace). Every image of the training set (validation split included; a "
+            "seeded sample of 50,000 in larger sets), each loss's runs pooled.", "", markdown_table(view), ""]
 
 
 # ------------------------------------------------------------------------------ run
