@@ -147,6 +147,18 @@ def recipes(params_file: Path = ParamsOption) -> None:
         typer.echo(f"{loss}: {path}")
 
 
+@app.command("augment-preview")
+@stage
+def augment_preview(params_file: Path = ParamsOption) -> None:
+    """Contact sheet of augmented training faces (what the model sees) for train.augment."""
+    from pipeline.augment import write_preview
+
+    params = _params(params_file, check_models=False)
+    target = write_preview(params.train.augment, paths.SHARDS / "train", paths.AUGMENT_PREVIEW,
+                           grayscale_model=params.model.grayscale)
+    typer.echo(f"wrote {target}")
+
+
 SeedOption = typer.Option(None, "--seed", "-s", help="Training seed of the run (one of seeds.train); "
                                                      "omit for a pretrained model.")
 

@@ -131,6 +131,69 @@ class ModelParams(_Strict):
     grayscale: bool = False
 
 
+class AugmentParams(_Strict):
+    """Training-time augmentation (``train.augment``), applied on the training device, each draw
+    seeded by the training seed and the epoch (see :mod:`pipeline.augment`). Everything but the
+    horizontal flip is off by default; with those defaults training is bit-identical to the
+    trainer before augmentation existed. The old key ``train.flip`` is read as ``train.augment.flip``.
+    """
+
+    flip: bool = True  # mirror each image with probability 1/2
+    # random resized crop: area fraction of the crop, drawn uniformly in [low, high]; [1, 1] = off
+    crop_area: tuple[float, float] = (1.0, 1.0)
+    # aspect ratio (width / height) of the crop, drawn log-uniformly (only with the crop on)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    # zoom about the crop centre by a factor in [1 - j, 1 + j] (< 1 shrinks the face, black border); 0 = off
+    scale_jitter: float = Field(0.0, ge=0.0, lt=1.0)
+    brightness: float = Field(0.0, ge=0.0, lt=1.0)  # pixel values x f, f in [1 - b, 1 + b]
+    contrast: float = Field(0.0, ge=0.0, lt=1.0)    # about the image's mean grey, factor in [1 - c, 1 + c]
+    saturation: float = Field(0.0, ge=0.0, lt=1.0)  # about each pixel's grey, factor in [1 - s, 1 + s]
+    # white balance: red x (1 + k), blue x (1 - k), k in [-t, t] (k > 0 warmer, k < 0 cooler)
+    temperature: float = Field(0.0, ge=0.0, lt=1.0)
+    grayscale: float = Field(0.0, ge=0.0, le=1.0)  # probability that an image is turned grey
+
+    @field_validator("crop_area")
+    @classmethod
+    def _area(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError("expected [low, high] with 0 < low <= high <= 1 (area fractions; [1, 1] = no crop)")
+        return value
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0.0 < low <= high:
+            raise ValueError("expected [low, high] with 0 < low <= high (width / height of the crop)")
+        return value
+
+    def active(self) -> list[str]:
+        """Names of the augmentations that draw random numbers besides the flip, in the order applied."""
+        on = {"crop": self.crop_area != (1.0, 1.0), "scale_jitter": self.scale_jitter > 0,
+              "brightness": self.brightness > 0, "contrast": self.contrast > 0, "saturation": self.saturation > 0,
+              "temperature": self.temperature > 0, "grayscale": self.grayscale > 0}
+        return [name for name, is_on in on.items() if is_on]
+
+
+def _move_legacy_flip(values: dict[str, Any]) -> dict[str, Any]:
+    """``train.flip`` (the key before ``train.augment`` existed) -> ``train.augment.flip``.
+
+    ValueError when both are given and disagree."""
+    if "flip" not in values:
+        return values
+    values = dict(values)
+    flip = values.pop("flip")
+    augment = values.get("augment") or {}
+    augment = augment.model_dump() if isinstance(augment, BaseModel) else dict(augment)
+    if "flip" in augment and augment["flip"] != flip:
+        raise ValueError(f"train.flip = {flip!r} and train.augment.flip = {augment['flip']!r} disagree; "
+                         "train.flip is the old name of train.augment.flip: keep only train.augment.flip")
+    augment["flip"] = flip
+    values["augment"] = augment
+    return values
+
+
 class TrainParams(_Strict):
     """How one run trains (the ``train`` section; a loss's ``<section>.train`` overrides keys).
 
@@ -157,8 +220,12 @@ class TrainParams(_Strict):
     warmup_epochs: float = Field(1.0, ge=0.0)
     milestones: list[int] = Field(default_factory=list)
     gamma: float = Field(0.1, gt=0.0, le=1.0)
-    flip: bool = True
+    augment: AugmentParams = AugmentParams()  # see AugmentParams; the old key train.flip maps to augment.flip
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    # the best epoch (the saved model) by verification AUC on: the validation split of the training
+    # identities ("validation"), or the pairs of a test set named in data.tests, which the report then
+    # flags: that set's results are no longer an unbiased test
+    select_on: str = "validation"
     pk_identities: int = Field(16, ge=2)
     pk_images: int = Field(4, ge=2)
     init_from: str | None = None
@@ -176,6 +243,29 @@ class TrainParams(_Strict):
     sync_bn: Literal["auto"] | bool = "auto"
     # GPU only: deterministic kernels (no cuDNN autotuning, torch.use_deterministic_algorithms), slower
     deterministic: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_flip(cls, values: Any) -> Any:
+        return _move_legacy_flip(values) if isinstance(values, dict) else values
+
+    @property
+    def flip(self) -> bool:
+        """The old name of ``augment.flip`` (read-only)."""
+        return self.augment.flip
+
+    def with_overrides(self, overrides: dict[str, Any] | None) -> "TrainParams":
+        """These params with a loss's recipe overrides applied and validated (ValueError otherwise).
+
+        ``augment`` is merged key by key (``{augment: {grayscale: 0.2}}`` keeps the other
+        augmentations); a legacy ``flip`` override sets ``augment.flip``."""
+        if not overrides:
+            return self
+        merged = self.model_dump()
+        update = _move_legacy_flip(dict(overrides))
+        if isinstance(update.get("augment"), dict):
+            update["augment"] = merged["augment"] | update["augment"]
+        return TrainParams.model_validate(merged | update)
 
     @field_validator("sync_bn", mode="before")
     @classmethod
@@ -351,7 +441,7 @@ class Params(_Strict):
     def train_for(self, name: str) -> "TrainParams":
         """``train`` with loss ``name``'s recipe overrides (``<section>.train``) applied."""
         overrides = _lookup_or_empty(self.model_dump(), self.loss_section(name)).get(RECIPE_KEY) or {}
-        return self.train.model_copy(update=dict(overrides)) if overrides else self.train
+        return self.train.with_overrides(overrides)
 
 
 #: Key inside a loss's params section that overrides ``train`` keys for that loss only
@@ -441,6 +531,11 @@ def _upgrade(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
             f"{path}: seed: replaced by seeds.data (synthetic faces, splits, test pairs) and seeds.train "
             f"(a list: one training run per seed and loss); e.g. seeds: {{data: {raw['seed']!r}, train: [0, 1, 2]}}"
         )
+    if isinstance(raw.get("train"), dict) and "flip" in raw["train"]:  # train.flip -> train.augment.flip
+        try:
+            raw["train"] = _move_legacy_flip(raw["train"])
+        except ValueError as err:
+            raise ConfigError(f"{path}: {err}") from None
     losses = raw.get("train_losses")
     if isinstance(losses, dict):  # older layout: {loss: its params section}
         for name, section in losses.items():
@@ -494,10 +589,42 @@ def _check_references(path: Path, params: Params) -> None:
     for name in params.report.cross_domain:
         if name not in params.data.tests:
             raise ConfigError(f"{path}: report.cross_domain: {name!r} is not one of data.tests")
+    for name in params.train_losses:
+        _check_train_recipe(path, params, name)
     if "arcface" in params.train_losses:
         margin = params.loss.get("margin", 0.5)
         if isinstance(margin, (int, float)) and not 0 <= margin < math.pi:
             raise ConfigError(f"{path}: loss.margin = {margin!r}: the ArcFace margin is in radians, 0 <= m < pi")
+
+
+def _effective_train(path: Path, params: Params, name: str, section: str, recipe: Any) -> TrainParams:
+    """``train`` with loss ``name``'s overrides ``recipe``; ConfigError (one line) when they are not valid."""
+    if recipe is not None and not isinstance(recipe, dict):
+        raise ConfigError(f"{path}: {section}.{RECIPE_KEY}: expected a mapping of train keys to override")
+    try:
+        return params.train.with_overrides(recipe)
+    except ValidationError as err:
+        merged = params.train.model_dump() | _move_legacy_flip(dict(recipe or {}))
+        raise ConfigError(f"{path}: {section}.{RECIPE_KEY}.{_first_error(err, merged)}") from None
+    except ValueError as err:  # a legacy flip that disagrees with augment.flip
+        raise ConfigError(f"{path}: {section}.{RECIPE_KEY}: {err}") from None
+
+
+def _check_train_recipe(path: Path, params: Params, name: str) -> None:
+    """What one loss's training recipe may not combine: a checkpoint choice on a set that is not
+    configured, and colour augmentations that a grayscale model cannot see."""
+    section = section_of(name)
+    recipe = _lookup_or_empty(params.model_dump(), section).get(RECIPE_KEY)
+    train = _effective_train(path, params, name, section, recipe)
+    where = f"{section}.{RECIPE_KEY}" if recipe and ("select_on" in recipe or "augment" in recipe) else "train"
+    if train.select_on != "validation" and train.select_on not in params.data.tests:
+        raise ConfigError(f"{path}: {where}.select_on = {train.select_on!r}: expected 'validation' or one of "
+                          f"data.tests ({', '.join(params.data.tests)})")
+    if params.model.grayscale:
+        for key in ("grayscale", "saturation"):
+            if getattr(train.augment, key) > 0:
+                raise ConfigError(f"{path}: {where}.augment.{key} = {getattr(train.augment, key)!r} has no effect "
+                                  f"with model.grayscale: true (the model sees grey images); set it to 0")
 
 
 def _check_models(path: Path, params: Params, raw: dict[str, Any]) -> None:
@@ -521,11 +648,7 @@ def _check_models(path: Path, params: Params, raw: dict[str, Any]) -> None:
         recipe = values.pop(RECIPE_KEY, None) or {}
         if not isinstance(recipe, dict):
             raise ConfigError(f"{path}: {section}.{RECIPE_KEY}: expected a mapping of train keys to override")
-        try:
-            TrainParams.model_validate(params.train.model_dump() | recipe)
-        except ValidationError as err:
-            raise ConfigError(f"{path}: {section}.{RECIPE_KEY}.{_first_error(err, params.train.model_dump() | recipe)}"
-                              ) from None
+        _effective_train(path, params, name, section, recipe)
         try:
             loss_registry.validate_params(name, values)
         except ValueError as err:

@@ -16,6 +16,27 @@ Nothing is written for them when the split leaves no validation image.
 
 The ``facepipe`` kind of pretrained entry (a ``model.pt`` from elsewhere) is embedded by
 :func:`run_embed` too, without validation pairs.
+
+With the trained loss saved in the model (see :func:`pipeline.train.save_model`) it also writes:
+
+* ``OUT/head/<set>.npz`` for a closed-set test: ``image_ids`` [N] and ``predicted`` [N], the
+  training identity the classifier head picks for each image (argmax of the loss's class
+  scores, no margin), applied to the mean of the image's and its mirror's embeddings when
+  ``flip`` is on (the embedding scale the head was trained on). A test set counts as
+  closed-set when every one of its identities (by name) is a training identity of the model
+  (synthetic default: ``synth_closed``); only classifier losses have a head (not triplet,
+  contrastive). The score stage turns it into ``n_way_accuracy``.
+* ``OUT/train/angles.npz``: the angle distributions of the ArcFace paper at the saved epoch,
+  in degrees, over every image of the training set (validation split included; plain
+  embeddings, no flip; a seeded sample of :data:`MAX_ANGLE_IMAGES` above that, decoded in
+  chunks): ``target`` [N] between each image's embedding and its class centre,
+  ``between_centres`` [P] between the centres of every two classes (a seeded sample of
+  :data:`MAX_CENTRE_PAIRS` pairs above that), ``nearest_centre`` [C] from each centre to the
+  nearest other one, and ``centre`` saying what a class centre is: the class weight of the
+  classifier (``classifier weight``), or, for losses without one per class (triplet,
+  contrastive, sub-centre ArcFace), the normalised mean of the class's normalised
+  embeddings (``mean embedding``; classes without an image in the sample are left out of the
+  centre angles).
 """
 
 from __future__ import annotations
@@ -32,7 +53,7 @@ from pipeline.config import EmbedParams, PretrainedParams
 from pipeline.io import atomic_dir
 from pipeline.paths import VALIDATION_EMBEDDINGS, VALIDATION_PAIRS
 from pipeline.shards import join_location, read_shards, test_sets
-from pipeline.train import TrainingError, describe_device, embed_array, load_model, pick_device
+from pipeline.train import TrainingError, describe_device, embed_array, load_head, load_model, pick_device
 
 
 class ModelFileError(ValueError):
@@ -88,6 +109,7 @@ def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Pat
         torch.set_num_threads(cpu.thread_count())
     print(f"embed: {describe_device(dev, None, 1)}", flush=True)
     model, saved = load_model_file(model_path, dev, missing_hint=missing_hint)
+    head = load_head(saved, dev)  # the trained loss (class weights), when the model file has it
     grayscale = bool(saved["model_params"].get("grayscale", False))
     size = int(saved["image_size"])
 
@@ -110,6 +132,7 @@ def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Pat
             _save(Path(tmp) / f"{name}.npz", data.image_ids, data.identities, emb)
             counts[name] = len(data)
             print(f"embedded {name}: {len(data)} images, {emb.shape[1]}-D, flip={params.flip}")
+            write_head_predictions(Path(tmp) / "head" / f"{name}.npz", head, saved, data, emb, flip=params.flip)
         if recipe is not None:
             data, val_idx, pairs = validation_set(shards_dir, recipe)
             if len(val_idx) == 0:
@@ -121,7 +144,121 @@ def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Pat
                 pairs.to_csv(Path(tmp) / VALIDATION_PAIRS, index=False)
                 counts["_validation"] = len(val_idx)
                 print(f"embedded the validation split: {len(val_idx)} images, {len(pairs)} pairs")
+        write_training_angles(Path(tmp) / "train" / "angles.npz", model, saved, head, shards_dir, dev,
+                              batch_size=params.batch_size)
     return counts
+
+
+# ------------------------------------------------------------- closed-set identification
+def is_closed_set(identities, training_identities) -> bool:
+    """A test set is closed-set for a model when every one of its identities is a training identity."""
+    return bool(len(identities)) and set(identities) <= set(training_identities)
+
+
+@torch.no_grad()
+def head_predictions(head: torch.nn.Module, embeddings: np.ndarray, identity_names: list[str]) -> np.ndarray | None:
+    """``[N]`` the training identity the head's class scores pick for each embedding, or None when
+    the loss has no classifier."""
+    weight = next(head.parameters(), None)
+    x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
+    if weight is not None:
+        x = x.to(weight.device)
+    scores = head.class_scores(x)
+    if scores is None:
+        return None
+    return np.asarray(identity_names, dtype=object)[scores.argmax(dim=1).cpu().numpy()].astype(str)
+
+
+def write_head_predictions(path: Path, head: torch.nn.Module | None, saved: dict, data, embeddings: np.ndarray, *,
+                           flip: bool) -> bool:
+    """``path`` with the head's prediction for every image of a closed-set test (see the module doc);
+    False (nothing written) for other sets, heads-less losses and models saved without their loss."""
+    names = saved.get("identity_names")
+    if head is None or names is None or not is_closed_set(data.identities, names):
+        return False
+    predicted = head_predictions(head, embeddings / 2.0 if flip else embeddings, names)
+    if predicted is None:
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, image_ids=np.asarray(data.image_ids, dtype=object).astype(str), predicted=predicted)
+    accuracy = float(np.mean(predicted == np.asarray(data.identities, dtype=object).astype(str)))
+    print(f"closed-set {path.stem}: {len(names)}-way accuracy of the classifier head {accuracy:.4f}")
+    return True
+
+
+# --------------------------------------------------------------------- angle distributions
+#: At most this many pairs of class centres are kept for the between-centres histogram.
+MAX_CENTRE_PAIRS = 1_000_000
+
+#: At most this many training images are embedded for the angle distributions (CASIA-WebFace
+#: has 455k; a seeded sample of 50k describes the histograms as well, at a ninth of the cost).
+MAX_ANGLE_IMAGES = 50_000
+
+
+def _degrees(cos: np.ndarray) -> np.ndarray:
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))).astype(np.float32)
+
+
+def angle_distributions(embeddings: np.ndarray, labels: np.ndarray, centres: np.ndarray | None,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """Angles (degrees) of the module doc from training embeddings ``[N, D]``, their class ``labels``
+    [N] (0..C-1) and the class centres ``[C, D]`` (None: the mean normalised embedding per class)."""
+    z = embeddings.astype(np.float64)
+    z /= np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    kind = "classifier weight"
+    if centres is None:
+        kind = "mean embedding"
+        n_classes = int(labels.max()) + 1
+        centres = np.zeros((n_classes, z.shape[1]))
+        np.add.at(centres, labels, z)
+    c = centres.astype(np.float64)
+    c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    target = _degrees((z * c[labels]).sum(axis=1))
+    c = c[np.linalg.norm(c, axis=1) > 0.5]  # mean embeddings: only the classes with an image
+    n = len(c)
+    nearest = np.full(n, -1.0)
+    for start in range(0, n, 1024):  # [block, C] cosines at a time
+        block = c[start : start + 1024] @ c.T
+        block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf
+        nearest[start : start + 1024] = block.max(axis=1)
+    if n * (n - 1) // 2 <= MAX_CENTRE_PAIRS:
+        i, j = np.triu_indices(n, 1)
+    else:
+        rng = np.random.default_rng(seed)
+        i, j = rng.integers(0, n, MAX_CENTRE_PAIRS), rng.integers(0, n - 1, MAX_CENTRE_PAIRS)
+        j = j + (j >= i)  # a uniform other class
+    between = _degrees((c[i] * c[j]).sum(axis=1))
+    return {"target": target, "between_centres": between, "nearest_centre": _degrees(nearest),
+            "centre": np.asarray(kind)}
+
+
+def write_training_angles(path: Path, model: torch.nn.Module, saved: dict, head: torch.nn.Module | None,
+                          shards_dir: str | Path, device: torch.device, *, batch_size: int = 256) -> bool:
+    """``path`` with the angle distributions of the training set (see the module doc); False when
+    there are no training shards or the model's identities are not theirs."""
+    train_dir = Path(shards_dir) / "train"
+    if not (train_dir / "manifest.json").is_file():
+        return False
+    data = read_shards(train_dir)
+    names = saved.get("identity_names")
+    if names is not None and list(names) != list(data.identity_names):
+        print(f"angles: skipped, the model was trained on other identities than {train_dir}")
+        return False
+    grayscale = bool(saved["model_params"].get("grayscale", False))
+    chosen = np.arange(len(data))
+    if len(chosen) > MAX_ANGLE_IMAGES:
+        chosen = np.sort(np.random.default_rng(0).choice(len(data), MAX_ANGLE_IMAGES, replace=False))
+    emb = np.concatenate([embed_array(model, torch.from_numpy(data.decode_all(chosen[a : a + 4096])),
+                                      grayscale=grayscale, device=device, batch_size=batch_size)
+                          for a in range(0, len(chosen), 4096)])
+    centres = head.class_centres() if head is not None else None
+    angles = angle_distributions(emb, data.labels[chosen], None if centres is None else centres.detach().cpu().numpy())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **angles, loss=np.asarray(saved["loss"]), epoch=np.asarray(int(saved["epoch"])))
+    print(f"angles: {len(emb)} training faces, {len(angles['nearest_centre'])} classes, centre = {angles['centre']}; "
+          f"mean angle to the centre {angles['target'].mean():.1f} deg, to the nearest other centre "
+          f"{angles['nearest_centre'].mean():.1f} deg")
+    return True
 
 
 def run_embed_pretrained(name: str, params: PretrainedParams, detect_dir: str | Path, shards_dir: str | Path,

@@ -532,7 +532,7 @@ def build_report(grid: Grid, workspace: Path, out_root: Path, *, states: list[Ce
             metrics = [sources[m["cell"].name].metrics(r) for r in m["runs"]]
             stats[key] = model_stats(table, key, runs[key], alpha=alpha, seed=seed,
                                      n_boot=n_boot if table.variant == primary else 0,
-                                     rank1_values=[mt.get(table.test_set, {}).get("rank1") for mt in metrics])
+                                     run_metrics=metrics)
         per_table_stats[(table.test_set, table.variant)] = stats
         verdict_frames.append(verdict_table(table, alpha=alpha))
         for key, st in stats.items():

@@ -17,6 +17,7 @@ REPORTS = Path("reports")
 DETECTION_COUNTS = REPORTS / "detection.json"
 ALIGNMENT_STATS = REPORTS / "alignment.json"
 CONTACT_SHEET = REPORTS / "figures" / "contact_sheet.png"
+AUGMENT_PREVIEW = REPORTS / "figures" / "augmented.png"
 SUMMARY = REPORTS / "summary.json"
 PRETRAINED = Path("data/pretrained")
 

@@ -17,7 +17,9 @@ removed seed is ignored. Statistics are those of :mod:`pipeline.repeats`. Writes
 * ``summary.json``    a compact DVC metrics file (primary variant): mean AUC, its interval
                       and mean accuracy per test set and model, for ``dvc exp show``
 * ``roc/<set>/<model>.csv``  the run-averaged ROC (DVC plots)
-* ``figures/``        ROC overlays, per-seed strip plots, training curves
+* ``figures/``        ROC overlays, per-seed strip plots, training curves, and per loss
+                      ``angles/<loss>.png``: the angle distributions of the training faces at
+                      the chosen epoch (the embed stage's ``train/angles.npz``, runs pooled)
 * ``index.md``        all of it tied together; every sentence is computed from the numbers
 
 Fixed thresholds come from each run's ``data/scores/RUN/thresholds.json`` (score stage).
@@ -163,6 +165,14 @@ def params_variants(params: Params) -> list[str]:
     return [variant_name(d, n) for d in params.score.distances for n in params.score.normalize]
 
 
+def _n_way_interval(values: list[float | None], *, alpha: float) -> Interval | None:
+    """Mean (over the runs) N-way accuracy of the classifier head on a closed-set test, from the
+    score stage's metrics; None unless every run has one (other sets, losses without a classifier)."""
+    if not values or any(v is None for v in values):
+        return None
+    return combine([float(v) for v in values], 0.0, alpha=alpha)
+
+
 # ---------------------------------------------------------------------- statistics
 @dataclass
 class ModelStats:
@@ -178,6 +188,8 @@ class ModelStats:
     fn: float
     rank1: Interval | None
     fixed: "FixedStats | None" = None
+    n_way: Interval | None = None       # N-way accuracy of the classifier head (closed-set test, classifier losses)
+    label: str = ""                     # the model's display name (e.g. "softmax (train-norm)"); "" = the model
 
 
 @dataclass
@@ -232,8 +244,10 @@ def fixed_stats(table: Table, model: str, *, alpha: float) -> FixedStats | None:
 
 
 def model_stats(table: Table, model: str, runs: list[str], *, alpha: float, n_boot: int, seed: int,
-                rank1_values: list[float | None] | None = None) -> ModelStats:
-    """Every metric of one model over its runs on one table (``rank1_values``: per run, from the score stage)."""
+                run_metrics: list[dict] | None = None) -> ModelStats:
+    """Every metric of one model over its runs on one table (``run_metrics``: each run's metrics
+    JSON from the score stage, for rank-1 and the head's N-way accuracy)."""
+    run_metrics = run_metrics or [{} for _ in runs]
     scores, y, folds = table.scores[model], table.labels, table.folds
     n_neg = int((y == 0).sum())
     available = [f for f in DEFAULT_FPRS if n_neg >= min_negatives_for_fpr(f)]
@@ -257,11 +271,13 @@ def model_stats(table: Table, model: str, runs: list[str], *, alpha: float, n_bo
         pred = protocol_predictions(s, y, folds)
         fp.append(int((pred & (y == 0)).sum()))
         fn.append(int((~pred & (y == 1)).sum()))
-    rank1_values = rank1_values or []
+    rank1_values = [m.get(table.test_set, {}).get("rank1") for m in run_metrics]
     rank1 = (combine([float(v) for v in rank1_values], 0.0, alpha=alpha)
              if rank1_values and all(v is not None for v in rank1_values) else None)
     return ModelStats(model, runs, auc, accuracy, per_fold, eer, tpr, interpolated, float(np.mean(fp)),
-                      float(np.mean(fn)), rank1, fixed_stats(table, model, alpha=alpha))
+                      float(np.mean(fn)), rank1, fixed_stats(table, model, alpha=alpha),
+                      n_way=_n_way_interval([m.get(table.test_set, {}).get("n_way_accuracy") for m in run_metrics],
+                                            alpha=alpha))
 
 
 VERDICT_COLUMNS = ["test_set", "variant", "a", "b", "auc_diff", "diff_low", "diff_high", "df", "p", "p_holm", "verdict"]
@@ -308,6 +324,7 @@ def comparison_frame(stats: dict[tuple[str, str], dict[str, ModelStats]], tables
                         f"{key}_high": None if iv is None else iv.high,
                         f"{key}_interpolated": st.tpr_interpolated[f]}
             row |= {"fp": st.fp, "fn": st.fn, "rank1": None if st.rank1 is None else st.rank1.mean,
+                    "n_way_accuracy": None if st.n_way is None else st.n_way.mean, "label": st.label or model,
                     "pairs_scored": int(table.labels.size), "pairs_missing": table.pairs_missing}
             fx = st.fixed
             acc = None if fx is None else fx.accuracy
@@ -387,7 +404,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _model_label(model: str, st: ModelStats) -> str:
-    return f"{model} ({len(st.runs)} run{'s' if len(st.runs) != 1 else ''})"
+    return f"{st.label or model} ({len(st.runs)} run{'s' if len(st.runs) != 1 else ''})"
 
 
 ON_ITSELF_MARK, FALLBACK_MARK = "‡", "†"
@@ -436,6 +453,7 @@ def stats_markdown(per_model: dict[str, ModelStats], test_set: str | None = None
         "TPR@FPR≤1e-2 [95%]": [_interval_text(s.tpr[1e-2]) for s in order],
         "TPR@FPR≤1e-3": [_fmt(None if s.tpr[1e-3] is None else s.tpr[1e-3].mean) for s in order],
         "rank-1": [_fmt(None if s.rank1 is None else s.rank1.mean) for s in order],
+        "N-way (head)": [_fmt(None if s.n_way is None else s.n_way.mean) for s in order],
         "FP / FN": [f"{s.fp:.1f} / {s.fn:.1f}" for s in order],
     })
     header = fixed_header(per_model)
@@ -511,6 +529,7 @@ def training_table(params: Params) -> pd.DataFrame:
         rows.append({
             "loss": loss, "runs": len(found),
             "best epoch per run": " / ".join(str(m["best_epoch"]) for m in found),
+            "checkpoint chosen on": ", ".join(sorted({m.get("selected_on", "validation") for m in found})),
             "validation AUC (mean)": _fmt(float(np.mean([m["best_val_auc"] for m in found]))),
             "final train loss (mean)": _fmt(float(np.mean([m["final_train_loss"] for m in found]))),
             "loss state at the end (mean)": state,
@@ -595,7 +614,7 @@ def plot_roc(params: Params, tables: list[Table], stats, out_dir: Path) -> list[
                 ax.plot(ROC_GRID, tpr, color=colour, lw=0.6, alpha=0.35)
             st = stats[(table.test_set, table.variant)][model]
             ax.plot(ROC_GRID, np.mean(runs, axis=0), color=colour, lw=1.8,
-                    label=f"{model} (AUC {st.auc.mean:.3f}, {len(runs)} run{'s' if len(runs) > 1 else ''})")
+                    label=f"{st.label or model} (AUC {st.auc.mean:.3f}, {len(runs)} run{'s' if len(runs) > 1 else ''})")
         if params.report.log_fpr:
             ax.set_xscale("log")
             ax.set_xlim(left=max(1e-4, 0.5 / max(1, int((table.labels == 0).sum()))), right=1.0)
@@ -708,6 +727,117 @@ def readings(params: Params, tables: list[Table], stats, verdicts: pd.DataFrame,
     return lines
 
 
+# ------------------------------------------------- labels, checkpoint choice, angle figures
+IDENTIFICATION_NOTE = (
+    "Identification: rank-1 is leave-one-out 1:N within the test set from the embeddings (every model). "
+    "N-way (head) is the accuracy of the trained classifier head choosing among all training identities, "
+    "shown for a closed-set test (a set whose identities are all training identities) and the losses with a "
+    "classifier; \"–\" elsewhere (triplet and contrastive have no head). \"(train-norm)\" after a loss: "
+    "its features were L2-normalised during training (loss param normalize / normalize_features).")
+
+#: Loss params that switch on training-time L2 normalisation of the features (the label says so).
+TRAIN_NORM_PARAMS = ("normalize", "normalize_features")
+
+
+def model_labels(params: Params) -> dict[str, str]:
+    """Display name of each model: the loss name, tagged " (train-norm)" when its recipe
+    (``data/recipes/LOSS.json``) switches on training-time L2 normalisation of the features."""
+    labels = {}
+    for model in params.runs:
+        path = paths.recipe_file(model)
+        recipe = json.loads(path.read_text()) if model in params.train_losses and path.is_file() else {}
+        loss_params = recipe.get("loss_params") or {}
+        labels[model] = model + (" (train-norm)" if any(loss_params.get(k) for k in TRAIN_NORM_PARAMS) else "")
+    return labels
+
+
+def selection_warnings(params: Params, reported: list[str]) -> list[str]:
+    """A warning box (Markdown lines) for every model whose checkpoints were chosen on a set
+    that the report also shows as a test (``train.select_on``, recorded in the runs' metrics.json)."""
+    lines = []
+    for loss in params.train_losses:
+        chosen: dict[str, list[str]] = {}
+        for run in params.runs[loss]:
+            path = paths.train_report_dir(run) / "metrics.json"
+            on = json.loads(path.read_text()).get("selected_on", "validation") if path.is_file() else "validation"
+            if on in reported:
+                chosen.setdefault(on, []).append(run)
+        for test_set, runs in chosen.items():
+            lines.append(f"> **Warning: checkpoint chosen on a test set.** {loss} ({', '.join(runs)}) kept the epoch "
+                         f"with the best verification AUC on **{test_set}** (`train.select_on`), which is also "
+                         f"reported below as a test set: its {test_set} results are optimistically biased, not an "
+                         "unbiased test. The default `select_on: validation` chooses on held-out training images.")
+    return [*lines, ""] if lines else []
+
+
+def plot_angles(params: Params, labels: dict[str, str], out_dir: Path) -> dict[str, dict[str, Any]]:
+    """``out_dir/<loss>.png`` per trained loss whose runs have ``train/angles.npz`` (embed stage):
+    histograms of the angle between each training face and its class centre, and between class
+    centres (every pair, and each centre's nearest other one), the runs pooled. Returns per loss
+    what the figure shows (means in degrees, runs, what a centre is)."""
+    shown: dict[str, dict[str, Any]] = {}
+    for loss in params.train_losses:
+        found = [p for run in params.runs[loss] if (p := paths.embeddings_dir(run) / "train" / "angles.npz").is_file()]
+        if not found:
+            continue
+        arrays: dict[str, list[np.ndarray]] = {"target": [], "between_centres": [], "nearest_centre": []}
+        kinds = set()
+        for path in found:
+            with np.load(path, allow_pickle=False) as z:
+                for key in arrays:
+                    arrays[key].append(z[key])
+                kinds.add(str(z["centre"]))
+        pooled = {key: np.concatenate(values) for key, values in arrays.items()}
+        centre = " / ".join(sorted(kinds))
+        plt, sns = _pyplot()
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+        bins = np.linspace(0, 180, 73)
+        axes[0].hist(pooled["target"], bins=bins, color="C0")
+        axes[0].set_title(f"training face to its class centre (mean {pooled['target'].mean():.1f}°)", fontsize=9)
+        axes[1].hist(pooled["between_centres"], bins=bins, color="C1", alpha=0.6, density=True,
+                     label=f"every pair of classes (mean {pooled['between_centres'].mean():.1f}°)")
+        axes[1].hist(pooled["nearest_centre"], bins=bins, color="C2", alpha=0.6, density=True,
+                     label=f"nearest other class (mean {pooled['nearest_centre'].mean():.1f}°)")
+        axes[1].set_title("between class centres", fontsize=9)
+        axes[1].legend(fontsize=7)
+        for ax in axes:
+            ax.set_xlabel("angle (degrees)")
+            ax.set_xlim(0, 180)
+        axes[0].set_ylabel("training faces")
+        axes[1].set_ylabel("density")
+        fig.suptitle(f"{labels.get(loss, loss)}: angles at the chosen epoch, {len(found)} run"
+                     f"{'s' if len(found) != 1 else ''} pooled; class centre = {centre}", fontsize=10)
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{loss}.png", dpi=100)
+        plt.close(fig)
+        shown[loss] = {"label": labels.get(loss, loss), "runs": len(found), "centre": centre,
+                       "target": float(pooled["target"].mean()),
+                       "between": float(pooled["between_centres"].mean()),
+                       "nearest": float(pooled["nearest_centre"].mean())}
+    return shown
+
+
+def angles_markdown(angles: dict[str, dict[str, Any]]) -> list[str]:
+    """The index.md section linking the angle figures, with their means."""
+    if not angles:
+        return []
+    view = pd.DataFrame({
+        "loss": [a["label"] for a in angles.values()],
+        "runs pooled": [a["runs"] for a in angles.values()],
+        "class centre": [a["centre"] for a in angles.values()],
+        "face to its centre (mean °)": [f"{a['target']:.1f}" for a in angles.values()],
+        "between centres (mean °)": [f"{a['between']:.1f}" for a in angles.values()],
+        "to the nearest other centre (mean °)": [f"{a['nearest']:.1f}" for a in angles.values()],
+        "figure": [f"[angles/{loss}.png](figures/angles/{loss}.png)" for loss in angles],
+    })
+    return ["## Angle distributions (training faces, chosen epoch)", "",
+            "As in the ArcFace paper: the angle between each training face's embedding and its class centre, "
+            "and between class centres. A class centre is the classifier's class weight for the classifier "
+            "losses, and the normalised mean of the class's normalised embeddings for the others (triplet, "
+            "contrastive, sub-centre ArcFace). Every image of the training set (validation split included; a "
+            "seeded sample of 50,000 in larger sets), each loss's runs pooled.", "", markdown_table(view), ""]
+
+
 # ------------------------------------------------------------------------------ run
 def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
     """Write every report file; returns their paths."""
@@ -724,11 +854,15 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
             # EER and TPR@FPR intervals need a pair bootstrap: the primary variant only (the costly part)
             model: model_stats(table, model, runs, alpha=report.alpha, seed=params.seeds.data,
                                n_boot=report.bootstrap if table.variant == primary else 0,
-                               rank1_values=[run_metrics[run].get(table.test_set, {}).get("rank1") for run in runs])
+                               run_metrics=[run_metrics[run] for run in runs])
             for model, runs in params.runs.items()
         }
         verdict_frames.append(verdict_table(table, alpha=report.alpha))
     verdicts = pd.concat(verdict_frames, ignore_index=True) if verdict_frames else pd.DataFrame()
+    labels = model_labels(params)
+    for per_model in stats.values():
+        for model, st in per_model.items():
+            st.label = labels.get(model, model)
     comparison = comparison_frame(stats, tables, params)
     xd = cross_domain(params, tables, stats, alpha=report.alpha)
     written: list[Path] = []
@@ -761,6 +895,9 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
     written += roc_figures + seed_figures
     curves = root / "figures" / "training_curves.png"
     has_curves = plot_training(params, curves)
+    with atomic_dir(root / "figures" / "angles") as tmp:
+        angles = plot_angles(params, labels, Path(tmp))
+    written += [root / "figures" / "angles" / f"{loss}.png" for loss in angles]
 
     sections_md = ["# Model comparison over training runs", "", f"Intervals: {METHOD}.", "",
                    f"Verdicts: {VERDICT_METHOD}.", ""]
@@ -783,6 +920,7 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
         + ". Regenerated by `dvc repro`; do not edit by hand.",
         "",
     ]
+    index += selection_warnings(params, sorted({t.test_set for t in tables}))
     if n_runs == {1}:
         index += ["> **One training run per loss:** the intervals and verdicts below hold test-pair variation "
                   "only, not the variation between training runs. Add seeds to `seeds.train` to measure it.", ""]
@@ -796,6 +934,7 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
               f"primary variant ({_variant_label(primary)}), where {report.bootstrap} pair resamples are drawn; the "
               "other variants show their mean over runs.", "",
               *_fixed_threshold_text(tables, stats), "",
+              IDENTIFICATION_NOTE, "",
               f"## Comparison ({_variant_label(primary)}; every variant in [comparison.md](comparison.md), "
               "[comparison.csv](comparison.csv), single runs in [runs.csv](runs.csv))", ""]
     for table in tables:
@@ -830,6 +969,7 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
         index += ["## Training", "", markdown_table(train), ""]
         if has_curves:
             index += ["![training curves](figures/training_curves.png)", ""]
+    index += angles_markdown(angles)
     index += ["## ROC curves (thin: single runs; thick: their average)", ""]
     suffix = f"{report.primary_distance}_{'norm' if report.primary_normalize else 'raw'}"
     for figure in roc_figures:

@@ -32,6 +32,10 @@ threshold with no metrics: their per-pair files have an empty ``same`` and
 for every test set, primary variant (``report.primary_distance`` /
 ``report.primary_normalize``): both image paths, the score, the decision at the fixed
 threshold and the label where there is one.
+
+Identification: ``rank1`` per test set (leave-one-out 1:N from the embeddings, every model)
+and, for a closed-set test of a classifier loss, ``n_way_accuracy`` of the classifier head
+(:func:`n_way_metrics`).
 """
 
 from __future__ import annotations
@@ -240,6 +244,23 @@ def write_prediction_file(path: Path, table: pd.DataFrame) -> None:
                       decisions, labels)
 
 
+def n_way_metrics(head_path: str | Path, embeddings: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Closed-set identification by the classifier head: ``n_way_accuracy`` (fraction of images
+    whose predicted training identity is theirs) and ``n_way_images``, from the head predictions
+    the embed stage wrote for a closed-set test (see :mod:`pipeline.embed`); {} without them
+    (not a closed-set test, or a loss without a classifier)."""
+    head_path = Path(head_path)
+    if not head_path.is_file():
+        return {}
+    with np.load(head_path, allow_pickle=False) as z:
+        predicted = dict(zip(z["image_ids"], z["predicted"]))
+    truth = dict(zip(embeddings["image_ids"], embeddings["identities"]))
+    if set(predicted) != set(truth):
+        raise ValueError(f"{head_path}: the head predictions are not for the embedded images; rerun the embed stage")
+    hits = [predicted[image_id] == identity for image_id, identity in truth.items()]
+    return {"n_way_accuracy": float(np.mean(hits)), "n_way_images": len(hits)}
+
+
 def run_score(params: ScoreParams, embeddings_dir: str | Path, shards_dir: str | Path, out_dir: str | Path,
               metrics_path: str | Path, *, seed: int = 0, run: str = "run",
               primary: tuple[str, bool] | None = None) -> dict[str, Any]:
@@ -270,6 +291,8 @@ def run_score(params: ScoreParams, embeddings_dir: str | Path, shards_dir: str |
             for variant, table in result.tables.items():
                 write_csv(Path(tmp) / name / f"{variant}.csv", table)
             write_prediction_file(Path(tmp) / PREDICT_DIR / file_name(name, run), result.tables[primary_variant])
+            result.metrics.update(n_way_metrics(Path(embeddings_dir) / "head" / f"{name}.npz",
+                                                read_embeddings(Path(embeddings_dir) / f"{name}.npz")))
             all_metrics[name] = result.metrics
             fixed = result.metrics[primary_variant]["fixed_threshold"]
             if result.labelled:

@@ -4,9 +4,14 @@
   of each identity's images, seeded). Validation pairs (all same-identity pairs of
   validation images, and as many random different-identity pairs) give the
   verification AUC that picks the best epoch.
+* Checkpoint choice (``train.select_on``): the best epoch by the validation AUC, or by the
+  verification AUC on the pairs of a named test set (read from ``<shards>/<set>/``), which
+  ``metrics.json`` records as ``selected_on`` and the report flags.
 * Optimisation: SGD (momentum, weight decay) over the network and the loss's own
   parameters (class weights); linear warm-up then cosine or step decay, per step.
-  Horizontal flips, optional grayscale. Classifier losses see shuffled batches;
+  Horizontal flips, optional grayscale; further augmentation (random resized crop, scale jitter,
+  colour jitter and temperature, random grayscale) as ``train.augment`` (:mod:`pipeline.augment`).
+  Classifier losses see shuffled batches;
   pair/triplet losses see P x K batches (P identities x K images).
 * Robustness: a checkpoint after every epoch (model, loss, optimiser, schedule, step,
   best score) in ``checkpoint_dir``; rerunning the stage resumes from it when it was
@@ -73,8 +78,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline import cpu
-from pipeline.config import ModelParams, TrainParams
+from pipeline import augment, cpu
+from pipeline.config import AugmentParams, ModelParams, TrainParams
 from pipeline.io import atomic_file, write_csv, write_json
 from pipeline.shards import FaceShards, join_location, read_shards
 
@@ -154,13 +159,48 @@ def validation_subset(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return needed, np.column_stack([where.reshape(-1, 2), pairs[:, 2]]).astype(np.int64)
 
 
+def selection_set(shards_dir: str | Path, name: str) -> tuple[torch.Tensor, np.ndarray]:
+    """``(images [M, H, W, 3] uint8, pairs [P, 3])`` of test set ``name`` for ``train.select_on``:
+    the pairs of its ``pairs.csv`` whose two images survived detection, re-indexed into the
+    images they use (only those are decoded)."""
+    location = join_location(shards_dir, name)
+    data = read_shards(location)
+    if data.pairs is None or not len(data.pairs):
+        raise TrainingError(f"train.select_on = {name!r}: {location} has no verification pairs (pairs.csv)")
+    position = {image_id: k for k, image_id in enumerate(data.image_ids)}
+    first, second = data.pairs["image_id1"].map(position), data.pairs["image_id2"].map(position)
+    keep = (first.notna() & second.notna()).to_numpy()
+    pairs = np.column_stack([first[keep].astype(np.int64), second[keep].astype(np.int64),
+                             data.pairs["same"].to_numpy()[keep].astype(np.int64)]).reshape(-1, 3)
+    if len(np.unique(pairs[:, 2])) < 2:
+        raise TrainingError(f"train.select_on = {name!r}: {location} has {len(pairs)} pairs with both images, "
+                            "not both same and different ones; the AUC that chooses the epoch needs both")
+    needed, remapped = validation_subset(pairs)
+    return torch.from_numpy(data.decode_all(needed)), remapped
+
+
 def to_input(batch_uint8: torch.Tensor, *, grayscale: bool) -> torch.Tensor:
     """``[B, H, W, 3]`` uint8 -> ``[B, C, H, W]`` float in about [-1, 1] (C = 1 if grayscale)."""
-    x = batch_uint8.permute(0, 3, 1, 2).float()
+    return scale_input(batch_uint8.permute(0, 3, 1, 2).float(), grayscale=grayscale)
+
+
+def scale_input(x: torch.Tensor, *, grayscale: bool) -> torch.Tensor:
+    """``[B, 3, H, W]`` float pixel values (0..255) -> the model's input (see :func:`to_input`)."""
     if grayscale:
         weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
         x = (x * weights).sum(dim=1, keepdim=True)
     return (x - 127.5) / 128.0
+
+
+def batch_input(images: torch.Tensor, draws: torch.Tensor | None, augment_params: AugmentParams, *,
+                grayscale: bool) -> torch.Tensor:
+    """The model input of a training batch ``[B, H, W, 3]`` uint8 (on the training device) before
+    the flips: augmented with ``draws`` ``[B, N]`` (see :mod:`pipeline.augment`), or, when
+    ``draws`` is None (nothing but the flip on), exactly :func:`to_input`, as before augmentation existed."""
+    if draws is None:
+        return to_input(images, grayscale=grayscale)
+    return scale_input(augment.apply(images.permute(0, 3, 1, 2).float(), draws, augment_params),
+                       grayscale=grayscale)
 
 
 # ----------------------------------------------------------------------- schedule
@@ -232,7 +272,7 @@ def fingerprint(setup: TrainSetup, data: FaceShards, *, device_type: str, amp_dt
 def code_hash() -> str:
     """Hash of the source files that shape training, so a code change never resumes an old run."""
     root = Path(__file__).parent
-    files = [root / "train.py", root / "samplers.py", root / "shards.py"]
+    files = [root / "train.py", root / "samplers.py", root / "shards.py", root / "augment.py"]
     files += sorted((root / "losses").glob("*.py")) + sorted((root / "models").glob("*.py"))
     digest = hashlib.sha1()
     for f in files:
@@ -801,6 +841,9 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
     # only rank 0 validates, and only the images in the sampled pairs: decoded once, here
     needed, val_pairs = validation_subset(pairs)
     val_images = torch.from_numpy(data.decode_all(val_idx[needed])) if dist.is_main else None
+    # train.select_on: the test set whose pairs choose the best epoch (None: the validation pairs)
+    selection = selection_set(shards_dir, params.select_on) if params.select_on != "validation" and dist.is_main \
+        else None
     input_mode, fill = batch_source(data, params.decode,
                                     processes_per_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     fill_workers = params.workers or cpu.thread_count()
@@ -887,6 +930,11 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
     for epoch in range(state["epoch"], params.epochs):
         generator = torch.Generator().manual_seed(setup.seed * 1000 + epoch)
         batches = _epoch_batches(epoch, len(train_idx), global_batch, sampler, steps_per_epoch, generator, dist)
+        # augmentation draws of the epoch (None: flips only), moved to the device once per epoch
+        draws = augment.epoch_draws(params.augment, setup.seed, epoch, len(batches), global_batch, rank=dist.rank,
+                                    world=dist.world)
+        if draws is not None:
+            draws = draws.to(device)
         losses_seen: list[float] = []
         unread: list[torch.Tensor] = []  # this rank's loss of each step since the last read, on the device
         loader = BatchPrefetcher(fill, data.image_shape(), train_idx, train_labels, batches, workers=fill_workers,
@@ -894,10 +942,11 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         bar = tqdm(loader, desc=f"train {setup.loss_name} epoch {epoch + 1}/{params.epochs}", unit="batch",
                    disable=not (progress and dist.is_main), dynamic_ncols=True)
         lr = params.lr
-        for images, labels, flips in bar:
+        for k, (images, labels, flips) in enumerate(bar):
             t0 = time.perf_counter()
-            x = to_input(images.to(device, non_blocking=True), grayscale=setup.model.grayscale)
-            if params.flip and flips.any():  # flips are on the host: no device sync
+            x = batch_input(images.to(device, non_blocking=True), None if draws is None else draws[k], params.augment,
+                            grayscale=setup.model.grayscale)
+            if params.augment.flip and flips.any():  # flips are on the host: no device sync
                 x = flip_rows(x, flips.to(device, non_blocking=True))
             y = labels.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -932,14 +981,20 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
             try:
                 auc = validation_auc(model, val_images, val_pairs, grayscale=setup.model.grayscale, device=device,
                                      amp_dtype=amp_dtype)
-                state["history"].append(
-                    {"epoch": epoch + 1, "step": state["step"], "lr": lr, "train_loss": float(np.mean(losses_seen)),
-                     "val_auc": auc}
-                )
-                print(f"[{setup.loss_name}] epoch {epoch + 1}: loss {np.mean(losses_seen):.4f}  val AUC {auc:.4f}")
-                if (not math.isnan(auc) and auc > state["best_auc"]) or state["best_epoch"] == 0:
-                    state["best_auc"], state["best_epoch"] = (auc if not math.isnan(auc) else -1.0), epoch + 1
-                    save_model(checkpoint_dir / "best.pt", model, setup, data, epoch + 1, auc)
+                row = {"epoch": epoch + 1, "step": state["step"], "lr": lr, "train_loss": float(np.mean(losses_seen)),
+                       "val_auc": auc}
+                chosen_by = auc
+                if selection is not None:  # the AUC on the pairs of train.select_on chooses the epoch
+                    chosen_by = row["select_auc"] = validation_auc(
+                        model, selection[0], selection[1], grayscale=setup.model.grayscale, device=device,
+                        amp_dtype=amp_dtype)
+                state["history"].append(row)
+                print(f"[{setup.loss_name}] epoch {epoch + 1}: loss {np.mean(losses_seen):.4f}  val AUC {auc:.4f}"
+                      + (f"  {params.select_on} AUC {chosen_by:.4f}" if selection is not None else ""))
+                if (not math.isnan(chosen_by) and chosen_by > state["best_auc"]) or state["best_epoch"] == 0:
+                    state["best_auc"] = chosen_by if not math.isnan(chosen_by) else -1.0
+                    state["best_epoch"] = epoch + 1
+                    save_model(checkpoint_dir / "best.pt", model, setup, data, epoch + 1, auc, criterion)
                 _save_checkpoint(checkpoint_path, key, model, criterion, optimizer, scaler, state)
             except Exception as err:  # every rank must hear of it, or the others wait for rank 0 forever
                 failure = err
@@ -961,9 +1016,14 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
         tmp.write_bytes(best_path.read_bytes())
     history = pd.DataFrame(state["history"])
     write_csv(report_dir / "history.csv", history)
+    best_row = state["history"][state["best_epoch"] - 1]
     metrics = {
         "best_epoch": state["best_epoch"],
-        "best_val_auc": state["best_auc"],
+        # the validation AUC of the chosen epoch (with select_on: validation, the AUC that chose it)
+        "best_val_auc": state["best_auc"] if params.select_on == "validation" else best_row["val_auc"],
+        # what chose the saved epoch: "validation" or a test set, which is then no unbiased test
+        "selected_on": params.select_on,
+        "selection_auc": state["best_auc"],
         "final_train_loss": state["history"][-1]["train_loss"],
         "epochs": params.epochs,
         "steps": state["step"],
@@ -1013,8 +1073,14 @@ def _save_checkpoint(path: Path, key: str, model, criterion, optimizer, scaler, 
         )
 
 
-def save_model(path: Path, model: nn.Module, setup: TrainSetup, data: FaceShards, epoch: int, auc: float) -> None:
-    """The deliverable of a run: weights plus what is needed to rebuild and use them."""
+def save_model(path: Path, model: nn.Module, setup: TrainSetup, data: FaceShards, epoch: int, auc: float,
+               criterion: nn.Module | None = None) -> None:
+    """The deliverable of a run: weights plus what is needed to rebuild and use them.
+
+    Besides the network: the loss's state (``criterion``: its class weights, so the classifier
+    head can be applied later, see :func:`load_head`), the training identities in label order
+    (``identity_names``; class k of the head is ``identity_names[k]``) and what chose the epoch
+    (``selected_on``)."""
     with atomic_file(path) as tmp:
         torch.save(
             {
@@ -1027,6 +1093,10 @@ def save_model(path: Path, model: nn.Module, setup: TrainSetup, data: FaceShards
                 "epoch": epoch,
                 "val_auc": auc,
                 "identities": len(data.identity_names),
+                "identity_names": list(data.identity_names),
+                "criterion": None if criterion is None else {k: v.detach().cpu()
+                                                             for k, v in criterion.state_dict().items()},
+                "selected_on": setup.train.select_on,
             },
             tmp,
         )
@@ -1045,6 +1115,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
                         input_size=saved["image_size"], dropout=mp.dropout, head=mp.head)
     model.load_state_dict(saved["model"])
     return model.to(device).eval(), saved
+
+
+def load_head(saved: dict, device: torch.device | str = "cpu") -> nn.Module | None:
+    """The loss of a model saved by :func:`save_model`, with its trained state (class weights), in
+    eval mode; None when the file has no loss state (older files). Its ``class_scores`` give the
+    head's N-way prediction (None for losses without a classifier), ``class_centres`` the class weights."""
+    from pipeline import losses
+
+    state = saved.get("criterion")
+    if state is None:
+        return None
+    head = losses.build(saved["loss"], num_classes=int(saved["identities"]),
+                        embedding_size=int(saved["model_params"]["embedding_size"]), **saved["loss_params"])
+    head.load_state_dict(state)
+    return head.to(device).eval()
 
 
 def _load_initial_weights(model: nn.Module, path: Path) -> None:

@@ -79,6 +79,16 @@ BROKEN = [
      "/no/model.pt"),
     ("pretrained name of a trained run", _set("pretrained", {"arcface-0": {"kind": "dlib"}}), "arcface-0"),
     ("primary variant not scored", _set("score.distances", ["l2"]), "report.primary_distance"),
+    ("old train.flip disagreeing with train.augment.flip", _set("train.flip", False), "train.augment.flip"),
+    ("augmentation strength out of range", _set("train.augment.brightness", 1.5), "train.augment.brightness"),
+    ("crop area range reversed", _set("train.augment.crop_area", [0.9, 0.5]), "train.augment.crop_area"),
+    ("checkpoint choice on an unknown set", _set("train.select_on", "lfw"), "train.select_on = 'lfw'"),
+    ("recipe checkpoint choice on an unknown set", _set("losses.triplet.train", {"select_on": "valid"}),
+     "losses.triplet.train.select_on"),
+    ("colour augmentation a grey model cannot see", lambda p: (_set("model.grayscale", True)(p),
+                                                              _set("train.augment.grayscale", 0.2)(p)),
+     "train.augment.grayscale"),
+    ("softmax scale without training-time normalisation", _set("losses.softmax", {"scale": 20.0}), "normalize"),
 ]
 
 
@@ -99,6 +109,21 @@ def test_recipe_overrides_apply_to_their_loss_only(tmp_path):
     assert params.train_for("triplet").batch_size == 128 and params.train_for("triplet").schedule == "constant"
     assert params.train_for("softmax") == params.train
     assert "train" not in params.loss_params("triplet")  # the recipe is not a loss param
+
+
+def test_old_train_flip_key_and_augment_and_select_on_overrides(tmp_path):
+    def edit(params):
+        params["train"].pop("augment")
+        params["train"]["flip"] = False  # the key before train.augment existed
+        params["train"]["select_on"] = "synth_closed"
+        params["losses"]["triplet"] = {"train": {"augment": {"grayscale": 0.25}, "select_on": "validation"}}
+        params["losses"]["center"]["train"] = {"flip": True}
+
+    params = load_params(_write(tmp_path, edit))
+    assert params.train.augment.flip is False and params.train.select_on == "synth_closed"
+    triplet = params.train_for("triplet")
+    assert triplet.augment.grayscale == 0.25 and triplet.augment.flip is False and triplet.select_on == "validation"
+    assert params.train_for("center").augment.flip is True
 
 
 def test_runs_are_losses_times_training_seeds(tmp_path):

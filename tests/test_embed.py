@@ -78,13 +78,13 @@ def test_validation_pairs_are_the_ones_the_trainer_used(tiny_model, shards, tmp_
                             device=torch.device("cpu"))
     np.testing.assert_allclose(emb, reference, rtol=1e-5, atol=1e-5)
     assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["_validation.npz", "_validation_pairs.csv",
-                                                                   "faces.npz"]
+                                                                   "faces.npz", "train"]  # train/: angles
 
 
 def test_no_validation_images_writes_no_validation_pairs(tiny_model, shards, tmp_path):
     recipe = {"train": {"val_fraction": 0.0}, "data_seed": 5}
     counts = run_embed(EmbedParams(device="cpu"), tiny_model["model"], shards, tmp_path / "emb", recipe=recipe)
-    assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["faces.npz"] and "_validation" not in counts
+    assert sorted(p.name for p in (tmp_path / "emb").iterdir()) == ["faces.npz", "train"] and "_validation" not in counts
 
 
 def test_facepipe_pretrained_entry_scores_like_its_run(tiny_model, shards, tmp_path):
@@ -93,7 +93,7 @@ def test_facepipe_pretrained_entry_scores_like_its_run(tiny_model, shards, tmp_p
     entry = PretrainedParams(kind="facepipe", path=str(tiny_model["model"]))
     run_embed_pretrained("elsewhere", entry, tmp_path / "no_detect_needed", shards, tmp_path / "emb" / "elsewhere",
                          progress=False, embed=params)
-    assert sorted(p.name for p in (tmp_path / "emb" / "elsewhere").iterdir()) == ["faces.npz"]  # no validation
+    assert sorted(p.name for p in (tmp_path / "emb" / "elsewhere").iterdir()) == ["faces.npz", "train"]  # no validation
     with np.load(tmp_path / "emb" / "arcface-0" / "faces.npz") as a, \
             np.load(tmp_path / "emb" / "elsewhere" / "faces.npz") as b:
         for key in ("image_ids", "identities", "embeddings"):

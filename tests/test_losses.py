@@ -672,6 +672,93 @@ def test_softmax_logits_are_affine() -> None:
     assert float(loss(x, y).detach()) == pytest.approx(ref, rel=1e-5)
 
 
+# ------------------------------------------------ training-time L2 normalisation switches
+def test_softmax_normalized_known_angles_by_hand() -> None:
+    """normalize: true -> logits s*cos(theta_j), whatever the lengths of x and W_j, no bias."""
+    thetas = [0.3, 1.2, 2.9]
+    for radius in (0.5, 3.0):  # the feature norm must not matter
+        logits = known_angle_logits("softmax", thetas, radius=radius, normalize=True, scale=16.0)
+        for i, t in enumerate(thetas):
+            for j, a in enumerate([0.0, 2.0, 4.0]):  # class weights at these angles, length 5
+                assert float(logits[i, j]) == pytest.approx(16.0 * math.cos(t - a), abs=1e-4)
+    loss = build("softmax", 3, 2, normalize=True, scale=16.0)
+    assert loss.bias is None and "bias" not in loss.state_dict()
+    angles = torch.tensor([0.0, 2.0, 4.0])
+    with torch.no_grad():
+        loss.weight.copy_(torch.stack([angles.cos(), angles.sin()], dim=1) * 5.0)
+    x = torch.tensor([[3.0 * math.cos(1.2), 3.0 * math.sin(1.2)]])
+    # cross-entropy of class 0 by hand: log(sum_j exp(16 cos(1.2 - a_j))) - 16 cos(1.2)
+    z = [16.0 * math.cos(1.2 - a) for a in (0.0, 2.0, 4.0)]
+    by_hand = math.log(sum(math.exp(v) for v in z)) - z[0]
+    assert float(loss(x, torch.tensor([0])).detach()) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_softmax_normalized_at_default_scale_equals_normface() -> None:
+    torch.manual_seed(0)
+    soft = build("softmax", 5, 8, normalize=True)
+    norm = build("normface", 5, 8)
+    with torch.no_grad():
+        norm.weight.copy_(soft.weight)
+    x, y = batch(loss=norm)
+    torch.testing.assert_close(soft.logits(x), norm.logits(x, y))
+    torch.testing.assert_close(soft(x, y), norm(x, y))
+
+
+def test_plain_softmax_keeps_its_bias_and_affine_logits() -> None:
+    """normalize: false (default) keeps x W^T + b with the bias, as before the switch existed."""
+    torch.manual_seed(3)
+    loss = build("softmax", 4, 3)
+    x = torch.randn(5, 3) * 4.0
+    torch.testing.assert_close(loss.logits(x), x @ loss.weight.T + loss.bias)
+    assert loss.hparams == {"normalize": False, "scale": 64.0}
+
+
+def test_sphereface_normalized_features_known_angles_by_hand() -> None:
+    """normalize_features: true -> s*psi(theta) for the target and s*cos(theta_j) for the others
+    (lambda = 0), independent of ||x||; off, the same logits are scaled by ||x||."""
+    thetas = [0.3, 1.0, 2.0, 3.0]
+
+    def psi_by_hand(t: float, m: int = 4) -> float:
+        k = min(int(m * t / PI), m - 1)
+        return (-1) ** k * math.cos(m * t) - 2 * k
+
+    for radius in (0.5, 2.0):
+        logits = known_angle_logits("sphereface", thetas, radius=radius, lambda_base=0.0, lambda_min=0.0,
+                                    normalize_features=True, scale=30.0)
+        for i, t in enumerate(thetas):
+            assert float(logits[i, 0]) == pytest.approx(30.0 * psi_by_hand(t), abs=1e-4)
+            assert float(logits[i, 1]) == pytest.approx(30.0 * math.cos(t - 2.0), abs=1e-4)
+    raw = known_angle_logits("sphereface", thetas, radius=2.0, lambda_base=0.0, lambda_min=0.0)
+    assert float(raw[1, 0]) == pytest.approx(2.0 * psi_by_hand(1.0), abs=1e-4)  # ||x|| = 2 scales it
+    # with lambda: (lambda cos + psi) / (1 + lambda), still scaled by s
+    lam = build("sphereface", 3, 2, lambda_base=5.0, lambda_min=5.0, normalize_features=True, scale=30.0)
+    with torch.no_grad():
+        lam.weight.copy_(torch.tensor([[1.0, 0.0], [math.cos(2.0), math.sin(2.0)], [math.cos(4.0), math.sin(4.0)]]))
+    x = torch.tensor([[7.0 * math.cos(1.0), 7.0 * math.sin(1.0)]])
+    got = float(lam.logits(x, torch.tensor([0]))[0, 0].detach())
+    assert got == pytest.approx(30.0 * (5.0 * math.cos(1.0) + psi_by_hand(1.0)) / 6.0, abs=1e-4)
+
+
+def test_class_scores_and_centres_of_the_trained_head() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 8)
+    for name, params in (("softmax", {}), ("softmax", {"normalize": True}), ("center", {}), ("arcface", {}),
+                         ("sphereface", {}), ("cosface", {})):
+        loss = build(name, 5, 8, **params)
+        scores = loss.class_scores(x)
+        assert scores.shape == (6, 5)
+        if name in ("softmax", "center"):  # the logits, bias included
+            torch.testing.assert_close(scores, loss.logits(x))
+        else:  # the cosines, no margin
+            torch.testing.assert_close(scores, torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(
+                loss.weight).T)
+        assert torch.equal(loss.class_centres(), loss.weight.detach().float())
+    sub = build("subcenter", 5, 8)
+    assert sub.class_scores(x).shape == (6, 5) and sub.class_centres() is None
+    for name in ("triplet", "contrastive"):
+        assert build(name, 5, 8).class_scores(x) is None and build(name, 5, 8).class_centres() is None
+
+
 # ---------------------------------------------------------------- registry and validation
 def test_registry_api() -> None:
     names = losses.available()
@@ -684,8 +771,9 @@ def test_registry_api() -> None:
     assert losses.defaults("cosface") == {"scale": 64.0, "margin": 0.35}
     assert losses.defaults("sphereface") == {
         "margin": 4, "lambda_base": 1000.0, "lambda_gamma": 0.12, "lambda_power": 1.0, "lambda_min": 5.0,
-        "lambda_schedule": "fraction", "lambda_warmup_fraction": 0.5,
+        "lambda_schedule": "fraction", "lambda_warmup_fraction": 0.5, "normalize_features": False, "scale": 64.0,
     }
+    assert losses.defaults("softmax") == {"normalize": False, "scale": 64.0}
     assert losses.defaults("triplet") == {"margin": 0.5, "mining": "batch_hard"}
     assert losses.defaults("contrastive") == {"margin": 1.0}
     assert losses.defaults("center") == {"center_weight": 0.003, "center_lr": 0.5}
@@ -734,7 +822,10 @@ def test_registry_api() -> None:
         ("center", {"center_weight": -0.003}, "center_weight"),
         ("arcface", {"margn": 0.5}, "margn"),
         ("normface", {"margin": 0.5}, "margin"),
-        ("softmax", {"scale": 64}, "scale"),
+        ("softmax", {"scale": 30.0}, "scale"),  # scale needs normalize: true
+        ("softmax", {"normalize": "yes"}, "normalize"),
+        ("sphereface", {"scale": 30.0}, "normalize_features"),  # scale needs normalize_features: true
+        ("sphereface", {"normalize_features": 1}, "normalize_features"),
     ],
 )
 def test_invalid_params_raise_value_error_naming_the_param(name: str, params: dict, needle: str) -> None:
@@ -839,7 +930,8 @@ def test_training_lowers_the_loss(name: str) -> None:
 
 
 # ------------------------------------------------------------ no reads back from a GPU
-TRACED = [("softmax", {}), ("normface", {}), ("sphereface", {}), ("cosface", {}), ("arcface", {}), ("combined", {}),
+TRACED = [("softmax", {}), ("softmax", {"normalize": True}), ("normface", {}), ("sphereface", {}),
+          ("sphereface", {"normalize_features": True}), ("cosface", {}), ("arcface", {}), ("combined", {}),
           ("subcenter", {}), ("intra", {}), ("inter", {}), ("center", {}), ("triplet", {"mining": "batch_hard"}),
           ("triplet", {"mining": "semi_hard"}), ("contrastive", {})]
 

@@ -184,6 +184,7 @@ def _project(tmp_path: Path, epochs: int, *, model: dict | None = None, train: d
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["train"].update(epochs=epochs, batch_size=8, warmup_epochs=0, lr=0.05, val_fraction=0.25, **(train or {}))
     params["model"].update(embedding_size=16, **(model or {}))
+    params["align"]["size"] = 112  # the size of the faces _shards writes (the default run uses 64)
     params["loss"].update(scale=16.0, margin=0.3)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     _write_recipes(project)
@@ -204,12 +205,15 @@ def _train_cli(project: Path) -> subprocess.Popen:
                             cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("augment", [None, {"crop_area": [0.7, 1.0], "brightness": 0.3, "grayscale": 0.3}],
+                         ids=["flip-only", "augmented"])
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, augment):
     epochs = 4
-    clean = _project(tmp_path / "clean", epochs)
+    setting = {"train": {"augment": augment}} if augment else {}
+    clean = _project(tmp_path / "clean", epochs, **setting)
     assert _train_cli(clean).wait(timeout=600) == 0
 
-    crashed = _project(tmp_path / "crashed", epochs)
+    crashed = _project(tmp_path / "crashed", epochs, **setting)
     proc = _train_cli(crashed)
     checkpoint = crashed / "data" / "checkpoints" / "arcface-0" / "last.pt"
     deadline = time.time() + 600

@@ -103,6 +103,17 @@ class LossBase(nn.Module):
         """Scalars describing the loss's internal state now (e.g. SphereFace's lambda), for reports."""
         return {}
 
+    # ---- the trained head, for evaluation (closed-set identification, angle figures) -----
+    def class_scores(self, embeddings: Tensor) -> Tensor | None:
+        """[B, D] -> [B, C] scores of each training class without any margin (argmax = the head's
+        N-way prediction), or None for losses without a classifier (triplet, contrastive)."""
+        return None
+
+    def class_centres(self) -> Tensor | None:
+        """[C, D] the vector each class's features are pulled towards (the class weight), or None
+        where the loss has no single one per class (pair losses; K sub-centres)."""
+        return None
+
     def extra_repr(self) -> str:
         items = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}" + (f", {items}" if items else "")
@@ -168,6 +179,14 @@ class LargeMarginSoftmax(LossBase):
         return 0.0
 
     # ---- public API ----------------------------------------------------------------
+    def class_scores(self, embeddings: Tensor) -> Tensor:
+        """[B, C] cos(theta) to each class (no margin, no scale: the same argmax as the logits)."""
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return self.cosine(embeddings.float())
+
+    def class_centres(self) -> Tensor:
+        return self.weight.float()
+
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scaled, margin-applied logits [B, C] that the cross-entropy sees."""
         return self._cos_and_logits(embeddings, labels)[1]

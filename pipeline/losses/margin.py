@@ -232,6 +232,10 @@ class SubCenterArcFace(ArcFace):
         self.weight = nn.Parameter(torch.empty(num_classes * k, embedding_size))
         nn.init.xavier_uniform_(self.weight)
 
+    def class_centres(self) -> None:
+        """K sub-centres per class, none of them *the* centre: the angle figures use the mean embedding."""
+        return None
+
     def cosine(self, embeddings: Tensor) -> Tensor:
         all_cos = F.linear(F.normalize(embeddings, dim=1), F.normalize(self.weight.float(), dim=1))
         return all_cos.view(embeddings.shape[0], self.num_classes, self.hparams["subcenters"]).amax(dim=2)

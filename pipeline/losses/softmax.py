@@ -13,27 +13,65 @@ from pipeline.losses.base import LossBase
 from pipeline.losses.params import Param
 
 
+#: Logit scale of ``softmax`` with ``normalize: true``: the spec's NormFace default (s = 64), so
+#: that setting and the ``normface`` loss give the same logits.
+NORMALIZED_SCALE = 64.0
+
+
 class Softmax(LossBase):
     """Fully connected layer with bias + cross-entropy; no normalisation, no margin.
 
     ``weight`` [num_classes, embedding_size], ``bias`` [num_classes] (``nn.Linear`` init);
     logits = x W^T + b.
+
+    ``normalize: true`` is training-time L2 normalisation (the loss/normalisation study's
+    switch): features and class weights are L2-normalised and the logits are
+    ``scale`` * cos(theta_j), as in NormFace. There is no bias then: a bias would add a
+    per-class constant to bounded cosines and make the logits no longer a function of the
+    angle alone (NormFace drops it for that reason), so the module has no ``bias`` parameter.
+    ``scale`` only applies with ``normalize: true``; a non-default ``scale`` without it is an error.
     """
 
     name = "softmax"
     is_classifier = True
+    PARAMS: ClassVar[dict[str, Param]] = {
+        "normalize": Param(False, bool, help="L2-normalise features and class weights, logits scale * cos, no bias"),
+        "scale": Param(NORMALIZED_SCALE, float, low=0.0, low_open=True,
+                       help="logit scale s, only with normalize: true"),
+    }
+
+    @classmethod
+    def check_combination(cls, params: dict[str, Any]) -> None:
+        if "normalize" in params and not params["normalize"] and params["scale"] != cls.PARAMS["scale"].default:
+            raise ValueError(f"{cls.name}: scale = {params['scale']} needs normalize: true (the plain softmax logits "
+                             "x W^T + b are not scaled); set normalize: true or remove scale")
 
     def __init__(self, num_classes: int, embedding_size: int, **params: Any) -> None:
         super().__init__(num_classes, embedding_size, **params)
+        self.normalize = bool(self.hparams.get("normalize", False))
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
-        self.bias = nn.Parameter(torch.empty(num_classes))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        bound = 1.0 / math.sqrt(embedding_size)
-        nn.init.uniform_(self.bias, -bound, bound)
+        if self.normalize:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(torch.empty(num_classes))
+            bound = 1.0 / math.sqrt(embedding_size)
+            nn.init.uniform_(self.bias, -bound, bound)
 
     def logits(self, embeddings: Tensor, labels: Tensor | None = None) -> Tensor:
-        """[B, D] -> [B, C] logits x W^T + b (labels are not used)."""
+        """[B, D] -> [B, C] logits x W^T + b, or scale * cos(theta) with ``normalize`` (labels are not used)."""
+        if self.normalize:
+            with torch.autocast(device_type=embeddings.device.type, enabled=False):
+                cos = F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
+                return self.hparams["scale"] * cos
         return F.linear(embeddings, self.weight, self.bias)
+
+    def class_scores(self, embeddings: Tensor) -> Tensor:
+        """[B, C] the logits (argmax = the N-way prediction of the trained head)."""
+        return self.logits(embeddings)
+
+    def class_centres(self) -> Tensor:
+        return self.weight.float()
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy: scalar tensor."""

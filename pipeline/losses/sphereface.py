@@ -39,6 +39,11 @@ def psi(cos: Tensor, m: int) -> Tensor:
 class SphereFace(LargeMarginSoftmax):
     """A-Softmax: weights normalised, features not; logits scaled by ||x||.
 
+    ``normalize_features: true`` is training-time L2 normalisation of the features (the
+    loss/normalisation study's switch): the logits are then scaled by the fixed ``scale``
+    instead of ||x|| (non-target s*cos(theta_j), target s*(lambda*cos(theta) + psi(theta)) /
+    (1 + lambda)). ``scale`` only applies then; a non-default ``scale`` without it is an error.
+
     Non-target logit ||x|| cos(theta_j); target logit
     ||x|| * (lambda*cos(theta) + psi(theta)) / (1 + lambda): lambda blends in plain softmax
     and is annealed from ``lambda_base`` down to the floor ``lambda_min``, where the margin
@@ -80,10 +85,15 @@ class SphereFace(LargeMarginSoftmax):
                                       "caffe: per-iteration decay of the reference layer"),
         "lambda_warmup_fraction": Param(0.5, float, low=0.0, low_open=True, high=1.0,
                                         help="share of the training steps over which lambda decays to lambda_min"),
+        "normalize_features": Param(False, bool, help="L2-normalise the features; logits scaled by scale, not ||x||"),
+        "scale": Param(64.0, float, low=0.0, low_open=True, help="fixed logit scale, only with normalize_features"),
     }
 
     @classmethod
     def check_combination(cls, params: dict[str, Any]) -> None:
+        if not params["normalize_features"] and params["scale"] != cls.PARAMS["scale"].default:
+            raise ValueError(f"{cls.name}: scale = {params['scale']} needs normalize_features: true (without it the "
+                             "logits are scaled by the feature norm ||x||); set normalize_features: true or remove scale")
         base, low, power = params["lambda_base"], params["lambda_min"], params["lambda_power"]
         if params["lambda_schedule"] != "fraction" or base <= low:
             return
@@ -131,7 +141,9 @@ class SphereFace(LargeMarginSoftmax):
         """The annealing weight lambda at the current ``iteration``."""
         return float(self.lambda_tensor())
 
-    def scale_factor(self, embeddings: Tensor) -> Tensor:
+    def scale_factor(self, embeddings: Tensor) -> Tensor | float:
+        if self.hparams["normalize_features"]:
+            return self.hparams["scale"]
         return embeddings.norm(dim=1, keepdim=True)
 
     def target_logit(self, cos_target: Tensor) -> Tensor:
