@@ -99,6 +99,7 @@ class Grid:
     variants: list[str] | None
     plot: dict[str, str] = field(default_factory=dict)
     roc: list[dict[str, str]] = field(default_factory=list)
+    roc_by: str | None = None   # one ROC figure per value of this dimension: <value>_<distance>_<norm>.png
 
     def cells(self) -> list[Cell]:
         out = []
@@ -137,7 +138,7 @@ def load_grid(path: str | Path) -> Grid:
         raise GridError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise GridError(f"{path}: expected a mapping with name, vary and table")
-    unknown = set(raw) - {"name", "description", "base", "set", "vary", "table", "plot", "roc"}
+    unknown = set(raw) - {"name", "description", "base", "set", "vary", "table", "plot", "roc", "roc_by"}
     if unknown:
         raise GridError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
     name = raw.get("name") or path.stem
@@ -177,6 +178,9 @@ def load_grid(path: str | Path) -> Grid:
         raise GridError(f"{path}: plot.x: {plot.get('x')!r} is not a varied dimension")
     if plot.get("hue") not in (None, *known):
         raise GridError(f"{path}: plot.hue: {plot.get('hue')!r} is not a dimension")
+    roc_by = raw.get("roc_by")
+    if roc_by is not None and roc_by not in dimensions:
+        raise GridError(f"{path}: roc_by: {roc_by!r} is not a varied dimension")
     roc = raw.get("roc") or []
     for choice in roc:
         for dim, label in choice.items():
@@ -185,7 +189,7 @@ def load_grid(path: str | Path) -> Grid:
     base = raw.get("base")
     return Grid(path, str(name), str(raw.get("description") or ""), Path(base) if base else None, dict(fixed),
                 dimensions, rows, columns, metrics, table.get("test_sets"), table.get("variants"), dict(plot),
-                [{k: _label(v) for k, v in c.items()} for c in roc])
+                [{k: _label(v) for k, v in c.items()} for c in roc], roc_by)
 
 
 # ----------------------------------------------------------------------- DVC commands
@@ -583,6 +587,17 @@ def build_report(grid: Grid, workspace: Path, out_root: Path, *, states: list[Ce
                                         f"{r.diff_high:+.4f}])" for r in beats.itertuples())
                             if len(beats) else f"none of the {len(v)} pairs of models is distinguishable "
                                               f"(Holm, family-wise α = {alpha:g})") + ".", ""]
+        xd = _cross_domain(first, tables, per_table_stats, list(models), alpha)
+        if not xd.empty:
+            write_csv(tmp / "cross_domain.csv", xd)
+            view = pd.DataFrame({
+                "model": xd["model"], "runs": xd["runs"],
+                "from → to": xd["in_domain"] + " → " + xd["cross_domain"],
+                "AUC in": xd["auc_in"].map(lambda v: f"{v:.4f}"), "AUC cross": xd["auc_cross"].map(lambda v: f"{v:.4f}"),
+                "drop [95%]": [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                               for d, lo, hi in zip(xd["drop"], xd["drop_low"], xd["drop_high"])],
+                "Holm p": [f"{p:.2g}" for p in xd["p_holm"]], "reading": xd["reading"]})
+            sections += [f"## Cross-domain drop ({primary}; Holm over the models)", "", markdown_table(view), ""]
         figures = _plots(grid, results, tables, per_table_stats, models, tmp)
         sections += [f"![{f.stem}]({f.relative_to(tmp).as_posix()})" for f in figures] + [""]
         sections += ["## Cells", "", markdown_table(cells.drop(columns=["overrides"]).assign(
@@ -591,6 +606,19 @@ def build_report(grid: Grid, workspace: Path, out_root: Path, *, states: list[Ce
         write_text(tmp / "index.md", "\n".join(sections) + "\n")
     echo(f"wrote {out_dir}/index.md")
     return out_dir
+
+
+def _cross_domain(params: Params, tables, per_table_stats, models: list[str], alpha: float) -> pd.DataFrame:
+    """The single-pipeline report's cross-domain drop table, over the grid's models."""
+    from pipeline.report import cross_domain
+
+    sets = {t.test_set for t in tables}
+    report = params.report
+    if not report.in_domain or report.in_domain not in sets or not set(report.cross_domain) & sets:
+        return pd.DataFrame()
+    narrowed = params.model_copy(update={"report": report.model_copy(
+        update={"cross_domain": [c for c in report.cross_domain if c in sets]})})
+    return cross_domain(narrowed, tables, per_table_stats, alpha=alpha, models=models)
 
 
 def _scale_line(params: Params) -> str:
@@ -623,7 +651,7 @@ def _plots(grid: Grid, results: pd.DataFrame, tables, per_table_stats, models, o
     from pipeline.report import ROC_GRID, _pyplot, _run_roc
 
     written = []
-    if not grid.plot and not grid.roc:
+    if not grid.plot and not grid.roc and not grid.roc_by:
         return written
     plt, sns = _pyplot()
     x, hue = grid.plot.get("x"), grid.plot.get("hue")
@@ -648,6 +676,28 @@ def _plots(grid: Grid, results: pd.DataFrame, tables, per_table_stats, models, o
                 ax.legend(fontsize=8)
             fig.tight_layout()
             target = out / "figures" / f"{metric}_vs_{x.split('.')[-1]}_{table.test_set}_{table.variant}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(target, dpi=100)
+            plt.close(fig)
+            written.append(target)
+        for value in (grid.dimensions[grid.roc_by] if grid.roc_by else []):
+            chosen = {k: m for k, m in models.items() if m["cell"].labels.get(grid.roc_by) == value}
+            fig, ax = plt.subplots(figsize=(6.4, 5))
+            for key, m in chosen.items():
+                tpr = np.mean([_run_roc(s, table.labels) for s in table.scores[key]], axis=0)
+                auc = per_table_stats[(table.test_set, table.variant)][key].auc.mean
+                others = ", ".join(f"{d}={v}" for d, v in m["cell"].labels.items() if d != grid.roc_by)
+                ax.plot(ROC_GRID, tpr, lw=1.5, label=f"{m['loss']} {others} (AUC {auc:.3f})")
+            ax.set_xscale("log")
+            ax.set_xlim(left=max(1e-4, 0.5 / max(1, int((table.labels == 0).sum()))), right=1.0)
+            ax.set_xlabel("false positive rate (log)")
+            ax.set_ylabel("true positive rate")
+            distance, norm = table.variant.split("_")
+            ax.set_title(f"{table.test_set}: {value}, {distance}, test-time norm {'on' if norm == 'norm' else 'off'}"
+                         " (runs averaged)", fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+            fig.tight_layout()
+            target = out / "figures" / "roc" / table.test_set / f"{value}_{table.variant}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(target, dpi=100)
             plt.close(fig)

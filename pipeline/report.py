@@ -360,11 +360,13 @@ def runs_frame(stats: dict[tuple[str, str], dict[str, ModelStats]], tables: list
 
 
 # ------------------------------------------------------------------- cross-domain
-def cross_domain(params: Params, tables: list[Table], stats, *, alpha: float) -> pd.DataFrame:
+def cross_domain(params: Params, tables: list[Table], stats, *, alpha: float,
+                 models: list[str] | None = None) -> pd.DataFrame:
     """Per model and cross-domain set: the AUC drop from the in-domain set (primary variant).
 
     Each run gives its own drop (same model on both sets); the pair part adds the two
     sets' DeLong variances (different pairs, independent). Holm over the models, per set.
+    ``models``: the models to compare (default: every model params.yaml lists).
     """
     report = params.report
     primary = variant_name(report.primary_distance, report.primary_normalize)
@@ -373,7 +375,7 @@ def cross_domain(params: Params, tables: list[Table], stats, *, alpha: float) ->
     rows = []
     for target in report.cross_domain:
         block = []
-        for model in params.runs:
+        for model in models if models is not None else params.runs:
             a = stats.get((report.in_domain, primary), {}).get(model)
             b = stats.get((target, primary), {}).get(model)
             if a is None or b is None:
