@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.align import align_set, template
+from pipeline.align import align_set, aligned_images, template
 from pipeline.config import AlignParams, DetectParams
 from pipeline.datasets.folder import list_identity_folder
 from pipeline.detect import Face, TorchDetector, choose_face, detect_set, landmarks_of
@@ -98,13 +98,17 @@ def test_salted_folder_keeps_good_and_explains_bad(salted):
 
 
 def test_salted_folder_aligns_every_good_image(salted, tmp_path):
+    import io
+
     root, good, bad, detections = salted
     index = align_set(detections, tmp_path, AlignParams(), progress=False)
     assert set(index["image_id"]) == set(good)
     assert (index["error"] == "").all()
     assert index["residual"].max() < 6.0
-    for name in index["file"]:
-        crop = np.asarray(Image.open(tmp_path / name))
+    faces = dict(aligned_images(tmp_path, index))
+    assert list(faces) == index["file"].tolist()
+    for blob in faces.values():
+        crop = np.asarray(Image.open(io.BytesIO(blob)))
         assert crop.shape == (112, 112, 3)
 
 
