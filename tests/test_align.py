@@ -124,7 +124,7 @@ def test_parallel_align_writes_the_bytes_of_the_serial_recipe(tmp_path):
     (load_rgb, align_face, JPEG at jpeg_quality, as the stage wrote one file per face before)."""
     import cv2
 
-    from pipeline.align import align_set
+    from pipeline.align import align_set, aligned_images, unpack_aligned
     from pipeline.config import AlignParams
     from pipeline.images import load_rgb
 
@@ -150,6 +150,13 @@ def test_parallel_align_writes_the_bytes_of_the_serial_recipe(tmp_path):
         assert blobs[row["file"]] == expected.tobytes(), row["file"]
         assert row["residual"] == residual
     assert not (tmp_path / "serial" / ".partial").exists()  # staging removed once the set is done
+    # the earlier one-file-per-face layout, for tools that want an ImageFolder
+    serial.to_csv(tmp_path / "serial" / "_index.csv", index=False)
+    assert unpack_aligned(tmp_path / "serial", tmp_path / "folder") == 12
+    for name, blob in blobs.items():
+        assert (tmp_path / "folder" / name).is_file() == (blob is not None)
+        assert blob is None or (tmp_path / "folder" / name).read_bytes() == blob
+    assert dict(aligned_images(tmp_path / "folder")) == {k: v for k, v in blobs.items() if v is not None}
 
 
 def test_an_interrupted_align_run_resumes_from_its_finished_chunks(tmp_path, monkeypatch):
