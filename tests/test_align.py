@@ -184,7 +184,8 @@ def test_an_interrupted_align_run_resumes_from_its_finished_chunks(tmp_path, mon
     assert not (run / "aligned").exists()  # the output is still all or nothing
     assert len(list((run / ".partial" / "aligned").glob("*.parquet"))) == 2
     computed.clear()
-    monkeypatch.setattr(align_module, "_align_chunk", lambda rows, *a, **k: computed.append(len(rows)) or real(rows, *a, **k))
+    monkeypatch.setattr(align_module, "_align_chunk",
+                        lambda rows, *a, **k: computed.append(len(rows)) or real(rows, *a, **k))
     stats = align_module.run_align(params, detections, run / "aligned", run / "sheet.png", run / "stats.json",
                                    progress=False)
     assert computed == [3, 1]  # chunks 3 and 4 of 4 (10 faces in chunks of 3); 1 and 2 reused

@@ -31,7 +31,8 @@ def crops(tmp_path):
         write_image(root / name, array)
     whole = (root / "bob" / "b2.png").read_bytes()
     (root / "bob" / "b3.png").write_bytes(whole[: len(whole) // 4])  # truncated: rejected, counted
-    pd.DataFrame({"path1": ["ann/a1.png", "ann/a1.png", "bob/b1.png"], "path2": ["ann/a2.png", "bob/b1.png", "bob/b3.png"],
+    pd.DataFrame({"path1": ["ann/a1.png", "ann/a1.png", "bob/b1.png"],
+                  "path2": ["ann/a2.png", "bob/b1.png", "bob/b3.png"],
                   "same": [1, 0, 1], "fold": [1, 1, 2]}).to_csv(root / "pairs.csv", index=False)
     return root, arrays
 
