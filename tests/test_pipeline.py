@@ -88,6 +88,7 @@ def _new_project(where: Path, params: dict) -> Path:
     (where / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], where)
     _run(["dvc", "init", "-q"], where)
+    shutil.copy(ROOT / ".dvc" / "config", where / ".dvc" / "config")  # the repository's cache settings
     return where
 
 
@@ -148,6 +149,11 @@ def test_repro_builds_the_report(project):
     assert len(verdicts) == 3 * 4  # one pair of models per test set and variant
     summary = json.loads((project / "reports" / "summary.json").read_text())
     assert set(summary["synth_open"]) == {"softmax", "arcface"}
+    # outputs are linked from the DVC cache (.dvc/config cache.type), not copied: every stage
+    # above wrote through a temporary path, so the linked, read-only files never got in the way
+    part = project / "data" / "aligned" / "train" / "part-00000.parquet"
+    assert part.is_symlink() or part.stat().st_nlink >= 2
+    assert not (project / "data" / ".partial").exists() or not any((project / "data" / ".partial").rglob("*.parquet"))
 
 
 def test_report_numbers_equal_a_recomputation_from_the_score_files(project):
