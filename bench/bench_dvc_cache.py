@@ -5,8 +5,9 @@ For each layout of one stage output (``loose``: ``--files`` files of ``--file-kb
 ``--per-part`` records, like ``data/aligned`` now) and each ``cache.type`` (copy, hardlink,
 symlink, and the fallback chain reflink,hardlink,symlink,copy), in a fresh git + DVC project:
 
-* ``dvc commit``: DVC hashes the output and moves it into the cache (then links or copies it
-  back into the workspace);
+* ``dvc commit`` (what ``dvc repro`` does after a stage runs): DVC hashes the output and
+  transfers it into the cache; "then" is what it leaves in the workspace (a copy, or links)
+  and "copy MiB" the data blocks of that copy (a second copy of the output beside the cache);
 * ``dvc checkout`` after the output is deleted: what every fresh workspace pays, e.g. each
   queued experiment's (``dvc exp run --queue`` clones the repository into ``.dvc/tmp/exps/``
   and checks every output out of the cache before it runs);
@@ -119,6 +120,7 @@ def bench(layout: str, cache_type: str, args: argparse.Namespace, scratch: Path)
     files = sum(1 for f in (project / "out").rglob("*") if f.is_file())
     out_mib = sum(f.stat().st_size for f in (project / "out").rglob("*") if f.is_file()) / 2**20
     commit = run(["dvc", "commit", "--force", "--quiet", "make"], project)
+    committed_mib, _, committed_as = footprint(project / "out")  # what the commit left in the workspace
     run(["dvc", "repro", "--quiet", "use"], project)
     run(["git", "add", "-A"], project)
     run(["git", "-c", "user.email=b@example.com", "-c", "user.name=bench", "commit", "-q", "-m", "base"], project)
@@ -129,6 +131,7 @@ def bench(layout: str, cache_type: str, args: argparse.Namespace, scratch: Path)
     status_after = run(["dvc", "status", "--quiet"], project)
     experiment = run(["dvc", "exp", "run", "--temp", "--quiet", "-S", "p=2"], project)
     return {"layout": layout, "cache_type": cache_type, "files": files, "out_mib": out_mib, "commit_s": commit,
+            "committed_as": committed_as, "committed_mib": committed_mib,
             "checkout_s": checkout, "linked": linked, "extra_mib": extra_mib, "inodes": inodes,
             "status_s": status_after, "status_first_s": status, "exp_temp_s": experiment}
 
@@ -138,7 +141,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=20_000)
     parser.add_argument("--file-kb", type=float, default=4.3, help="mean file size (KiB): a 112 px face at JPEG q95")
     parser.add_argument("--per-part", type=int, default=2000, help="records per packed part (align.chunk_size)")
-    parser.add_argument("--types", default="copy;hardlink;symlink;reflink,hardlink,symlink,copy")
+    parser.add_argument("--types", default="copy;hardlink;symlink;reflink,hardlink,symlink,copy;hardlink,symlink,copy")
     parser.add_argument("--scratch", type=Path, default=None)
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="facepipe-dvc-cache-", dir=args.scratch))
@@ -147,14 +150,16 @@ def main() -> None:
     print(f"DVC {dvc_version}, scratch {scratch} on {fs}, {os.cpu_count()} cores, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{args.files} records of ~{args.file_kb} KiB; packed: parts of {args.per_part} records\n")
-    print(f"{'layout':<7} {'cache.type':<30} {'files':>6} {'MiB':>6} {'commit s':>9} {'checkout s':>11} "
+    print(f"{'layout':<7} {'cache.type':<30} {'files':>6} {'MiB':>6} {'commit s':>9} {'then':>9} {'copy MiB':>8} "
+          f"{'checkout s':>11} "
           f"{'linked as':>9} {'new MiB':>8} {'inodes':>7} {'status s':>9} {'exp --temp s':>13}")
     try:
         for layout in ("loose", "packed"):
             for cache_type in args.types.split(";"):
                 r = bench(layout, cache_type, args, scratch)
                 print(f"{r['layout']:<7} {r['cache_type']:<30} {r['files']:>6} {r['out_mib']:>6.1f} "
-                      f"{r['commit_s']:>9.1f} {r['checkout_s']:>11.1f} {r['linked']:>9} {r['extra_mib']:>8.1f} "
+                      f"{r['commit_s']:>9.1f} {r['committed_as']:>9} {r['committed_mib']:>8.1f} "
+                      f"{r['checkout_s']:>11.1f} {r['linked']:>9} {r['extra_mib']:>8.1f} "
                       f"{r['inodes']:>7} {r['status_s']:>9.1f} {r['exp_temp_s']:>13.1f}", flush=True)
                 shutil.rmtree(scratch / f"{layout}-{cache_type.replace(',', '_')}", ignore_errors=True)
     finally:
