@@ -24,8 +24,11 @@ caches and checks out ``data/aligned`` in seconds at CASIA scale)::
 JPEG file per face, ``OUT/<set>/<identity>/<name>.jpg``, and :func:`unpack_aligned`
 writes that layout from the packed one, for tools that want an ImageFolder).
 
-Work is spread over :func:`pipeline.cpu.thread_count` threads (decoding, warping and JPEG
-encoding release the GIL); the bytes do not depend on the thread count. Resumable like
+Work is spread over :func:`pipeline.cpu.thread_count` worker processes (:func:`worker_pool`):
+processes, not threads, because on 250x250 photos only about half of the time per face is
+spent in calls that release the GIL (JPEG decoding, the warp, encoding), which would cap
+threads at about 2x whatever the number of cores. The bytes do not depend on the number of
+workers. Resumable like
 detect (:mod:`pipeline.chunks`): each chunk of ``chunk_size`` faces is written to
 ``data/.partial/aligned/`` when it is done, and a rerun after a crash reuses it; the parts
 of the output are hard links to those chunk files (no copy), and the staging folder is
@@ -37,7 +40,8 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,10 +188,40 @@ def _align_one(task: tuple[str, np.ndarray, int, int, Crop | None]) -> tuple[byt
     return encoded.tobytes(), residual, ""
 
 
+def _worker_init() -> None:
+    cv2.setNumThreads(1)  # one face per worker at a time; the workers are the parallelism
+
+
+class Workers:
+    """``n`` worker processes for :func:`_align_one`, started on first use (a run whose chunks
+    are all staged starts none); with ``n == 1`` the work stays in this process.
+
+    Started with ``spawn``: a fork of a stage process that has loaded PyTorch, OpenMP or
+    OpenBLAS thread pools can hang. The workers inherit the environment, so the same CPU
+    kernels (:func:`pipeline.cpu.pin_instruction_set`)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = max(1, int(n))
+        self._pool: Executor | None = None
+
+    def map(self, tasks: list) -> list:
+        if self.n == 1 or len(tasks) < 2:
+            return [_align_one(t) for t in tasks]
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.n, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_worker_init)
+        return list(self._pool.map(_align_one, tasks, chunksize=max(1, min(64, len(tasks) // (4 * self.n)))))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
 def _align_chunk(rows: pd.DataFrame, names: list[str], points: np.ndarray, params: AlignParams, crop: Crop | None,
-                 pool: ThreadPoolExecutor | None) -> pa.Table:
+                 workers: Workers) -> pa.Table:
     tasks = [(path, points[k], params.size, params.jpeg_quality, crop) for k, path in enumerate(rows["path"])]
-    results = list(pool.map(_align_one, tasks)) if pool is not None else [_align_one(t) for t in tasks]
+    results = workers.map(tasks)
     return pa.table({"file": names, "image": [r[0] for r in results], "residual": [r[1] for r in results],
                      "error": [r[2] for r in results]}, schema=PART_SCHEMA)
 
@@ -212,11 +246,12 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def align_set(detections: pd.DataFrame, out_dir: Path, params: AlignParams, *, desc: str = "align",
               progress: bool = True, crop: Crop | None = None, threads: int | None = None,
               staging: str | Path | None = None, key: str | None = None, used: list[str] | None = None,
-              stats: dict | None = None) -> pd.DataFrame:
+              stats: dict | None = None, workers: Workers | None = None) -> pd.DataFrame:
     """Align the kept faces of one set into ``out_dir`` (packed parts); returns the index table.
 
-    ``crop``: the set is pre-cropped, resize instead of warping. ``threads`` (default
-    :func:`pipeline.cpu.thread_count`) work side by side. Chunks are kept in ``staging``
+    ``crop``: the set is pre-cropped, resize instead of warping. ``threads`` worker processes
+    (default :func:`pipeline.cpu.thread_count`), or the given :class:`Workers`, work side by
+    side. Chunks are kept in ``staging``
     (default ``<out_dir>/.partial``, removed at the end when not given); the keys of the
     chunks used are appended to ``used``; ``stats`` (a dict) gets ``chunks`` and ``reused``.
     """
@@ -232,11 +267,9 @@ def align_set(detections: pd.DataFrame, out_dir: Path, params: AlignParams, *, d
     ranges = chunk_ranges(len(rows_kept), params.chunk_size)
     frames, reused = [], 0
     bar = tqdm(total=len(rows_kept), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-    previous_cv2_threads = cv2.getNumThreads()
-    pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+    own_workers = workers is None
+    workers = Workers(threads) if workers is None else workers
     try:
-        if pool is not None:
-            cv2.setNumThreads(1)  # parallel over faces, not inside each warp
         for k, (a, b) in enumerate(ranges):
             rows = rows_kept.iloc[a:b]
             chunk = digest([key, None if crop is None else [crop.mode, crop.fraction], rows["image_id"].tolist(),
@@ -250,7 +283,7 @@ def align_set(detections: pd.DataFrame, out_dir: Path, params: AlignParams, *, d
                 except Exception:  # noqa: BLE001 - a damaged chunk is recomputed, never trusted
                     path.unlink(missing_ok=True)
             if not path.is_file():
-                full = _align_chunk(rows, names[a:b], points[a:b], params, crop, pool)
+                full = _align_chunk(rows, names[a:b], points[a:b], params, crop, workers)
                 with atomic_file(path) as tmp:
                     pq.write_table(full, tmp)
                 table = full.select(["file", "residual", "error"])
@@ -263,9 +296,8 @@ def align_set(detections: pd.DataFrame, out_dir: Path, params: AlignParams, *, d
                 used.append(chunk)
             bar.update(b - a)
     finally:
-        if pool is not None:
-            pool.shutdown()
-            cv2.setNumThreads(previous_cv2_threads)
+        if own_workers:
+            workers.close()
         bar.close()
     if own_staging:
         store.clear()
@@ -371,12 +403,17 @@ def run_align(params: AlignParams, detections: dict[str, pd.DataFrame], out_dir:
     stats: dict[str, dict] = {}
     indexes: dict[str, pd.DataFrame] = {}
     used: list[str] = []
+    workers = Workers(cpu.thread_count() if threads is None else threads)
     with atomic_dir(out_dir) as tmp:
         for name, table in detections.items():
             crop = crops.get(name)
             chunking: dict = {}
-            index = align_set(table, Path(tmp) / name, params, desc=f"align {name}", progress=progress, crop=crop,
-                              threads=threads, staging=store_root, key=key, used=used, stats=chunking)
+            try:
+                index = align_set(table, Path(tmp) / name, params, desc=f"align {name}", progress=progress, crop=crop,
+                                  staging=store_root, key=key, used=used, stats=chunking, workers=workers)
+            except BaseException:
+                workers.close()
+                raise
             print(f"align {name}: {chunking['chunks']} chunk(s) of up to {params.chunk_size} faces, "
                   f"{chunking['reused']} reused from {store_root}", flush=True)
             write_csv(Path(tmp) / name / INDEX, index)
@@ -393,6 +430,7 @@ def run_align(params: AlignParams, detections: dict[str, pd.DataFrame], out_dir:
                 sources = sources[sources["image_id"].isin(good["image_id"])]
                 stats[name].update(precropped=True, crop=crop.mode, crop_fraction=crop.fraction,
                                    source_sizes=size_counts(sources), output_size=params.size)
+        workers.close()
         if params.contact_sheet:
             _write_sheet(indexes, Path(tmp), Path(sheet_path), params, seed)
     write_json(stats_path, stats)
