@@ -110,8 +110,6 @@ def main() -> None:
     parser.add_argument("--train-helpers", action="store_true",
                         help="also time the trainer's set-up (split, validation pairs, sampler) on CASIA-shaped labels")
     args = parser.parse_args()
-    if args.train_helpers:
-        train_helpers()
     table = args.detections / "train.parquet"
     stages = (["detect"] if args.detect else []) + ["align", "shard"]
     results: dict[tuple[str, int], list[dict]] = {}
@@ -138,6 +136,8 @@ def main() -> None:
         print(f"{stage:<7} {a['cpu']:>12.1f} {b['cpu']:>12.1f} {b['cpu'] / a['cpu']:>6.2f} "
               f"{math.log(b['cpu'] / a['cpu']) / math.log(large / small):>9.2f} {wall:>7.2f} {a['rss']:>10.0f} "
               f"{b['rss']:>10.0f}")
+    if args.train_helpers:  # last: a child's peak RSS (wait4) starts from this process's at fork time
+        train_helpers()
     print(f"load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
