@@ -9,6 +9,10 @@ Layout per set::
     OUT/<set>/manifest.json            counts, identities, shard files, format
     OUT/<set>/pairs.csv                test sets: the verification pairs (fold, image_id1, image_id2, same)
 
+Writing: :func:`write_set` reads the align stage's packed parts (or its earlier layout, one
+JPEG per face) in index order and writes the shards on a thread pool (Parquet writing is C++
+and releases the GIL); the files do not depend on the number of threads.
+
 Reading: :func:`read_shards` returns a :class:`FaceShards` with every record in
 memory as encoded bytes (decoded on access: the trainer decodes batch by batch, the
 embedder a whole test set), from a local directory or a URL-style location;
