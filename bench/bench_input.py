@@ -89,7 +89,8 @@ def rate(runs: list[tuple[int, float]]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--aligned", type=Path, required=True, help="ImageFolder root: aligned/<set> of the align stage")
+    parser.add_argument("--aligned", type=Path, required=True,
+                        help="aligned/<set> of the align stage (packed parts are unpacked to a temporary ImageFolder)")
     parser.add_argument("--shards", type=Path, required=True, help="the same set's shards: shards/<set>")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="DataLoader workers for ImageFolder, and torch threads for the shard path")
@@ -101,7 +102,15 @@ def main() -> None:
             raise SystemExit(f"bench_input: {path}: not a directory; run the pipeline (dvc repro shard) first")
 
     threads = max(1, args.workers)
-    folder = imagefolder_epochs(args.aligned, args.epochs, args.batch_size, args.workers)
+    root = args.aligned
+    if any(root.glob("part-*.parquet")):  # the align stage's packed layout: unpack an ImageFolder copy
+        import tempfile
+
+        from pipeline.align import unpack_aligned
+
+        root = Path(tempfile.mkdtemp(prefix="bench-input-"))
+        print(f"unpacked {unpack_aligned(args.aligned, root)} faces of {args.aligned} into {root}")
+    folder = imagefolder_epochs(root, args.epochs, args.batch_size, args.workers)
     runs = {"ImageFolder": folder}
     for mode in ("upfront", "per_batch"):
         runs[f"shards {mode}"] = shard_epochs(args.shards, args.epochs, args.batch_size, threads, mode)

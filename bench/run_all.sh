@@ -31,3 +31,7 @@ step input       $PY bench/bench_input.py --aligned "$RUN/data/aligned/train" --
 step train_step  $PY bench/bench_train_step.py --shards "$RUN/data/shards" --params configs/lfw-dev.yaml --loss arcface
 step scoring     $PY bench/bench_scoring.py --pairs 1000000
 step incremental $PY bench/bench_incremental.py --queue
+step dvc_cache   $PY bench/bench_dvc_cache.py --files 20000
+# Not in the 30 minutes above (about an hour on 2 cores; see reports/benchmarks/scale.md):
+#   $PY bench/bench_scale.py --images 10000 --identities 400 --out $OUT/scale_10000.txt
+#   $PY bench/bench_scale.py --images 50000 --identities 2000 --out $OUT/scale_50000.txt

@@ -85,15 +85,18 @@ def data(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> N
 @stage
 def detect(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
     """Detect one face (MTCNN, 5 landmarks) per image of every set; count what is dropped."""
-    from pipeline.data import read_index
+    from pipeline.data import read_index, read_precropped
     from pipeline.detect import plan_detect, run_detect
 
     params = _params(params_file)
     plan = plan_detect(params.detect)  # detect.device: cuda without a GPU stops here, before any reading
     sets = {name: read_index(paths.DATASETS, name).images for name in ["train", *params.data.tests]}
-    counts = run_detect(params.detect, sets, paths.DETECT, paths.DETECTION_COUNTS, progress=progress, plan=plan)
+    precropped = read_precropped(paths.DATASETS)
+    counts = run_detect(params.detect, sets, paths.DETECT, paths.DETECTION_COUNTS, progress=progress, plan=plan,
+                        precropped=set(precropped))
     for name, c in counts.items():
-        typer.echo(f"{name}: {c['images']} -> {c['faces']} faces ({c['dropped']} dropped)")
+        kept = "pre-cropped images, not detected" if c.get("precropped") else "faces"
+        typer.echo(f"{name}: {c['images']} -> {c['faces']} {kept} ({c['dropped']} dropped)")
 
 
 @app.command()
@@ -102,14 +105,19 @@ def align(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> 
     """Warp every detected face onto the 5-point ArcFace template; write a contact sheet."""
     import pandas as pd
 
-    from pipeline.align import run_align
+    from pipeline.align import Crop, run_align
+    from pipeline.data import read_precropped
 
     params = _params(params_file)
     detections = {name: pd.read_parquet(paths.DETECT / f"{name}.parquet") for name in ["train", *params.data.tests]}
+    crops = {name: Crop(mode, fraction) for name, (mode, fraction) in read_precropped(paths.DATASETS).items()}
     stats = run_align(params.align, detections, paths.ALIGNED, paths.CONTACT_SHEET, paths.ALIGNMENT_STATS,
-                      seed=params.seeds.data, progress=progress)
+                      seed=params.seeds.data, progress=progress, crops=crops)
     for name, s in stats.items():
-        typer.echo(f"{name}: {s['aligned']} aligned, mean landmark residual {s['residual_mean_px'] or 0:.2f} px")
+        if s.get("precropped"):
+            typer.echo(f"{name}: {s['aligned']} pre-cropped faces resized ({s['crop']}) to {s['output_size']} px")
+        else:
+            typer.echo(f"{name}: {s['aligned']} aligned, mean landmark residual {s['residual_mean_px'] or 0:.2f} px")
 
 
 @app.command()

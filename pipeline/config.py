@@ -53,6 +53,11 @@ class DatasetSpec(_Strict):
       pairs_csv  ``path`` is a CSV of (path1, path2, same[, fold]); relative image paths
                  are resolved against ``root`` (default: the CSV's folder); without a fold
                  column, folds are stratified by label, seeded by the top-level ``seed``
+
+    ``precropped: true`` (any kind): the images are face crops already; detect and align skip
+    MTCNN and the 5-point warp and resize each image to ``align.size`` (``crop: resize``), or
+    cut its central square of ``crop_fraction`` times the shorter side and resize that
+    (``crop: center``). The report's detection and alignment figures say so for the set.
     """
 
     kind: Literal["synthetic", "folder", "lfw", "pairs_csv"]
@@ -64,6 +69,12 @@ class DatasetSpec(_Strict):
     min_images_per_identity: int = Field(1, ge=1)
     exclude_identities_of: list[str] = Field(default_factory=list)
     download: bool = False
+    # Pre-cropped faces (e.g. 256x256 crops): no MTCNN, no landmark alignment; each image is
+    # resized to align.size (`crop: resize`), or its central square (side crop_fraction x the
+    # shorter side) is cut out and resized (`crop: center`).
+    precropped: bool = False
+    crop: Literal["resize", "center"] = "resize"
+    crop_fraction: float = Field(1.0, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> "DatasetSpec":
@@ -72,6 +83,10 @@ class DatasetSpec(_Strict):
                 raise ValueError("a synthetic dataset needs `set` (train, synth_open, synth_closed or synth_domain)")
         elif self.path is None:
             raise ValueError(f"a {self.kind} dataset needs `path`")
+        if not self.precropped and (self.crop != "resize" or self.crop_fraction != 1.0):
+            raise ValueError("`crop` and `crop_fraction` apply to pre-cropped sets only; add `precropped: true`")
+        if self.crop == "resize" and self.crop_fraction != 1.0:
+            raise ValueError("`crop_fraction` applies to `crop: center` only")
         return self
 
 
@@ -103,6 +118,8 @@ class DetectParams(_Strict):
     max_image_side: int = Field(2000, ge=64)
     min_image_side: int = Field(24, ge=12)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # torch backend; auto = cuda when PyTorch sees a GPU
+    # Images per resumable chunk (rounded up to whole batches): a killed run keeps its finished chunks.
+    chunk_size: int = Field(2000, ge=1)
 
     @field_validator("thresholds")
     @classmethod
@@ -116,6 +133,7 @@ class AlignParams(_Strict):
     size: int = Field(112, ge=32, le=512)
     jpeg_quality: int = Field(95, ge=50, le=100)
     contact_sheet: int = Field(48, ge=0, le=400)
+    chunk_size: int = Field(2000, ge=1)  # faces per resumable chunk, and per packed part file of the output
 
 
 class ShardParams(_Strict):

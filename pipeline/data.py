@@ -92,6 +92,10 @@ def run_data(params: Params, out_dir: str | Path = "data/datasets", *, progress:
                 # Only where the adapter says ("from file", "stratified by label, seed S"): the
                 # summaries of the built-in synthetic sets stay byte-identical to earlier runs.
                 summary[name]["folds_assigned"] = image_set.folds_assigned
+            if specs[name].precropped:
+                # Read by detect and align (read_precropped): a changed flag changes this stage's
+                # output, so DVC reruns both. Only for such sets: other summaries stay as they were.
+                summary[name].update(precropped=True, crop=specs[name].crop, crop_fraction=specs[name].crop_fraction)
         write_json(tmp / "summary.json", summary)
     return resolved
 
@@ -114,3 +118,15 @@ def read_index(data_dir: str | Path, name: str) -> ImageSet:
     pairs_file = index / f"{name}.pairs.csv"
     pairs = pd.read_csv(pairs_file, dtype={"image_id1": str, "image_id2": str}) if pairs_file.is_file() else None
     return ImageSet(images, pairs)
+
+
+def read_precropped(data_dir: str | Path) -> dict[str, tuple[str, float]]:
+    """Pre-cropped sets recorded by the data stage in ``summary.json``: name -> (crop, crop_fraction)."""
+    import json
+
+    summary_file = Path(data_dir) / "summary.json"
+    if not summary_file.is_file():
+        raise DatasetError(f"{summary_file}: not found; run the data stage first (dvc repro data)")
+    summary = json.loads(summary_file.read_text())
+    return {name: (entry.get("crop", "resize"), float(entry.get("crop_fraction", 1.0)))
+            for name, entry in summary.items() if entry.get("precropped")}

@@ -11,6 +11,19 @@ dropped, with the reason, and counted per set.
 Writes ``OUT/<set>.parquet`` (one row per input image, kept or not),
 ``OUT/rejects.csv``, and the before/after counts to ``counts_path`` (JSON).
 
+Pre-cropped sets (``precropped: true`` in the set's dataset entry) are not detected: every
+readable image is kept whole, with status ``precropped`` (not counted as dropped), a box
+that is the whole image and no landmarks; the counts of such a set add ``"precropped":
+true`` and ``"source_sizes"`` (``{"WxH": images}``).
+
+Resumable (:mod:`pipeline.chunks`): each set is processed in chunks of ``detect.chunk_size``
+images, rounded up to whole batches so that every batch holds the same images as in one
+pass over the set (the detections do not depend on the chunk size). Each finished chunk is
+written to ``data/.partial/detect/``; a rerun after a crash reuses the chunks whose inputs,
+params, code and thread plan match, and computes the rest. After the output is written, the
+staging folder keeps this run's chunks only (a later run that adds a test set re-detects that
+set alone).
+
 Device, threads and batches (:func:`plan_detect`, printed as one line when the stage
 starts): the torch backend runs on ``detect.device`` (``auto``: ``cuda`` when PyTorch sees
 a GPU, else ``cpu``). ``threads`` is :func:`pipeline.cpu.thread_count` (``FACEPIPE_THREADS``
@@ -24,7 +37,7 @@ the default ``batch_size: 32`` that changes nothing up to 8 threads (the committ
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +48,21 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline import cpu
+from pipeline.chunks import ChunkStore, chunk_ranges, digest, file_digests, library_versions, source_digest, staging_dir
 from pipeline.config import ConfigError, DetectParams
 from pipeline.images import BadImage, load_rgb
-from pipeline.io import atomic_dir, write_csv, write_json, write_parquet
+from pipeline.io import atomic_dir, atomic_file, write_csv, write_json, write_parquet
 
 LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
 LANDMARK_COLUMNS = [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"]
 IMAGES_PER_THREAD = 4  # smallest share of a batch per thread (see plan_detect)
+PRECROPPED = "precropped"  # status of an image of a pre-cropped set (kept, not detected)
+KEPT = ("ok", PRECROPPED)  # statuses of the images that go on to alignment
+
+
+def kept(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a detection table whose image goes on: a detected face or a pre-cropped image."""
+    return rows[rows["status"].isin(KEPT)]
 
 
 def resolve_device(choice: str) -> str:
@@ -214,13 +235,7 @@ def detect_set(images: pd.DataFrame, detector: Detector, params: DetectParams, *
     batch_size = batch_size_for(params, threads)
     paths = images["path"].tolist()
     n = len(paths)
-    status = np.array(["ok"] * n, dtype=object)
-    reason = np.array([""] * n, dtype=object)
-    confidence = np.full(n, np.nan)
-    boxes = np.full((n, 4), np.nan)
-    marks = np.full((n, 10), np.nan)
-    n_faces = np.zeros(n, dtype=np.int32)
-    sizes = np.zeros((n, 2), dtype=np.int32)
+    status, reason, n_faces, sizes, confidence, boxes, marks = _empty_columns(n)
     bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     for batch in _batches(paths, params, threads, batch_size):
         good = [(i, img, scale) for i, img, scale, why in batch if img is not None]
@@ -242,6 +257,15 @@ def detect_set(images: pd.DataFrame, detector: Detector, params: DetectParams, *
                 marks[i] = (face.landmarks / scale).reshape(-1)
         bar.update(len(batch))
     bar.close()
+    return _table(images, status, reason, n_faces, sizes, confidence, boxes, marks)
+
+
+def _empty_columns(n: int):
+    return (np.array(["ok"] * n, dtype=object), np.array([""] * n, dtype=object), np.zeros(n, dtype=np.int32),
+            np.zeros((n, 2), dtype=np.int32), np.full(n, np.nan), np.full((n, 4), np.nan), np.full((n, 10), np.nan))
+
+
+def _table(images, status, reason, n_faces, sizes, confidence, boxes, marks) -> pd.DataFrame:
     out = images[["image_id", "path", "identity"]].copy()
     out["status"], out["reason"], out["faces"] = status, reason, n_faces
     out["width"], out["height"] = sizes[:, 0], sizes[:, 1]
@@ -253,37 +277,139 @@ def detect_set(images: pd.DataFrame, detector: Detector, params: DetectParams, *
     return out
 
 
+def precropped_set(images: pd.DataFrame, params: DetectParams, *, threads: int | None = None) -> pd.DataFrame:
+    """Rows of a pre-cropped set, without MTCNN: every readable image is kept whole.
+
+    Same columns as :func:`detect_set`: status ``precropped`` (or ``rejected`` with the reason
+    for a file that cannot be read), ``faces`` 0, the file's width and height, the box the
+    whole image, confidence and landmarks NaN. Files are decoded on ``threads`` threads (an
+    unreadable crop is found here, and counted, like an unreadable photo).
+    """
+    threads = cpu.thread_count() if threads is None else int(threads)
+    paths = images["path"].tolist()
+    n = len(paths)
+    status, reason, n_faces, sizes, confidence, boxes, marks = _empty_columns(n)
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        loaded = pool.map(lambda p: _load(p, params), paths)
+        for i, (img, scale, why) in enumerate(loaded):
+            if img is None:
+                status[i], reason[i] = "rejected", why
+                continue
+            width, height = round(img.shape[1] / scale), round(img.shape[0] / scale)
+            status[i] = PRECROPPED
+            sizes[i] = (width, height)
+            boxes[i] = (0.0, 0.0, float(width), float(height))
+    return _table(images, status, reason, n_faces, sizes, confidence, boxes, marks)
+
+
 def landmarks_of(rows: pd.DataFrame) -> np.ndarray:
     """``[N, 5, 2]`` landmark array of detection rows."""
     return rows[LANDMARK_COLUMNS].to_numpy(dtype=np.float64).reshape(-1, 5, 2)
 
 
+def chunk_images(params: DetectParams, plan: DetectPlan) -> int:
+    """Images per chunk: ``detect.chunk_size`` rounded up to whole batches of ``plan.batch_size``."""
+    return -(-params.chunk_size // plan.batch_size) * plan.batch_size
+
+
+def stage_key(params: DetectParams, plan: DetectPlan) -> str:
+    """What every chunk's result depends on besides its images: params, device, threads and batch
+    (the CPU detector cuts each batch into one part per thread), code and library versions."""
+    libraries = ["torch", "numpy", "PIL", "cv2", "pandas"] + (["mtcnn", "tensorflow"] if params.backend == "package"
+                                                               else [])
+    return digest({
+        "stage": "detect",
+        "params": params.model_dump(exclude={"chunk_size"}),
+        "plan": [plan.device, plan.threads, plan.batch_size],
+        "code": source_digest("detect", "mtcnn_torch", "images", "chunks"),
+        "libraries": library_versions(*libraries),
+    })
+
+
+def _save_chunk(path: Path, table: pd.DataFrame) -> None:
+    with atomic_file(path) as tmp:
+        table.to_pickle(tmp)
+
+
+def _load_chunk(path: Path) -> pd.DataFrame | None:
+    try:
+        return pd.read_pickle(path)
+    except FileNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - a damaged chunk file is recomputed, never trusted
+        path.unlink(missing_ok=True)
+        return None
+
+
 def run_detect(params: DetectParams, sets: dict[str, pd.DataFrame], out_dir: str | Path,
-               counts_path: str | Path, *, progress: bool = True, plan: DetectPlan | None = None) -> dict[str, dict]:
+               counts_path: str | Path, *, progress: bool = True, plan: DetectPlan | None = None,
+               precropped: Collection[str] = (), staging: str | Path | None = None) -> dict[str, dict]:
     """Detect faces in every set; write per-set tables, the rejects list and the counts.
 
     Prints :meth:`DetectPlan.describe` first (device, threads, batch size). A ``plan`` of
     ``plan_detect(params)`` is made when none is given (:class:`ConfigError` before anything
-    is written when ``device: cuda`` has no GPU).
+    is written when ``device: cuda`` has no GPU). Sets named in ``precropped`` are not
+    detected (:func:`precropped_set`). Chunks are kept in ``staging`` (default
+    :func:`pipeline.chunks.staging_dir` of ``out_dir``: ``data/.partial/detect``); one line per
+    set says how many were reused.
     """
     plan = plan_detect(params) if plan is None else plan
     print(plan.describe(), flush=True)
-    detector = make_detector(params, plan)
+    store = ChunkStore(staging_dir(out_dir) if staging is None else staging, ".pkl")
+    key = stage_key(params, plan)
+    size = chunk_images(params, plan)
+    detector: Detector | None = None
     counts: dict[str, dict] = {}
     rejects = []
+    used: list[str] = []
     with atomic_dir(out_dir) as tmp:
         for name, images in sets.items():
-            table = detect_set(images, detector, params, desc=f"detect {name}", progress=progress,
-                               threads=plan.threads)
+            whole = name in precropped
+            ranges = chunk_ranges(len(images), size)
+            parts, reused = [], 0
+            bar = tqdm(total=len(images), desc=f"detect {name}", unit="img", disable=not progress, dynamic_ncols=True)
+            for a, b in ranges:
+                rows = images.iloc[a:b]
+                chunk = digest([key, whole, rows["image_id"].tolist(), rows["path"].tolist(),
+                                rows["identity"].tolist(), file_digests(rows["path"].tolist(), plan.threads)])
+                part = _load_chunk(store.path(chunk))
+                if part is not None:
+                    reused += 1
+                else:
+                    if whole:
+                        part = precropped_set(rows, params, threads=plan.threads)
+                    else:
+                        if detector is None and len(rows):
+                            detector = make_detector(params, plan)
+                        part = detect_set(rows, detector, params, progress=False, threads=plan.threads)
+                    _save_chunk(store.path(chunk), part)
+                parts.append(part)
+                used.append(chunk)
+                bar.update(b - a)
+            bar.close()
+            print(f"detect {name}: {len(ranges)} chunk(s) of up to {size} images, {reused} reused from {store.root}",
+                  flush=True)
+            table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
             write_parquet(Path(tmp) / f"{name}.parquet", table)
-            dropped = table[table["status"] != "ok"]
+            dropped = table[~table["status"].isin(KEPT)]
             rejects.append(dropped.assign(set=name)[["set", "image_id", "path", "reason"]])
             counts[name] = {
                 "images": int(len(table)),
-                "faces": int((table["status"] == "ok").sum()),
+                "faces": int(len(table) - len(dropped)),
                 "dropped": int(len(dropped)),
                 "reasons": {str(k): int(v) for k, v in dropped["reason"].value_counts().sort_index().items()},
             }
+            if whole:
+                counts[name]["precropped"] = True
+                counts[name]["source_sizes"] = size_counts(kept(table))
         write_csv(Path(tmp) / "rejects.csv", pd.concat(rejects, ignore_index=True))
     write_json(counts_path, counts)
+    store.prune(used)
     return counts
+
+
+def size_counts(rows: pd.DataFrame) -> dict[str, int]:
+    """``{"WxH": number of rows}`` of the images' sizes in file pixels, largest count first."""
+    labels = rows["width"].astype(int).astype(str) + "x" + rows["height"].astype(int).astype(str)
+    counts = labels.value_counts()
+    return {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}

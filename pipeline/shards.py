@@ -9,6 +9,10 @@ Layout per set::
     OUT/<set>/manifest.json            counts, identities, shard files, format
     OUT/<set>/pairs.csv                test sets: the verification pairs (fold, image_id1, image_id2, same)
 
+Writing: :func:`write_set` reads the align stage's packed parts (or its earlier layout, one
+JPEG per face) in index order and writes the shards on a thread pool (Parquet writing is C++
+and releases the GIL); the files do not depend on the number of threads.
+
 Reading: :func:`read_shards` returns a :class:`FaceShards` with every record in
 memory as encoded bytes (decoded on access: the trainer decodes batch by batch, the
 embedder a whole test set), from a local directory or a URL-style location;
@@ -22,6 +26,7 @@ import json
 import os
 import subprocess
 import tarfile
+from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,42 +63,45 @@ def test_sets(shards_dir: str | Path) -> list[str]:
     return sorted(p.name for p in Path(shards_dir).iterdir() if (p / "pairs.csv").is_file())
 
 def write_set(aligned_dir: Path, out_dir: Path, params: ShardParams, pairs: pd.DataFrame | None, *,
-              desc: str = "shard", progress: bool = True) -> dict:
-    """Pack one aligned set (``aligned_dir/_index.csv`` + JPEGs) into ``out_dir``."""
-    index = pd.read_csv(aligned_dir / "_index.csv", dtype={"image_id": str, "identity": str}, keep_default_na=False)
+              desc: str = "shard", progress: bool = True, threads: int | None = None) -> dict:
+    """Pack one aligned set (``aligned_dir/_index.csv`` + its packed parts, or one JPEG per face) into ``out_dir``.
+
+    Shards are written on ``threads`` threads (default :func:`pipeline.cpu.thread_count`), at most
+    two per thread in memory; the files do not depend on the thread count.
+    """
+    from pipeline import cpu
+    from pipeline.align import aligned_images, read_index
+
+    index = read_index(aligned_dir)
     index = index[index["error"] == ""].reset_index(drop=True)
     identities = sorted(index["identity"].unique())
     label_of = {name: k for k, name in enumerate(identities)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    files: list[str] = []
+    threads = cpu.thread_count() if threads is None else int(threads)
     per = params.images_per_shard
+    images = aligned_images(aligned_dir, index)
+    names: list[list[str]] = []
     bar = tqdm(total=len(index), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
-    for shard_no, start in enumerate(range(0, max(len(index), 1), per)):
-        chunk = index.iloc[start : start + per]
-        if chunk.empty:
-            break
-        blobs = [(aligned_dir / f).read_bytes() for f in chunk["file"]]
-        labels = [label_of[i] for i in chunk["identity"]]
-        if params.format in ("parquet", "both"):
-            table = pa.table(
-                {
-                    "image": blobs,
-                    "image_id": chunk["image_id"].tolist(),
-                    "identity": chunk["identity"].tolist(),
-                    "label": labels,
-                    "source_path": chunk["source_path"].tolist(),
-                },
-                schema=SCHEMA,
-            )
-            name = f"part-{shard_no:05d}.parquet"
-            pq.write_table(table, out_dir / name, row_group_size=1024)
-            files.append(name)
-        if params.format in ("webdataset", "both"):
-            name = f"shard-{shard_no:05d}.tar"
-            _write_tar(out_dir / name, blobs, chunk, labels, start)
-            files.append(name)
-        bar.update(len(chunk))
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for shard_no, start in enumerate(range(0, len(index), per)):
+            chunk = index.iloc[start : start + per]
+            blobs = []
+            for expected in chunk["file"]:
+                name, blob = next(images)
+                if name != expected:  # pragma: no cover - aligned_images follows the index
+                    raise ShardError(f"{aligned_dir}: expected {expected!r}, read {name!r}")
+                blobs.append(blob)
+            labels = [label_of[i] for i in chunk["identity"]]
+            pending.append(pool.submit(_write_shard, out_dir, shard_no, start, params.format, blobs, chunk, labels))
+            while len(pending) > 2 * max(1, threads):
+                names.append(pending.popleft().result())
+                bar.update(per)
+        while pending:
+            names.append(pending.popleft().result())
+    bar.update(len(index) - bar.n)
     bar.close()
+    files = [name for shard in names for name in shard]
     if pairs is not None:
         write_csv(out_dir / "pairs.csv", pairs)
     manifest = {
@@ -106,6 +114,31 @@ def write_set(aligned_dir: Path, out_dir: Path, params: ShardParams, pairs: pd.D
     }
     write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def _write_shard(out_dir: Path, shard_no: int, start: int, fmt: str, blobs: list[bytes], chunk: pd.DataFrame,
+                 labels: list[int]) -> list[str]:
+    """Write shard ``shard_no`` (Parquet and/or tar); returns the file names in manifest order."""
+    files = []
+    if fmt in ("parquet", "both"):
+        table = pa.table(
+            {
+                "image": blobs,
+                "image_id": chunk["image_id"].tolist(),
+                "identity": chunk["identity"].tolist(),
+                "label": labels,
+                "source_path": chunk["source_path"].tolist(),
+            },
+            schema=SCHEMA,
+        )
+        name = f"part-{shard_no:05d}.parquet"
+        pq.write_table(table, out_dir / name, row_group_size=1024)
+        files.append(name)
+    if fmt in ("webdataset", "both"):
+        name = f"shard-{shard_no:05d}.tar"
+        _write_tar(out_dir / name, blobs, chunk, labels, start)
+        files.append(name)
+    return files
 
 
 def _write_tar(path: Path, blobs: list[bytes], chunk: pd.DataFrame, labels: list[int], start: int) -> None:

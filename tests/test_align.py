@@ -80,3 +80,117 @@ def test_contact_sheet_shape():
     crops = [np.full((112, 112, 3), k * 20, dtype=np.uint8) for k in range(5)]
     sheet = contact_sheet(crops, [str(k) for k in range(5)], columns=4)
     assert sheet.shape == (2 * (112 + 12), 4 * 112, 3)
+
+
+# ----------------------------------------------------------------------------- the stage at scale
+def _faces_on_disk(root, n, *, size=128, bad=()):
+    """``n`` synthetic faces as JPEG files with their true landmarks: a detection table
+    (status ok), as the detect stage writes it. Rows in ``bad`` get landmarks that coincide."""
+    import pandas as pd
+
+    from pipeline.datasets import synthetic
+    from pipeline.detect import LANDMARK_COLUMNS
+    from tests.conftest import write_image
+
+    rows = []
+    for k in range(n):
+        rng = np.random.default_rng(k)
+        identity = synthetic.sample_identity(rng, "a")
+        variation = synthetic.sample_variation(rng, "a")
+        path = write_image(root / f"id{k % 4}" / f"img{k}.jpg", synthetic.render_face(identity, variation, size),
+                           quality=90)
+        marks = synthetic.face_landmarks(identity, variation, size)
+        if k in bad:
+            marks = np.ones_like(marks)
+        rows.append({"image_id": f"id{k % 4}/img{k}.jpg", "path": str(path), "identity": f"id{k % 4}",
+                     "status": "ok", **dict(zip(LANDMARK_COLUMNS, marks.reshape(-1)))})
+    return pd.DataFrame(rows)
+
+
+def _packed(out_dir):
+    """{file: JPEG bytes} of every part of an aligned set, and the part files' bytes."""
+    import pyarrow.parquet as pq
+
+    blobs, parts = {}, {}
+    for part in sorted(out_dir.glob("part-*.parquet")):
+        table = pq.read_table(part)
+        blobs.update(zip(table.column("file").to_pylist(), table.column("image").to_pylist()))
+        parts[part.name] = part.read_bytes()
+    return blobs, parts
+
+
+def test_parallel_align_writes_the_bytes_of_the_serial_recipe(tmp_path):
+    """Threads and chunk size change nothing: every face is the bytes of the one-face recipe
+    (load_rgb, align_face, JPEG at jpeg_quality, as the stage wrote one file per face before)."""
+    import cv2
+
+    from pipeline.align import align_set, aligned_images, unpack_aligned
+    from pipeline.config import AlignParams
+    from pipeline.images import load_rgb
+
+    detections = _faces_on_disk(tmp_path / "raw", 13, bad={5})
+    params = AlignParams(size=96, jpeg_quality=93, chunk_size=4)
+    serial = align_set(detections, tmp_path / "serial", params, progress=False, threads=1)
+    parallel = align_set(detections, tmp_path / "parallel", params, progress=False, threads=3)
+    one_chunk = align_set(detections, tmp_path / "one", params.model_copy(update={"chunk_size": 100}),
+                          progress=False, threads=3)
+    assert serial.equals(parallel)
+    assert serial.drop(columns="part").equals(one_chunk.drop(columns="part"))
+    blobs, parts = _packed(tmp_path / "serial")
+    assert (blobs, parts) == _packed(tmp_path / "parallel")
+    assert blobs == _packed(tmp_path / "one")[0]
+    assert sorted(parts) == [f"part-0000{k}.parquet" for k in range(4)]  # 13 faces in chunks of 4
+    assert serial.loc[5, "error"] == "the source points coincide; no transform is defined"
+    assert blobs[serial.loc[5, "file"]] is None
+    for k, row in serial.drop(index=5).iterrows():
+        image, _ = load_rgb(row["source_path"])
+        marks = detections.iloc[k][[c for c in detections.columns if c.endswith(("_x", "_y"))]]
+        crop, residual = align_face(image, marks.to_numpy(dtype=float).reshape(5, 2), 96)
+        ok, expected = cv2.imencode(".jpg", cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 93])
+        assert blobs[row["file"]] == expected.tobytes(), row["file"]
+        assert row["residual"] == residual
+    assert not (tmp_path / "serial" / ".partial").exists()  # staging removed once the set is done
+    # the earlier one-file-per-face layout, for tools that want an ImageFolder
+    serial.to_csv(tmp_path / "serial" / "_index.csv", index=False)
+    assert unpack_aligned(tmp_path / "serial", tmp_path / "folder") == 12
+    for name, blob in blobs.items():
+        assert (tmp_path / "folder" / name).is_file() == (blob is not None)
+        assert blob is None or (tmp_path / "folder" / name).read_bytes() == blob
+    assert dict(aligned_images(tmp_path / "folder")) == {k: v for k, v in blobs.items() if v is not None}
+
+
+def test_an_interrupted_align_run_resumes_from_its_finished_chunks(tmp_path, monkeypatch):
+    import pipeline.align as align_module
+    from pipeline.config import AlignParams
+
+    detections = {"train": _faces_on_disk(tmp_path / "raw", 10)}
+    params = AlignParams(size=64, chunk_size=3, contact_sheet=6)
+    clean = align_module.run_align(params, detections, tmp_path / "clean" / "aligned", tmp_path / "clean" / "sheet.png",
+                                   tmp_path / "clean" / "stats.json", progress=False)
+    computed = []
+    real = align_module._align_chunk
+
+    def crash_on_third(rows, *args, **kwargs):
+        if len(computed) == 2:
+            raise KeyboardInterrupt("killed")
+        computed.append(len(rows))
+        return real(rows, *args, **kwargs)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(align_module, "_align_chunk", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        align_module.run_align(params, detections, run / "aligned", run / "sheet.png", run / "stats.json",
+                               progress=False)
+    assert not (run / "aligned").exists()  # the output is still all or nothing
+    assert len(list((run / ".partial" / "aligned").glob("*.parquet"))) == 2
+    computed.clear()
+    monkeypatch.setattr(align_module, "_align_chunk",
+                        lambda rows, *a, **k: computed.append(len(rows)) or real(rows, *a, **k))
+    stats = align_module.run_align(params, detections, run / "aligned", run / "sheet.png", run / "stats.json",
+                                   progress=False)
+    assert computed == [3, 1]  # chunks 3 and 4 of 4 (10 faces in chunks of 3); 1 and 2 reused
+    assert stats == clean
+    for name in ("stats.json", "sheet.png", "aligned/train/_index.csv"):
+        assert (run / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
+    assert _packed(run / "aligned" / "train") == _packed(tmp_path / "clean" / "aligned" / "train")
+    assert not (run / ".partial").exists()

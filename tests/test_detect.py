@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.align import align_set, template
+from pipeline.align import align_set, aligned_images, template
 from pipeline.config import AlignParams, DetectParams
 from pipeline.datasets.folder import list_identity_folder
 from pipeline.detect import Face, TorchDetector, choose_face, detect_set, landmarks_of
@@ -98,13 +98,17 @@ def test_salted_folder_keeps_good_and_explains_bad(salted):
 
 
 def test_salted_folder_aligns_every_good_image(salted, tmp_path):
+    import io
+
     root, good, bad, detections = salted
     index = align_set(detections, tmp_path, AlignParams(), progress=False)
     assert set(index["image_id"]) == set(good)
     assert (index["error"] == "").all()
     assert index["residual"].max() < 6.0
-    for name in index["file"]:
-        crop = np.asarray(Image.open(tmp_path / name))
+    faces = dict(aligned_images(tmp_path, index))
+    assert list(faces) == index["file"].tolist()
+    for blob in faces.values():
+        crop = np.asarray(Image.open(io.BytesIO(blob)))
         assert crop.shape == (112, 112, 3)
 
 
@@ -232,3 +236,106 @@ def test_cli_cuda_without_gpu_is_one_line_and_writes_nothing(tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "detect.device is 'cuda'" in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+# ----------------------------------------------------------------------------- resumable by chunks
+def _mixed_images(root: Path, n_faces: int, blanks: tuple[int, ...] = (2, 7)) -> pd.DataFrame:
+    """Synthetic faces with a few faceless images between them, as a data-stage index."""
+    rows = []
+    for k in range(n_faces):
+        array = np.full((140, 140, 3), 90, np.uint8) if k in blanks else synthetic_face(k, 140)
+        path = write_image(root / f"id{k % 3}" / f"{k:03d}.jpg", array, quality=92)
+        rows.append((f"id{k % 3}/{k:03d}.jpg", str(path), f"id{k % 3}"))
+    return pd.DataFrame(rows, columns=["image_id", "path", "identity"])
+
+
+def test_chunked_detection_writes_the_bytes_of_one_pass(tmp_path, monkeypatch):
+    """Chunks are whole batches, so the tables are those of one pass over the set."""
+    from pipeline.detect import plan_detect, run_detect
+    from pipeline.io import write_parquet
+
+    monkeypatch.setenv("FACEPIPE_THREADS", "1")
+    images = _mixed_images(tmp_path / "raw", 11)
+    params = DetectParams(batch_size=4, chunk_size=3)  # chunks of 4 images: 4 + 4 + 3
+    plan = plan_detect(params)
+    chunked = run_detect(params, {"s": images}, tmp_path / "chunked", tmp_path / "c.json", progress=False, plan=plan)
+    whole = run_detect(params.model_copy(update={"chunk_size": 1000}), {"s": images}, tmp_path / "whole",
+                       tmp_path / "w.json", progress=False, plan=plan)
+    one_pass = detect_set(images, make_detector_for_test(params, plan), params, progress=False, threads=1)
+    write_parquet(tmp_path / "one_pass.parquet", one_pass)
+    assert chunked == whole and chunked["s"]["dropped"] == 2
+    for name in ("s.parquet", "rejects.csv"):
+        assert (tmp_path / "chunked" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    assert (tmp_path / "chunked" / "s.parquet").read_bytes() == (tmp_path / "one_pass.parquet").read_bytes()
+    assert len(list((tmp_path / ".partial" / "chunked").glob("*.pkl"))) == 3  # kept after the run
+    assert len(list((tmp_path / ".partial" / "whole").glob("*.pkl"))) == 1
+
+
+def make_detector_for_test(params, plan):
+    from pipeline.detect import make_detector
+
+    return make_detector(params, plan)
+
+
+def test_detect_killed_midway_resumes_from_its_finished_chunks(tmp_path):
+    """SIGKILL `python -m pipeline detect` after a few chunks; the rerun computes only the rest
+    and writes the same files as an uninterrupted run."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    images = _mixed_images(tmp_path / "raw", 40, blanks=(3, 17, 30))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["detect"].update(batch_size=4, chunk_size=4, device="cpu")
+    params["data"]["tests"] = {"t": {"kind": "folder", "path": str(tmp_path / "raw")}}
+    params["report"].update(in_domain="t", cross_domain=[])
+    projects = {}
+    for name in ("clean", "killed"):
+        project = projects[name] = tmp_path / name
+        (project / "data" / "datasets" / "index").mkdir(parents=True)
+        images.to_csv(project / "data" / "datasets" / "index" / "train.csv", index=False)
+        images.iloc[5:8].to_csv(project / "data" / "datasets" / "index" / "t.csv", index=False)
+        (project / "data" / "datasets" / "summary.json").write_text("{}")
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ, PYTHONPATH=str(root), FACEPIPE_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
+    command = [sys.executable, "-m", "pipeline", "detect", "--no-progress"]
+
+    def run(project):
+        result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    run(projects["clean"])
+    staging = projects["killed"] / "data" / ".partial" / "detect"
+    proc = subprocess.Popen(command, cwd=projects["killed"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(staging.glob("*.pkl"))) < 3:
+            assert proc.poll() is None, "detect finished before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finished = len(list(staging.glob("*.pkl")))
+    assert 3 <= finished < 10 and not (projects["killed"] / "data" / "detect").exists()
+    out = run(projects["killed"])
+    reused = int(out.split("detect train: 10 chunk(s) of up to 4 images, ")[1].split(" reused")[0])
+    assert reused == finished, out  # every finished chunk, and only those: 10 - reused computed
+    for name in ("data/detect/train.parquet", "data/detect/t.parquet", "data/detect/rejects.csv",
+                 "reports/detection.json"):
+        assert (projects["killed"] / name).read_bytes() == (projects["clean"] / name).read_bytes(), name
+    rejects = pd.read_csv(projects["killed"] / "data/detect/rejects.csv")
+    assert {"id0/003.jpg", "id2/017.jpg", "id0/030.jpg"} <= set(rejects["image_id"])  # the blanks
+    assert json.loads((projects["killed"] / "reports/detection.json").read_text())["train"]["images"] == 40
+    assert len(list(staging.iterdir())) == 10 + 1  # this run's chunks only (train: 10, t: 1)

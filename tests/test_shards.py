@@ -143,3 +143,43 @@ def test_a_corrupt_tar_shard_names_the_file(tmp_path):
     bad.write_bytes(b"this is not a tar archive" * 40)
     with pytest.raises(ShardError, match="shard-00000.tar: not a readable tar shard"):
         list(iter_webdataset([str(bad)]))
+
+
+def _pack(loose, packed, per_part):
+    """The loose aligned set ``loose`` in the packed layout of the align stage (parts of ``per_part``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.align import PART_SCHEMA
+
+    index = pd.read_csv(loose / "_index.csv", keep_default_na=False, dtype=str)
+    packed.mkdir(parents=True)
+    parts = []
+    for k, start in enumerate(range(0, len(index), per_part)):
+        rows = index.iloc[start : start + per_part]
+        images = [(loose / f).read_bytes() if e == "" else None for f, e in zip(rows["file"], rows["error"])]
+        residual = [float(r) if r else float("nan") for r in rows["residual"]]
+        pq.write_table(pa.table({"file": rows["file"].tolist(), "image": images, "residual": residual,
+                                 "error": rows["error"].tolist()}, schema=PART_SCHEMA),
+                       packed / f"part-{k:05d}.parquet")
+        parts += [f"part-{k:05d}.parquet"] * len(rows)
+    index.assign(part=parts).to_csv(packed / "_index.csv", index=False)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "webdataset", "both"])
+def test_shards_from_packed_parts_on_threads_equal_the_serial_shards_of_loose_files(tmp_path, fmt):
+    """The shard files do not depend on the aligned layout (one JPEG per face, or packed parts
+    of any size) nor on the number of writer threads."""
+    loose = _aligned(tmp_path, n_ids=4, per=6)
+    pairs = pd.DataFrame({"fold": [1], "image_id1": ["id0/0"], "image_id2": ["id1/0"], "same": [0]})
+    params = ShardParams(format=fmt, images_per_shard=5)
+    reference = write_set(loose, tmp_path / "ref", params, pairs, progress=False, threads=1)
+    _pack(loose, tmp_path / "packed", per_part=7)
+    for threads in (1, 3):
+        out = tmp_path / f"out{threads}"
+        assert write_set(tmp_path / "packed", out, params, pairs, progress=False, threads=threads) == reference
+        written = sorted(p.name for p in out.iterdir())
+        assert written == sorted(p.name for p in (tmp_path / "ref").iterdir())
+        for name in written:
+            assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (threads, name)
+    assert len(reference["files"]) == (10 if fmt == "both" else 5)  # 24 faces in shards of 5
