@@ -280,13 +280,14 @@ def run_embed_pretrained(name: str, params: PretrainedParams, detect_dir: str | 
     if kind != "dlib":  # pragma: no cover - the config schema only admits known backends
         raise ValueError(f"unknown pretrained model kind {kind!r}")
     from pipeline.baselines.dlib_resnet import DlibFaceEmbedder, save_embeddings
+    from pipeline.detect import kept
 
     embedder = DlibFaceEmbedder()
     counts = {}
     with atomic_dir(out_dir) as tmp:
         for set_name in test_sets(shards_dir):
             rows = pd.read_parquet(Path(detect_dir) / f"{set_name}.parquet")
-            rows = rows[rows["status"] == "ok"].reset_index(drop=True)
+            rows = kept(rows).reset_index(drop=True)  # detected faces and pre-cropped images
             boxes = rows[["box_x", "box_y", "box_w", "box_h"]].to_numpy() if params.mtcnn_fallback else None
             emb, ok, reasons = embedder.embed_images(rows["path"].tolist(), boxes=boxes, upsample=params.upsample,
                                                      jitter=params.jitter, progress=progress)

@@ -145,7 +145,8 @@ def validation_pairs(labels: np.ndarray, seed: int, max_pairs: int = 6000) -> np
         positives = positives[rng.choice(len(positives), max_pairs // 2, replace=False)]
     n_neg = max(len(positives), 1)
     negatives = []
-    while len(negatives) < n_neg and len(np.unique(labels)) > 1:
+    several_classes = len(np.unique(labels)) > 1  # once: at CASIA scale it costs seconds per call
+    while len(negatives) < n_neg and several_classes:
         i, j = rng.integers(0, len(labels), 2)
         if labels[i] != labels[j]:
             negatives.append((i, j, 0))

@@ -58,18 +58,25 @@ def test_n_way_accuracy_is_the_mean_over_runs_and_a_dash_without_a_head(project)
     _write_json("reports/metrics/softmax-1.json", {"synth_closed": {"rank1": 0.8, "n_way_accuracy": 0.7}})
     _write_json("reports/metrics/triplet-0.json", {"synth_closed": {"rank1": 0.6}})
     _write_json("reports/metrics/triplet-1.json", {"synth_closed": {"rank1": 0.7}})
-    iv = report._n_way_interval(["softmax-0", "softmax-1"], "synth_closed", alpha=0.05)
+    source = report.WorkspaceRuns()
+
+    def n_way(runs, test_set):
+        return report._n_way_interval([source.metrics(r).get(test_set, {}).get("n_way_accuracy") for r in runs],
+                                      alpha=0.05)
+
+    iv = n_way(["softmax-0", "softmax-1"], "synth_closed")
     assert iv.mean == pytest.approx(0.6) and iv.per_run == (0.5, 0.7)
-    assert report._n_way_interval(["triplet-0", "triplet-1"], "synth_closed", alpha=0.05) is None
-    assert report._n_way_interval(["softmax-0", "triplet-0"], "synth_closed", alpha=0.05) is None  # not every run
-    assert report._n_way_interval(["softmax-0"], "synth_open", alpha=0.05) is None
+    assert n_way(["triplet-0", "triplet-1"], "synth_closed") is None
+    assert n_way(["softmax-0", "triplet-0"], "synth_closed") is None  # not every run
+    assert n_way(["softmax-0"], "synth_open") is None
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 50)
     table = report.Table("synth_closed", "cosine_norm",
                          {m: rng.normal(size=(2, 100)) + labels for m in ("softmax", "triplet")},
                          labels, np.tile([1, 2], 50), 100, 0)
-    stats = {m: report.model_stats(table, m, [f"{m}-0", f"{m}-1"], alpha=0.05, n_boot=100, seed=0)
+    stats = {m: report.model_stats(table, m, [f"{m}-0", f"{m}-1"], alpha=0.05, n_boot=100, seed=0,
+                                   run_metrics=[source.metrics(f"{m}-{k}") for k in (0, 1)])
              for m in ("softmax", "triplet")}
     stats["softmax"].label = "softmax (train-norm)"
     lines = report.stats_markdown(stats).splitlines()
