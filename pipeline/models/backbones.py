@@ -20,9 +20,11 @@ from typing import Callable
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
+
+# torchvision is imported where a torchvision ResNet is built, not here: importing it pulls in
+# torch._dynamo (about 2 s), which every train and embed stage would pay for the default
+# smallcnn, which does not need it.
 
 __all__ = [
     "BACKBONES",
@@ -105,19 +107,23 @@ class SmallCNN(nn.Module):
 
 
 # --------------------------------------------------------------------------- ResNet
-_TV_RESNETS: dict[str, Callable[..., torchvision.models.ResNet]] = {
-    "resnet18": torchvision.models.resnet18,
-    "resnet34": torchvision.models.resnet34,
-    "resnet50": torchvision.models.resnet50,
-}
+_TV_RESNETS = ("resnet18", "resnet34", "resnet50")
 
 
-def _load_pretrained_resnet(name: str) -> torchvision.models.ResNet:
+def _tv_resnet(name: str) -> Callable[..., nn.Module]:
+    import torchvision
+
+    return getattr(torchvision.models, name)
+
+
+def _load_pretrained_resnet(name: str) -> nn.Module:
     """torchvision ``name`` with its IMAGENET1K_V1 weights, read from the torch hub cache.
 
     Raises RuntimeError (without touching the network) when the weight file is not
     already in ``$TORCH_HOME/hub/checkpoints``; this machine has no internet access.
     """
+    import torchvision
+
     weights = torchvision.models.get_model_weights(name).IMAGENET1K_V1
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
     if not cached.is_file():
@@ -127,7 +133,7 @@ def _load_pretrained_resnet(name: str) -> torchvision.models.ResNet:
             f"machine with internet access, or use pretrained_backbone=False)"
         )
     try:
-        return _TV_RESNETS[name](weights=weights, progress=False)
+        return _tv_resnet(name)(weights=weights, progress=False)
     except Exception as exc:  # corrupt or truncated file in the cache
         raise RuntimeError(f"could not load pretrained {name} weights from {cached}: {exc}") from exc
 
@@ -154,7 +160,9 @@ class TorchvisionResNet(nn.Module):
         super().__init__()
         if name not in _TV_RESNETS:
             raise ValueError(f"unknown torchvision ResNet {name!r}; allowed: {sorted(_TV_RESNETS)}")
-        net = _load_pretrained_resnet(name) if pretrained else _TV_RESNETS[name](weights=None)
+        from torchvision.models.resnet import BasicBlock, Bottleneck
+
+        net = _load_pretrained_resnet(name) if pretrained else _tv_resnet(name)(weights=None)
 
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
