@@ -561,6 +561,9 @@ def build_report(grid: Grid, workspace: Path, out_root: Path, *, states: list[Ce
                                "overrides": json.dumps(s.cell.overrides, sort_keys=True)} for s in states])
         write_csv(tmp / "cells.csv", cells)
         summary = {}
+        # "margin=CM1 combined" for the model key "combined-margins-marginCM1-f5d974/combined"
+        readable = {key: " ".join([", ".join(f"{d}={v}" for d, v in m["cell"].labels.items()), m["loss"]]).strip()
+                    for key, m in models.items()}.get
         sections = [f"# Grid `{grid.name}`", "", grid.description, "",
                     f"Grid file: `{grid.path}`; {len(states)} cells ({sum(s.rev is not None for s in states)} finished"
                     f", {sum(s.status == 'failed' for s in states)} failed). Each cell is one DVC experiment; this report "
@@ -580,7 +583,8 @@ def build_report(grid: Grid, workspace: Path, out_root: Path, *, states: list[Ce
                 summary.setdefault(table.test_set, {}).setdefault(table.variant, {})[metric] = {
                     k: None if math.isnan(v) else round(float(v), 6) for k, v in view.set_index("model")[metric].items()}
             v = verdicts[(verdicts["test_set"] == table.test_set) & (verdicts["variant"] == table.variant)]
-            beats = v[v["verdict"] != "not distinguishable"]
+            beats = v[v["verdict"] != "not distinguishable"].assign(a=lambda d: d["a"].map(readable),
+                                                                    b=lambda d: d["b"].map(readable))
             sections += [f"**Verdicts on {table.test_set} ({table.variant})**: "
                          + (f"{len(beats)} of {len(v)} pairs of models differ (Holm, family-wise α = {alpha:g}): "
                             + "; ".join(f"{r.a} beats {r.b} (ΔAUC {r.auc_diff:+.4f} [{r.diff_low:+.4f}, "
@@ -591,7 +595,7 @@ def build_report(grid: Grid, workspace: Path, out_root: Path, *, states: list[Ce
         if not xd.empty:
             write_csv(tmp / "cross_domain.csv", xd)
             view = pd.DataFrame({
-                "model": xd["model"], "runs": xd["runs"],
+                "model": xd["model"].map(lambda k: readable(k, k)), "runs": xd["runs"],
                 "from → to": xd["in_domain"] + " → " + xd["cross_domain"],
                 "AUC in": xd["auc_in"].map(lambda v: f"{v:.4f}"), "AUC cross": xd["auc_cross"].map(lambda v: f"{v:.4f}"),
                 "drop [95%]": [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
@@ -647,6 +651,23 @@ def _pivot(view: pd.DataFrame, grid: Grid, metric: str) -> pd.DataFrame:
     return frame.pivot_table(index=rows, columns=columns, values="value", aggfunc="first")
 
 
+def _finish_roc(fig, ax, labels: np.ndarray, title: str, target: Path, written: list[Path]) -> None:
+    """Log-FPR axes down to the smallest FPR the set's negative pairs can show, legend, save, close."""
+    ax.set_xscale("log")
+    ax.set_xlim(left=max(1e-4, 0.5 / max(1, int((labels == 0).sum()))), right=1.0)
+    ax.set_xlabel("false positive rate (log)")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=100)
+    import matplotlib.pyplot as plt  # loaded already by the caller (report._pyplot)
+
+    plt.close(fig)
+    written.append(target)
+
+
 def _plots(grid: Grid, results: pd.DataFrame, tables, per_table_stats, models, out: Path) -> list[Path]:
     from pipeline.report import ROC_GRID, _pyplot, _run_roc
 
@@ -688,20 +709,11 @@ def _plots(grid: Grid, results: pd.DataFrame, tables, per_table_stats, models, o
                 auc = per_table_stats[(table.test_set, table.variant)][key].auc.mean
                 others = ", ".join(f"{d}={v}" for d, v in m["cell"].labels.items() if d != grid.roc_by)
                 ax.plot(ROC_GRID, tpr, lw=1.5, label=f"{m['loss']} {others} (AUC {auc:.3f})")
-            ax.set_xscale("log")
-            ax.set_xlim(left=max(1e-4, 0.5 / max(1, int((table.labels == 0).sum()))), right=1.0)
-            ax.set_xlabel("false positive rate (log)")
-            ax.set_ylabel("true positive rate")
             distance, norm = table.variant.split("_")
-            ax.set_title(f"{table.test_set}: {value}, {distance}, test-time norm {'on' if norm == 'norm' else 'off'}"
-                         " (runs averaged)", fontsize=9)
-            ax.legend(fontsize=7, loc="lower right")
-            fig.tight_layout()
-            target = out / "figures" / "roc" / table.test_set / f"{value}_{table.variant}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(target, dpi=100)
-            plt.close(fig)
-            written.append(target)
+            _finish_roc(fig, ax, table.labels,
+                        f"{table.test_set}: {value}, {distance}, test-time norm {'on' if norm == 'norm' else 'off'}"
+                        " (runs averaged)",
+                        out / "figures" / "roc" / table.test_set / f"{value}_{table.variant}.png", written)
         if grid.roc:
             fig, ax = plt.subplots(figsize=(6, 5))
             for choice in grid.roc:
@@ -711,16 +723,6 @@ def _plots(grid: Grid, results: pd.DataFrame, tables, per_table_stats, models, o
                         auc = per_table_stats[(table.test_set, table.variant)][key].auc.mean
                         label = ", ".join(f"{d}={v}" for d, v in m["cell"].labels.items())
                         ax.plot(ROC_GRID, tpr, lw=1.6, label=f"{label} {m['loss']} (AUC {auc:.3f})")
-            ax.set_xscale("log")
-            ax.set_xlim(left=max(1e-4, 0.5 / max(1, int((table.labels == 0).sum()))), right=1.0)
-            ax.set_xlabel("false positive rate (log)")
-            ax.set_ylabel("true positive rate")
-            ax.set_title(f"{grid.name}: {table.test_set} ({table.variant}), runs averaged", fontsize=9)
-            ax.legend(fontsize=7, loc="lower right")
-            fig.tight_layout()
-            target = out / "figures" / f"roc_{table.test_set}_{table.variant}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(target, dpi=100)
-            plt.close(fig)
-            written.append(target)
+            _finish_roc(fig, ax, table.labels, f"{grid.name}: {table.test_set} ({table.variant}), runs averaged",
+                        out / "figures" / f"roc_{table.test_set}_{table.variant}.png", written)
     return written
