@@ -571,26 +571,34 @@ def build_report(grid: Grid, workspace: Path, out_root: Path, *, states: list[Ce
                     f"`python -m pipeline grid report {grid.path}`.", "",
                     _scale_line(first), "",
                     f"Intervals: {METHOD}.", "", f"Verdicts: {VERDICT_METHOD}.", ""]
+        # one pivot per test set and variant; when the grid lays variants out as rows or columns, one per
+        # test set with the variants side by side (the loss study's four distance / norm columns)
+        variant_is_a_dimension = "variant" in grid.rows + grid.columns
+        groups: dict[tuple[str, str | None], list] = {}
         for table in tables:
-            stats = per_table_stats[(table.test_set, table.variant)]
-            view = results[(results["test_set"] == table.test_set) & (results["variant"] == table.variant)]
+            groups.setdefault((table.test_set, None if variant_is_a_dimension else table.variant), []).append(table)
+        for (test_set, variant), group in groups.items():
+            names = [t.variant for t in group]
+            view = results[(results["test_set"] == test_set) & (results["variant"].isin(names))]
             for metric in grid.metrics:
-                pivot = _pivot(view, grid, metric)
-                name = f"{metric}_{table.test_set}_{table.variant}"
-                write_csv(tmp / f"pivot_{name}.csv", pivot.reset_index())
-                sections += [f"## {METRICS[metric]}: {table.test_set} ({table.variant}, {table.labels.size} pairs)", "",
-                             markdown_table(pivot.reset_index()), ""]
-                summary.setdefault(table.test_set, {}).setdefault(table.variant, {})[metric] = {
-                    k: None if math.isnan(v) else round(float(v), 6) for k, v in view.set_index("model")[metric].items()}
-            v = verdicts[(verdicts["test_set"] == table.test_set) & (verdicts["variant"] == table.variant)]
-            beats = v[v["verdict"] != "not distinguishable"].assign(a=lambda d: d["a"].map(readable),
-                                                                    b=lambda d: d["b"].map(readable))
-            sections += [f"**Verdicts on {table.test_set} ({table.variant})**: "
-                         + (f"{len(beats)} of {len(v)} pairs of models differ (Holm, family-wise α = {alpha:g}): "
-                            + "; ".join(f"{r.a} beats {r.b} (ΔAUC {r.auc_diff:+.4f} [{r.diff_low:+.4f}, "
-                                        f"{r.diff_high:+.4f}])" for r in beats.itertuples())
-                            if len(beats) else f"none of the {len(v)} pairs of models is distinguishable "
-                                              f"(Holm, family-wise α = {alpha:g})") + ".", ""]
+                pivot = _flat(_pivot(view, grid, metric))
+                write_csv(tmp / f"pivot_{metric}_{test_set}{'_' + variant if variant else ''}.csv", pivot)
+                sections += [f"## {METRICS[metric]}: {test_set} ({', '.join(names)}; {group[0].labels.size} pairs)",
+                             "", markdown_table(pivot), ""]
+                for name in names:
+                    summary.setdefault(test_set, {}).setdefault(name, {})[metric] = {
+                        k: None if math.isnan(v) else round(float(v), 6)
+                        for k, v in view[view["variant"] == name].set_index("model")[metric].items()}
+            for name in names:
+                v = verdicts[(verdicts["test_set"] == test_set) & (verdicts["variant"] == name)]
+                beats = v[v["verdict"] != "not distinguishable"].assign(a=lambda d: d["a"].map(readable),
+                                                                        b=lambda d: d["b"].map(readable))
+                sections += [f"**Verdicts on {test_set} ({name})**: "
+                             + (f"{len(beats)} of {len(v)} pairs of models differ (Holm, family-wise α = {alpha:g}): "
+                                + "; ".join(f"{r.a} beats {r.b} (ΔAUC {r.auc_diff:+.4f} [{r.diff_low:+.4f}, "
+                                            f"{r.diff_high:+.4f}])" for r in beats.itertuples())
+                                if len(beats) else f"none of the {len(v)} pairs of models is distinguishable "
+                                                  f"(Holm, family-wise α = {alpha:g})") + ".", ""]
         xd = _cross_domain(first, tables, per_table_stats, list(models), alpha)
         if not xd.empty:
             write_csv(tmp / "cross_domain.csv", xd)
@@ -649,6 +657,14 @@ def _pivot(view: pd.DataFrame, grid: Grid, metric: str) -> pd.DataFrame:
     if not columns:
         return frame.set_index(rows)[["value"]].rename(columns={"value": METRICS[metric]})
     return frame.pivot_table(index=rows, columns=columns, values="value", aggfunc="first")
+
+
+def _flat(pivot: pd.DataFrame) -> pd.DataFrame:
+    """The pivot with its row labels as columns and multi-level column labels joined: "off / cosine_norm"."""
+    frame = pivot.reset_index()
+    if isinstance(frame.columns, pd.MultiIndex):
+        frame.columns = [" / ".join(str(p) for p in c if str(p) != "") for c in frame.columns]
+    return frame
 
 
 def _finish_roc(fig, ax, labels: np.ndarray, title: str, target: Path, written: list[Path]) -> None:
