@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-from pipeline.io import json_default
 
 STAGING = ".partial"
 
@@ -47,8 +46,16 @@ def chunk_ranges(n: int, size: int) -> list[tuple[int, int]]:
 
 def digest(value: Any) -> str:
     """SHA-256 (hex) of ``value`` written as canonical JSON (sorted keys; numbers as JSON writes them)."""
-    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=json_default)
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=_plain)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"cannot hash a {type(value).__name__}")
 
 
 def source_digest(*modules: str) -> str:

@@ -81,7 +81,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
     """Write ``data`` as indented, key-sorted JSON, atomically."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=json_default) + "\n")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -99,8 +99,8 @@ def write_parquet(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
         frame.to_parquet(tmp, index=False)
 
 
-def json_default(value: Any) -> Any:
-    """``json.dumps(default=...)`` for numpy scalars and arrays and paths."""
+def _json_default(value: Any) -> Any:
+    # numpy scalars and arrays, Paths
     if hasattr(value, "tolist"):
         return value.tolist()
     if isinstance(value, os.PathLike):
