@@ -669,6 +669,8 @@ def _flat(pivot: pd.DataFrame) -> pd.DataFrame:
 
 def _finish_roc(fig, ax, labels: np.ndarray, title: str, target: Path, written: list[Path]) -> None:
     """Log-FPR axes down to the smallest FPR the set's negative pairs can show, legend, save, close."""
+    import matplotlib.pyplot as plt  # already loaded by the caller (report._pyplot)
+
     ax.set_xscale("log")
     ax.set_xlim(left=max(1e-4, 0.5 / max(1, int((labels == 0).sum()))), right=1.0)
     ax.set_xlabel("false positive rate (log)")
@@ -678,8 +680,6 @@ def _finish_roc(fig, ax, labels: np.ndarray, title: str, target: Path, written: 
     fig.tight_layout()
     target.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(target, dpi=100)
-    import matplotlib.pyplot as plt  # loaded already by the caller (report._pyplot)
-
     plt.close(fig)
     written.append(target)
 
