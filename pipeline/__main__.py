@@ -68,70 +68,82 @@ def validate(params_file: Path = ParamsOption) -> None:
     typer.echo(f"{params_file}: ok ({len(params.train_losses)} losses: {', '.join(params.train_losses)})")
 
 
+SetArgument = typer.Argument(None, help="A data set: train, or a test set named in data.tests "
+                                         "(omit for every set, one after the other).")
+
+
+def _sets(params: Params, name: str | None) -> list[str]:
+    if name is None:
+        return params.data_sets
+    params.data_spec(name)  # ConfigError naming the configured sets
+    return [name]
+
+
 @app.command()
 @stage
-def data(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Resolve the configured datasets (and generate the synthetic one) into index tables."""
+def data(name: str = SetArgument, params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Resolve one configured data set (synthetic faces generated, .bin faces unpacked) into index tables."""
     from pipeline.data import run_data
 
-    resolved = run_data(_params(params_file), paths.DATASETS, progress=progress)
-    for name, image_set in resolved.items():
+    params = _params(params_file, check_models=False)
+    for set_name in _sets(params, name):
+        image_set = run_data(params, set_name, progress=progress)
         pairs = "" if image_set.pairs is None else f", {len(image_set.pairs)} pairs"
         pairs += "" if image_set.labelled else " without labels (predicted only)"
-        typer.echo(f"{name}: {len(image_set.images)} images of {len(image_set.identities)} identities{pairs}")
+        typer.echo(f"{set_name}: {len(image_set.images)} images of {len(image_set.identities)} identities{pairs}")
 
 
 @app.command()
 @stage
-def detect(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Detect one face (MTCNN, 5 landmarks) per image of every set; count what is dropped."""
+def detect(name: str = SetArgument, params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Detect one face (MTCNN, 5 landmarks) per image of a data set; count what is dropped."""
     from pipeline.data import read_index, read_precropped
     from pipeline.detect import plan_detect, run_detect
 
-    params = _params(params_file)
-    plan = plan_detect(params.detect)  # detect.device: cuda without a GPU stops here, before any reading
-    sets = {name: read_index(paths.DATASETS, name).images for name in ["train", *params.data.tests]}
-    precropped = read_precropped(paths.DATASETS)
-    counts = run_detect(params.detect, sets, paths.DETECT, paths.DETECTION_COUNTS, progress=progress, plan=plan,
-                        precropped=set(precropped))
-    for name, c in counts.items():
+    params = _params(params_file, check_models=False)
+    for set_name in _sets(params, name):
+        detect_params = params.detect_for(set_name)
+        plan = plan_detect(detect_params)  # detect.device: cuda without a GPU stops here, before any reading
+        precropped = read_precropped(set_name) is not None
+        c = run_detect(detect_params, set_name, read_index(set_name).images, paths.detect_dir(set_name),
+                       paths.detection_counts(set_name), progress=progress, plan=plan, precropped=precropped)
         kept = "pre-cropped images, not detected" if c.get("precropped") else "faces"
-        typer.echo(f"{name}: {c['images']} -> {c['faces']} {kept} ({c['dropped']} dropped)")
+        typer.echo(f"{set_name}: {c['images']} -> {c['faces']} {kept} ({c['dropped']} dropped)")
 
 
 @app.command()
 @stage
-def align(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Warp every detected face onto the 5-point ArcFace template; write a contact sheet."""
-    import pandas as pd
-
+def align(name: str = SetArgument, params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Warp every detected face of a data set onto the 5-point ArcFace template; write its contact sheet."""
     from pipeline.align import Crop, run_align
     from pipeline.data import read_precropped
+    from pipeline.detect import read_detections
 
-    params = _params(params_file)
-    detections = {name: pd.read_parquet(paths.DETECT / f"{name}.parquet") for name in ["train", *params.data.tests]}
-    crops = {name: Crop(mode, fraction) for name, (mode, fraction) in read_precropped(paths.DATASETS).items()}
-    stats = run_align(params.align, detections, paths.ALIGNED, paths.CONTACT_SHEET, paths.ALIGNMENT_STATS,
-                      seed=params.seeds.data, progress=progress, crops=crops)
-    for name, s in stats.items():
+    params = _params(params_file, check_models=False)
+    for set_name in _sets(params, name):
+        crop = read_precropped(set_name)
+        s = run_align(params.align, set_name, read_detections(paths.detect_dir(set_name)),
+                      paths.aligned_dir(set_name), paths.contact_sheet(set_name), paths.alignment_stats(set_name),
+                      seed=params.seeds.data, progress=progress, crop=None if crop is None else Crop(*crop))
         if s.get("precropped"):
-            typer.echo(f"{name}: {s['aligned']} pre-cropped faces resized ({s['crop']}) to {s['output_size']} px")
+            typer.echo(f"{set_name}: {s['aligned']} pre-cropped faces resized ({s['crop']}) to {s['output_size']} px")
         else:
-            typer.echo(f"{name}: {s['aligned']} aligned, mean landmark residual {s['residual_mean_px'] or 0:.2f} px")
+            typer.echo(f"{set_name}: {s['aligned']} aligned, mean landmark residual {s['residual_mean_px'] or 0:.2f} px")
 
 
 @app.command()
 @stage
-def shard(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Pack the aligned faces into Parquet / WebDataset shards with a manifest."""
+def shard(name: str = SetArgument, params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Pack the aligned faces of a data set into Parquet / WebDataset shards with a manifest."""
     from pipeline.data import read_index
     from pipeline.shards import run_shard
 
-    params = _params(params_file)
-    pairs = {name: _pairs_with_paths(read_index(paths.DATASETS, name)) for name in ["train", *params.data.tests]}
-    manifests = run_shard(params.shard, paths.ALIGNED, pairs, paths.SHARDS, progress=progress)
-    for name, m in manifests.items():
-        typer.echo(f"{name}: {m['images']} images, {m['identities']} identities, {len(m['files'])} shard file(s)")
+    params = _params(params_file, check_models=False)
+    for set_name in _sets(params, name):
+        pairs = _pairs_with_paths(read_index(set_name))
+        m = run_shard(params.shard, set_name, paths.aligned_dir(set_name), pairs, paths.shards_dir(set_name),
+                      progress=progress)
+        typer.echo(f"{set_name}: {m['images']} images, {m['identities']} identities, {len(m['files'])} shard file(s)")
 
 
 def _pairs_with_paths(image_set):
@@ -162,7 +174,7 @@ def augment_preview(params_file: Path = ParamsOption) -> None:
     from pipeline.augment import write_preview
 
     params = _params(params_file, check_models=False)
-    target = write_preview(params.train.augment, paths.SHARDS / "train", paths.AUGMENT_PREVIEW,
+    target = write_preview(params.train.augment, paths.shards_dir("train"), paths.AUGMENT_PREVIEW,
                            grayscale_model=params.model.grayscale)
     typer.echo(f"wrote {target}")
 
@@ -220,21 +232,48 @@ def _run_of(params: Params, model: str, seed: int | None) -> str:
     return run
 
 
+TestSetOption = typer.Option(..., "--set", help="A test set named in data.tests.")
+
+
+def _test_set(params: Params, name: str) -> str:
+    if name not in params.data.tests:
+        raise ConfigError(f"--set {name}: not a test set of data.tests ({', '.join(params.data.tests)})")
+    return name
+
+
 @app.command()
 @stage
 def embed(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
-          params_file: Path = ParamsOption) -> None:
-    """Embed every test image with the model of run LOSS-SEED (raw vectors, optional flip fusion), and the
-    run's validation pairs (the trainer's split, rebuilt from data/recipes/LOSS.json and the train shards)."""
+          test_set: str = TestSetOption, params_file: Path = ParamsOption) -> None:
+    """Embed one test set with the model of run LOSS-SEED (raw vectors, optional flip fusion) into
+    data/embeddings/RUN/SET."""
     from pipeline.embed import run_embed
-    from pipeline.recipes import read_recipe
 
     params = _params(params_file)
     run = _run_of(params, model, seed)
     if model in params.pretrained:
         raise ConfigError(f"{model} is a pretrained model; its stage is embed-pretrained {model}")
-    run_embed(params.embed, paths.model_dir(run) / "model.pt", paths.SHARDS, paths.embeddings_dir(run),
-              recipe=read_recipe(paths.recipe_file(model)))
+    name = _test_set(params, test_set)
+    run_embed(params.embed, paths.model_dir(run) / "model.pt", paths.shards_dir(name),
+              paths.set_embeddings(run, name), name=name)
+
+
+@app.command("embed-train")
+@stage
+def embed_train(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
+                params_file: Path = ParamsOption) -> None:
+    """Embed run LOSS-SEED's validation pairs (the trainer's split, rebuilt from data/recipes/LOSS.json and the
+    train shards) and the angle distributions of its training faces."""
+    from pipeline.embed import run_embed_train
+    from pipeline.recipes import read_recipe
+
+    params = _params(params_file)
+    run = _run_of(params, model, seed)
+    if model in params.pretrained:
+        raise ConfigError(f"{model} is a pretrained model: it has no training set")
+    run_embed_train(params.embed, paths.model_dir(run) / "model.pt", paths.shards_dir("train"),
+                    read_recipe(paths.recipe_file(model)), paths.set_embeddings(run, paths.VALIDATION),
+                    paths.set_embeddings(run, paths.TRAIN_ANGLES))
 
 
 @app.command("pretrained-model")
@@ -254,30 +293,34 @@ def pretrained_model(name: str = typer.Argument(..., help="A model named in para
 @app.command("embed-pretrained")
 @stage
 def embed_pretrained(name: str = typer.Argument(..., help="A model named in params.yaml pretrained."),
-                     params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Embed every test image with an off-the-shelf model: dlib's ResNet from the original images, or a facepipe
+                     test_set: str = TestSetOption, params_file: Path = ParamsOption,
+                     progress: bool = ProgressOption) -> None:
+    """Embed one test set with an off-the-shelf model: dlib's ResNet from the original images, or a facepipe
     model.pt from elsewhere (kind facepipe) from the shards, like a trained run."""
     from pipeline.embed import run_embed_pretrained
 
     params = _params(params_file)
     if name not in params.pretrained:
         raise ConfigError(f"{params_file}: pretrained.{name} is not configured")
-    run_embed_pretrained(name, params.pretrained[name], paths.DETECT, paths.SHARDS, paths.embeddings_dir(name),
-                         progress=progress, embed=params.embed)
+    set_name = _test_set(params, test_set)
+    run_embed_pretrained(name, params.pretrained[name], set_name, paths.detect_dir(set_name),
+                         paths.shards_dir(set_name), paths.set_embeddings(name, set_name), progress=progress,
+                         embed=params.embed)
 
 
 @app.command()
 @stage
 def score(model: str = typer.Argument(..., help="A loss in train_losses, or a pretrained model."),
-          seed: int = SeedOption, params_file: Path = ParamsOption) -> None:
-    """Score every test pair of one run: distance x test-time normalisation; per-pair files, metrics,
-    the fixed threshold (score.threshold) and the prediction files of the primary variant."""
-    from pipeline.score import run_score
+          seed: int = SeedOption, test_set: str = TestSetOption, params_file: Path = ParamsOption) -> None:
+    """Score one test set of one run: distance x test-time normalisation; per-pair files, metrics, the fixed
+    threshold (score.threshold) and the prediction file of the primary variant."""
+    from pipeline.score import run_score, threshold_source
 
     params = _params(params_file, check_models=False)  # no PyTorch: scoring starts in a fraction of the time
     run = _run_of(params, model, seed)
-    run_score(params.score, paths.embeddings_dir(run), paths.SHARDS, paths.scores_dir(run),
-              paths.metrics_file(run), seed=params.seeds.data, run=run,
+    name = _test_set(params, test_set)
+    run_score(params.score, name, paths.set_embeddings(run, name), threshold_source(params, model, run),
+              paths.set_scores(run, name), paths.metrics_file(run, name), seed=params.seeds.data, run=run,
               primary=(params.report.primary_distance, params.report.primary_normalize))
 
 

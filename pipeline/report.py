@@ -90,29 +90,43 @@ class Table:
 
 
 class WorkspaceRuns:
-    """Reads a run's outputs from this workspace (the stages' files under data/ and reports/)."""
+    """Reads a run's outputs from this workspace (the stages' files under data/ and reports/).
+
+    ``sets``: the configured test sets (a removed set's folders stay on disk, since DVC does not
+    delete the outputs of stages that no longer exist); None lists the folders found."""
+
+    def __init__(self, sets: list[str] | None = None) -> None:
+        self.sets = None if sets is None else sorted(sets)
 
     def test_sets(self, run: str) -> list[str]:
+        if self.sets is not None:
+            return self.sets
         folder = paths.scores_dir(run)
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: missing; run `dvc repro` (the score stage of {run})")
-        # the score stage also writes validation/ and predict/ beside the test sets
+            raise FileNotFoundError(f"{folder}: missing; run `dvc repro` (the score stages of {run})")
         return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in RESERVED_SET_NAMES)
 
     def scores(self, run: str, test_set: str, variant: str) -> pd.DataFrame:
-        path = paths.scores_dir(run) / test_set / f"{variant}.csv"
+        path = paths.set_scores(run, test_set) / f"{variant}.csv"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run `dvc repro` (the score stage of {run})")
+            raise FileNotFoundError(f"{path}: missing; run `dvc repro` (the score stage of {run} and {test_set})")
         return pd.read_csv(path, dtype={"image_id1": str, "image_id2": str})
 
     def metrics(self, run: str) -> dict:
-        path = paths.metrics_file(run)
-        return json.loads(path.read_text()) if path.is_file() else {}
+        """``{set: that set's metrics}`` of every scored set, plus ``thresholds``."""
+        out: dict = {}
+        folder = paths.metrics_dir(run)
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            entry = json.loads(path.read_text())
+            out["thresholds"] = entry.pop("thresholds", out.get("thresholds"))
+            out[path.stem] = entry
+        return out
 
     def thresholds(self, run: str) -> dict[str, Any]:
-        path = paths.thresholds_file(run)
+        sets = self.test_sets(run)
+        path = paths.thresholds_file(run, sets[0]) if sets else paths.scores_dir(run) / paths.THRESHOLDS
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; rerun the score stage of {run} (dvc repro)")
+            raise FileNotFoundError(f"{path}: missing; rerun the score stages of {run} (dvc repro)")
         return json.loads(path.read_text())
 
 
@@ -503,17 +517,19 @@ def verdicts_markdown(v: pd.DataFrame) -> str:
     return markdown_table(view)
 
 
-def detection_table() -> pd.DataFrame:
-    if not paths.DETECTION_COUNTS.is_file():
-        return pd.DataFrame()
-    counts = json.loads(paths.DETECTION_COUNTS.read_text())
-    align = json.loads(paths.ALIGNMENT_STATS.read_text()) if paths.ALIGNMENT_STATS.is_file() else {}
+def detection_table(sets: list[str]) -> pd.DataFrame:
+    """Images in, faces kept, dropped (with reasons) and the mean landmark residual of each data set,
+    from the detect and align stages' per-set summaries."""
     rows = []
-    for name, c in counts.items():
+    for name in sets:
+        counts_path, align_path = paths.detection_counts(name), paths.alignment_stats(name)
+        if not counts_path.is_file():
+            continue
+        c = json.loads(counts_path.read_text())
+        align = json.loads(align_path.read_text()) if align_path.is_file() else {}
         reasons = ", ".join(f"{k}: {v}" for k, v in c["reasons"].items()) or "–"
-        residual = align.get(name, {}).get("residual_mean_px")
         rows.append({"set": name, "images": c["images"], "faces kept": c["faces"], "dropped": c["dropped"],
-                     "why dropped": reasons, "mean landmark residual (px)": _fmt(residual, 2)})
+                     "why dropped": reasons, "mean landmark residual (px)": _fmt(align.get("residual_mean_px"), 2)})
     return pd.DataFrame(rows)
 
 
@@ -556,11 +572,11 @@ def _fixed_threshold_text(tables: list[Table], stats) -> list[str]:
 def prediction_files_section(params: Params, primary: str) -> list[str]:
     """Where every run's prediction files are (DVC outputs of the score stages)."""
     first_run = next(iter(params.runs.values()))[0]
-    sets = WorkspaceRuns().test_sets(first_run)
+    sets = WorkspaceRuns(list(params.data.tests)).test_sets(first_run)
     files = [paths.prediction_file(run, name) for runs in params.runs.values() for run in runs for name in sets]
     return ["## Prediction files", "",
             f"Every run's decision for every pair at its fixed threshold ({_variant_label(primary)}), one file per "
-            "test set: `data/scores/RUN/predict/<set>_<RUN>_predict.txt`, tab-separated with a header "
+            "test set: `data/scores/RUN/<set>/<set>_<RUN>_predict.txt`, tab-separated with a header "
             "`path1 path2 score decision same` (decision 1 = same, 0 = different, n/a = an image without a face; "
             "same is empty where the set has no labels). They are DVC outputs of the score stages, not in git "
             "(`data/` is not): `dvc repro` writes them, `dvc pull` fetches them from a DVC remote.", "",
@@ -846,7 +862,7 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
     root = Path(root)
     report = params.report
     primary = variant_name(report.primary_distance, report.primary_normalize)
-    source = WorkspaceRuns()
+    source = WorkspaceRuns(list(params.data.tests))
     tables = load_tables(params.runs, params_variants(params), source)
     run_metrics = {run: source.metrics(run) for runs in params.runs.values() for run in runs}
     stats: dict[tuple[str, str], dict[str, ModelStats]] = {}
@@ -962,10 +978,11 @@ def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
                   *[f"- **{name}**: predicted only, {c['pairs']} pairs ({c['missing']} with an image without a face); "
                     "no labels, so in no table: see its prediction files below." for name, c in unlabelled.items()], ""]
     index += prediction_files_section(params, primary)
-    det = detection_table()
+    det = detection_table(params.data_sets)
     if not det.empty:
         index += ["## Detection (images before and after MTCNN)", "", markdown_table(det), "",
-                  "Aligned faces: [figures/contact_sheet.png](figures/contact_sheet.png)", ""]
+                  "Aligned faces: " + ", ".join(f"[{name}](figures/contact_sheets/{name}.png)" for name in det["set"]),
+                  ""]
     train = training_table(params)
     if not train.empty:
         index += ["## Training", "", markdown_table(train), ""]
