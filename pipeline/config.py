@@ -353,21 +353,16 @@ class ThresholdParams(_Strict):
     ``target_fpr`` (lowest threshold with FPR <= ``target_fpr``). A trained run without
     validation pairs (``train.val_fraction: 0``) takes it from ``fallback``, a labelled test
     set (null: ``report.in_domain``), and says so; pretrained models name theirs in
-    ``pretrained.NAME.threshold_source``. A source needs at least :data:`MIN_THRESHOLD_PAIRS`
-    pairs, :data:`MIN_THRESHOLD_PER_LABEL` of each label.
+    ``pretrained.NAME.threshold_source``. A source needs at least ``min_pairs`` scored pairs
+    with a fifth of them of each label (a threshold picked on a handful of pairs would silently
+    move every decision); fewer is an error naming the source.
     """
 
     source: str = VALIDATION_SOURCE
     rule: Literal["best_accuracy", "target_fpr"] = "best_accuracy"
     target_fpr: float = Field(0.001, gt=0.0, lt=1.0)
     fallback: str | None = None
-
-
-#: A fixed threshold is chosen on at least this many scored pairs, with at least
-#: MIN_THRESHOLD_PER_LABEL same and different ones (a threshold picked on a handful of pairs
-#: would silently move every decision).
-MIN_THRESHOLD_PAIRS = 100
-MIN_THRESHOLD_PER_LABEL = 20
+    min_pairs: int = Field(100, ge=2)
 
 
 class ScoreParams(_Strict):
@@ -433,7 +428,7 @@ class PretrainedParams(_Strict):
     kind: Literal["dlib", "facepipe"] | None = None
     path: str | None = None
     # the labelled test set whose pairs choose this model's fixed threshold (it has no validation
-    # pairs of its own); default report.in_domain. At least MIN_THRESHOLD_PAIRS pairs of both labels.
+    # pairs of its own); default report.in_domain. At least score.threshold.min_pairs pairs.
     threshold_source: str | None = None
     upsample: int = Field(1, ge=0, le=3)
     jitter: int = Field(0, ge=0, le=100)

@@ -19,7 +19,7 @@ numbers), so the stage depends on the set and on the source only (:func:`thresho
 The source is ``validation``, the run's own validation pairs (``data/embeddings/RUN/validation``,
 written by ``embed_train``), or a labelled test set; a pretrained model names its own
 (``pretrained.NAME.threshold_source``, default ``report.in_domain``). A source needs at least
-:data:`pipeline.config.MIN_THRESHOLD_PAIRS` labelled pairs (a threshold chosen on a handful of
+``score.threshold.min_pairs`` labelled pairs (a threshold chosen on a handful of
 pairs is refused, not used). ``data/scores/RUN/SET/thresholds.json`` holds each variant's
 threshold and where it came from; the metrics JSON holds, per variant, the accuracy,
 TP/FP/TN/FN, TPR and FPR at it (``fixed_threshold``, with ``chosen_on_itself`` when the set is
@@ -48,8 +48,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import paths
-from pipeline.config import (MIN_THRESHOLD_PAIRS, MIN_THRESHOLD_PER_LABEL, VALIDATION_SOURCE, ConfigError, Params,
-                             ScoreParams, ThresholdParams)
+from pipeline.config import VALIDATION_SOURCE, ConfigError, Params, ScoreParams, ThresholdParams
 from pipeline.distances import PairDistance
 from pipeline.io import atomic_dir, write_csv, write_json
 from pipeline.metrics import (_json_float, apply_threshold, choose_threshold, min_negatives_for_fpr,
@@ -157,19 +156,20 @@ def _usable(scored: ScoredSet) -> bool:
     return scored.labelled and scored.labels is not None and len(np.unique(scored.labels)) == 2
 
 
-def check_threshold_source(name: str, scored: ScoredSet | None) -> None:
-    """ConfigError (one line) unless ``scored`` has enough labelled pairs of both classes to choose
-    a fixed threshold on (:data:`pipeline.config.MIN_THRESHOLD_PAIRS` and ``MIN_THRESHOLD_PER_LABEL``)."""
+def check_threshold_source(name: str, scored: ScoredSet | None, min_pairs: int) -> None:
+    """ConfigError (one line) unless ``scored`` has at least ``min_pairs`` labelled pairs, a fifth of
+    them of each class, to choose a fixed threshold on (``score.threshold.min_pairs``)."""
     if scored is None:
         raise ConfigError(f"threshold source {name!r} has no pairs to choose a fixed threshold on")
     if not scored.labelled:
         raise ConfigError(f"threshold source {name!r} has no same/different labels; choose a labelled set")
     labels = scored.labels if scored.labels is not None else np.zeros(0, dtype=int)
     same, different = int((labels == 1).sum()), int((labels == 0).sum())
-    if len(labels) < MIN_THRESHOLD_PAIRS or min(same, different) < MIN_THRESHOLD_PER_LABEL:
+    per_label = max(1, min_pairs // 5)
+    if len(labels) < min_pairs or min(same, different) < per_label:
         raise ConfigError(f"threshold source {name!r} has {len(labels)} scored pairs ({same} same, {different} "
-                          f"different); a fixed threshold needs at least {MIN_THRESHOLD_PAIRS} pairs with "
-                          f"{MIN_THRESHOLD_PER_LABEL} of each label: name another source (score.threshold.source, "
+                          f"different); a fixed threshold needs at least {min_pairs} pairs with {per_label} of "
+                          "each label (score.threshold.min_pairs): name another source (score.threshold.source, "
                           "score.threshold.fallback or pretrained.NAME.threshold_source)")
 
 
@@ -301,7 +301,7 @@ def run_score(params: ScoreParams, name: str, set_dir: str | Path, source: Thres
     else:
         source_found = read_set(source.folder)
         source_pairs = None if source_found is None else score_set(*source_found, params, with_metrics=False)
-    check_threshold_source(source.name, source_pairs)
+    check_threshold_source(source.name, source_pairs, params.threshold.min_pairs)
     thresholds = choose_thresholds(params.threshold, source, source_pairs, variants)
     apply_fixed_threshold(name, result, thresholds)
     if source.note:
