@@ -333,7 +333,8 @@ def test_validate_stops_at_a_pairs_csv_without_path2(tmp_path):
                                  env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
     result = run()
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("error: params.yaml: data.tests.web: ") and "missing column(s) path2" in result.stderr
+    assert result.stderr.startswith("error: params.yaml: data.tests.web: ")
+    assert "missing column(s) path2" in result.stderr
     assert str(tmp_path / "web" / "pairs.csv") in result.stderr
     (tmp_path / "web" / "pairs.csv").write_text("path1,path2,same\na.jpg,a.jpg,1\n")
     result = run()

@@ -312,8 +312,8 @@ def test_precropped_scores_equal_the_pipeline_stages(crops, tiny_model, tmp_path
         run_detect(params.detect, {"crops": image_set.images}, work / "detect", work / "detection.json",
                    progress=False, precropped={"crops"})
         run_align(params.align, {"crops": pd.read_parquet(work / "detect" / "crops.parquet")}, work / "aligned",
-                  work / "sheet.png", work / "alignment.json", progress=False, crops={"crops": Crop(*recorded["crops"])},
-                  threads=1)
+                  work / "sheet.png", work / "alignment.json", progress=False,
+                  crops={"crops": Crop(*recorded["crops"])}, threads=1)
         where = dict(zip(image_set.images["image_id"], image_set.images["path"]))
         pairs = image_set.pairs.assign(path1=image_set.pairs["image_id1"].map(where),
                                        path2=image_set.pairs["image_id2"].map(where))

@@ -15,6 +15,7 @@ so nothing is skipped silently.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -31,10 +32,14 @@ def check_layout(root: str | Path, *, min_images_per_identity: int = 1) -> None:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: folder not found; expected {LAYOUT}")
-    for identity_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = (f for f in identity_dir.iterdir() if f.is_file() and not f.name.startswith("."))
-        if sum(1 for _, _ in zip(range(min_images_per_identity), files)) == min_images_per_identity:
-            return
+    with os.scandir(root) as entries:  # in directory order: any qualifying folder will do
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            with os.scandir(entry.path) as inside:
+                files = (f for f in inside if f.is_file() and not f.name.startswith("."))
+                if sum(1 for _ in zip(range(min_images_per_identity), files)) == min_images_per_identity:
+                    return
     wanted = "images" if min_images_per_identity == 1 else f"at least {min_images_per_identity} images"
     raise DatasetError(f"{root}: no identity sub-folders with {wanted}; expected {LAYOUT}")
 

@@ -75,7 +75,8 @@ def _read(csv_path: Path, nrows: int | None = None) -> pd.DataFrame:
     try:
         table = pd.read_csv(csv_path, dtype=str, skipinitialspace=True, nrows=nrows)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{csv_path}: cannot be read as CSV ({str(err).splitlines()[0]}); expected {LAYOUT}") from None
+        reason = str(err).splitlines()[0]
+        raise DatasetError(f"{csv_path}: cannot be read as CSV ({reason}); expected {LAYOUT}") from None
     table.columns = [str(c).strip().lower() for c in table.columns]
     missing = {"path1", "path2"} - set(table.columns)
     if missing:
