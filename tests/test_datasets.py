@@ -195,8 +195,8 @@ def test_data_stage_records_how_folds_were_assigned(tmp_path):
             },
         },
     })
-    resolved = run_data(params, tmp_path / "out", progress=False)
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    resolved = {name: run_data(params, name, tmp_path / "out" / name, progress=False) for name in params.data_sets}
+    summary = {name: json.loads((tmp_path / "out" / name / "summary.json").read_text()) for name in params.data_sets}
     assert "folds_assigned" not in summary["train"]  # no pairs
     assert summary["lfw"]["folds_assigned"] == "from file"
     assert summary["web"]["folds_assigned"] == "stratified by label, seed 7"
@@ -241,13 +241,14 @@ def test_unlabelled_pairs_go_through_the_data_stage(tmp_path):
         "data": {"train": {"kind": "folder", "path": str(tmp_path / "lfw")},
                  "tests": {"web": {"kind": "pairs_csv", "path": str(tmp_path / "web" / "pairs.csv")}}},
     })
-    run_data(params, tmp_path / "out", progress=False)
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for name in params.data_sets:
+        run_data(params, name, tmp_path / "out" / name, progress=False)
+    summary = {name: json.loads((tmp_path / "out" / name / "summary.json").read_text()) for name in params.data_sets}
     assert summary["web"]["labelled"] is False and summary["web"]["pairs"] == 2
     assert "labelled" not in summary["train"]
-    lines = (tmp_path / "out" / "index" / "web.pairs.csv").read_text().splitlines()
+    lines = (tmp_path / "out" / "web" / "pairs.csv").read_text().splitlines()
     assert lines == ["fold,image_id1,image_id2,same", "1,x/1.jpg,y/1.jpg,", "1,y/1.jpg,x/1.jpg,"]
-    back = read_index(tmp_path / "out", "web")
+    back = read_index("web", tmp_path / "out" / "web")
     assert not back.labelled and back.pairs["same"].isna().all()
 
 
