@@ -43,14 +43,24 @@ def stage(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.restore import after_failure
+
         try:
             return func(*args, **kwargs)
         except ConfigError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {err}{after_failure()}", err=True)
             raise typer.Exit(2) from None
         except _user_errors() as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {err}{after_failure()}", err=True)
             raise typer.Exit(1) from None
+        except typer.Exit as done:  # e.g. the exit status of a torchrun child
+            if done.exit_code:
+                after_failure()
+            raise
+        except BaseException:
+            # a crash or Ctrl-C under DVC: put the previous outputs back before the traceback
+            after_failure()
+            raise
 
     return wrapper
 
@@ -452,7 +462,37 @@ def grid_pull(grid_file: Path = GridFile, remote: str = typer.Option("origin", "
     pull(load_grid(grid_file), Path.cwd(), remote, echo=typer.echo)
 
 
+#: Options whose value is a path (made absolute before moving to the project root).
+PATH_OPTIONS = {"--params", "-p", "--pairs", "--model", "-m", "--out", "-o", "--root", "--shards"}
+
+
+def project_root(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` holding dvc.yaml and params.yaml, or None."""
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    return None
+
+
+def _from_project_root(argv: list[str]) -> list[str]:
+    """Run from the project root when started in a folder inside it (the stages read and write
+    paths relative to the root): the arguments that name files are made absolute first."""
+    here = Path.cwd()
+    root = project_root(here)
+    if root is None or root == here:
+        return argv
+    out = []
+    for k, arg in enumerate(argv):
+        after_path_option = k > 0 and argv[k - 1] in PATH_OPTIONS and "://" not in arg and not arg.startswith("pipe:")
+        if after_path_option or (not arg.startswith("-") and (here / arg).exists()):
+            arg = str((here / arg).resolve())
+        out.append(arg)
+    os.chdir(root)
+    return out
+
+
 def main() -> None:
+    sys.argv[1:] = _from_project_root(sys.argv[1:])
     app()
 
 

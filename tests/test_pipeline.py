@@ -230,6 +230,24 @@ def test_second_repro_runs_nothing(project):
     assert _ran(again.stdout) == set()
 
 
+def test_a_failing_stage_leaves_its_previous_outputs_in_place(project):
+    """DVC deletes a stage's outputs before running it; when the stage then fails (here: a synthetic
+    size the pair sampler cannot meet), the stage puts them back, so nothing already made is lost."""
+    before = {p.relative_to(project): p.read_bytes() for p in (project / "data" / "datasets" / "train").rglob("*")
+              if p.is_file()}
+    params_text = (project / "params.yaml").read_text()
+    _set_param(project, "data.synthetic.pairs_per_fold", 9)  # odd: half same, half different is impossible
+    result = subprocess.run(["dvc", "repro"], cwd=project, env=_env(), capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "pairs_per_fold must be even" in result.stderr + result.stdout
+    assert "previous outputs are back in place" in result.stderr + result.stdout
+    after = {p.relative_to(project): p.read_bytes() for p in (project / "data" / "datasets" / "train").rglob("*")
+             if p.is_file()}
+    assert after == before
+    (project / "params.yaml").write_text(params_text)
+    assert "up to date" in _run(["dvc", "status"], project).stdout
+
+
 def test_dvc_plots_and_metrics_load_without_errors(project):
     shown = json.loads(_run(["dvc", "plots", "show", "--json"], project).stdout)
     assert not shown.get("errors"), shown.get("errors")
