@@ -428,7 +428,7 @@ class PretrainedParams(_Strict):
     kind: Literal["dlib", "facepipe"] | None = None
     path: str | None = None
     # the labelled test set whose pairs choose this model's fixed threshold (it has no validation
-    # pairs of its own); default report.in_domain. At least score.threshold.min_pairs pairs.
+    # pairs of its own); default: score.threshold.source if that is a test set, else report.in_domain.
     threshold_source: str | None = None
     upsample: int = Field(1, ge=0, le=3)
     jitter: int = Field(0, ge=0, le=100)
@@ -476,8 +476,12 @@ class Params(_Strict):
         return DetectParams.model_validate(self.detect.model_dump() | overrides) if overrides else self.detect
 
     def pretrained_threshold_source(self, name: str) -> str | None:
-        """The test set whose pairs choose pretrained model ``name``'s fixed threshold."""
-        return self.pretrained[name].threshold_source or self.report.in_domain
+        """The test set whose pairs choose pretrained model ``name``'s fixed threshold: its own
+        ``threshold_source``, else ``score.threshold.source`` when that names a test set, else
+        ``report.in_domain`` (a pretrained model has no validation pairs)."""
+        source = self.score.threshold.source
+        return (self.pretrained[name].threshold_source or (source if source != VALIDATION_SOURCE else None)
+                or self.report.in_domain)
 
     def pretrained_kind(self, name: str) -> str:
         """The backend of pretrained entry ``name``: its ``kind``, else the name itself."""

@@ -262,13 +262,14 @@ def threshold_source(params: Params, model: str, run: str) -> ThresholdSource:
     with a note. A pretrained model: ``pretrained.NAME.threshold_source`` (default
     ``report.in_domain``). ConfigError (one line) when there is nowhere to choose it.
     """
+    requested = params.score.threshold.source
     if model in params.pretrained:
         name = params.pretrained_threshold_source(model)
         if name is None:
             raise ConfigError(f"pretrained.{model}.threshold_source: not set and report.in_domain is null; name the "
                               "labelled test set whose pairs choose this model's fixed threshold")
-        return ThresholdSource(name, paths.set_embeddings(run, name), name)
-    requested = params.score.threshold.source
+        note = "" if name == requested else f"no validation pairs (pretrained): threshold chosen on {name}"
+        return ThresholdSource(name, paths.set_embeddings(run, name), requested, note)
     folder = paths.set_embeddings(run, requested)
     if requested != VALIDATION_SOURCE or read_set(folder) is not None:
         return ThresholdSource(requested, folder, requested)

@@ -54,11 +54,11 @@ def test_warning_when_a_checkpoint_was_chosen_on_a_reported_test_set(project):
 
 
 def test_n_way_accuracy_is_the_mean_over_runs_and_a_dash_without_a_head(project):
-    _write_json("reports/metrics/softmax-0.json", {"synth_closed": {"rank1": 0.9, "n_way_accuracy": 0.5}})
-    _write_json("reports/metrics/softmax-1.json", {"synth_closed": {"rank1": 0.8, "n_way_accuracy": 0.7}})
-    _write_json("reports/metrics/triplet-0.json", {"synth_closed": {"rank1": 0.6}})
-    _write_json("reports/metrics/triplet-1.json", {"synth_closed": {"rank1": 0.7}})
-    source = report.WorkspaceRuns()
+    _write_json("reports/metrics/softmax-0/synth_closed.json", {"rank1": 0.9, "n_way_accuracy": 0.5})
+    _write_json("reports/metrics/softmax-1/synth_closed.json", {"rank1": 0.8, "n_way_accuracy": 0.7})
+    _write_json("reports/metrics/triplet-0/synth_closed.json", {"rank1": 0.6})
+    _write_json("reports/metrics/triplet-1/synth_closed.json", {"rank1": 0.7})
+    source = report.WorkspaceRuns(["synth_closed", "synth_open"])
 
     def n_way(runs, test_set):
         return report._n_way_interval([source.metrics(r).get(test_set, {}).get("n_way_accuracy") for r in runs],
