@@ -83,7 +83,7 @@ def _read_record_image(rec_path: str, offset: int) -> bytes:
     """The image bytes of the record at ``offset`` of ``rec_path``; :class:`BadImage` naming both."""
     from pipeline.datasets.recordio import RecordIOError, read_record, unpack_image_record
 
-    where = f"{rec_path} record at byte {offset}"
+    where = f"{rec_path}: record at byte {offset}"
     try:
         fd, cached = _rec_descriptor(rec_path)
     except OSError as err:
@@ -131,7 +131,7 @@ def load_rgb(path: str | Path, *, max_side: int | None = None, min_side: int = 1
         try:
             return _decode(io.BytesIO(data), max_side=max_side, min_side=min_side)
         except BadImage as err:
-            raise BadImage(f"{reference[0]} record at byte {reference[1]}: {err}") from None
+            raise BadImage(f"{reference[0]}: record at byte {reference[1]}: {err}") from None
     path = Path(path)
     try:
         size = path.stat().st_size

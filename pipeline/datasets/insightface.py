@@ -281,8 +281,12 @@ def write_rec(folder: str | Path, items: Iterable[tuple[int, bytes]], num_classe
 
 def _latin1(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
     """``_codecs.encode`` as Python 3 pickles bytes at protocol 2 (latin-1 only)."""
-    if codecs.lookup(encoding).name != "iso8859-1" or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    try:
+        name = codecs.lookup(encoding).name
+    except (LookupError, TypeError):
+        name = None
+    if name != "iso8859-1" or not isinstance(text, str):
+        raise RefusedType(f"_codecs.encode with encoding {encoding!r}")
     return codecs.encode(text, "latin1", errors)
 
 
