@@ -323,7 +323,24 @@ def _py2_protocol0(images: list[bytes], same: list[bool]) -> bytes:
     return bytes(out + b"tp3\n.")
 
 
-@pytest.mark.parametrize("writer", [_py2_protocol2, _py2_protocol0])
+def _py2_numpy_protocol2(images: list[bytes], same: list[bool]) -> bytes:
+    """Python 2 with numpy 1.x at protocol 2, each image a uint8 array: numpy.core.multiarray._reconstruct,
+    the dtype's state with a byte-string byte order, the data as a byte string."""
+    def short(text: bytes) -> bytes:
+        return b"U" + bytes([len(text)]) + text
+
+    out = bytearray(b"\x80\x02(")  # PROTO 2, MARK (the list's items)
+    for image in images:
+        out += b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + short(b"b") + b"\x87R"
+        out += b"(K\x01K" + bytes([len(image)]) if len(image) < 256 else b"(K\x01M" + struct.pack("<H", len(image))
+        out += b"\x85cnumpy\ndtype\n" + short(b"u1") + b"K\x00K\x01\x87R"  # dtype('u1', 0, 1)
+        out += b"(K\x03" + short(b"|") + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"  # its state, BUILD
+        out += b"\x89T" + struct.pack("<i", len(image)) + image + b"tb"  # NEWFALSE (C order), data; BUILD
+    out += b"l(" + b"".join(b"\x88" if v else b"\x89" for v in same) + b"l\x86."  # LIST, MARK, bools, LIST, TUPLE2
+    return bytes(out)
+
+
+@pytest.mark.parametrize("writer", [_py2_protocol2, _py2_protocol0, _py2_numpy_protocol2])
 def test_python2_bins_are_read(tmp_path, writer):
     images = [jpeg(k, 48) for k in range(4)] + [b"\xff\xd8tiny", b"\xff\xd8'quote\n"]
     same = [True, False, True]

@@ -119,15 +119,16 @@ def scan_labels(rec_path: str | Path, keys: np.ndarray, offsets: np.ndarray, *, 
     threads = cpu.thread_count() if threads is None else int(threads)
     order = np.argsort(offsets, kind="stable")
     sorted_offsets = offsets[order]
-    parts = max(1, threads * 8, len(keys) // 250_000) if threads > 1 and len(keys) >= parallel_from else \
-        max(1, len(keys) // 50_000)
+    parallel = threads > 1 and len(keys) >= parallel_from
+    # byte ranges of about 50,000 records (a progress step), at least 8 per worker when parallel
+    parts = max(1, len(keys) // 50_000, 8 * threads if parallel else 1)
     bounds = [int(np.searchsorted(sorted_offsets, lo)) for lo, _ in byte_ranges(sorted_offsets, size, parts)]
     slices = [(a, b) for a, b in zip(bounds, bounds[1:] + [len(keys)]) if a < b]
     labels = np.empty(len(keys), dtype=np.float64)
     bar = tqdm(total=len(keys), desc=desc, unit="rec", disable=not progress, dynamic_ncols=True)
     tasks = {(a, b): (rec_path, keys[order[a:b]], sorted_offsets[a:b], size) for a, b in slices}
     try:
-        if threads > 1 and len(keys) >= parallel_from:
+        if parallel:
             import multiprocessing
 
             with ProcessPoolExecutor(max_workers=threads, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -180,7 +181,8 @@ def check_identity_ranges(rec_path: Path, index: RecordIndex, image_keys: np.nda
             raise RecordIOError(f"{where}: {header.flag} labels, expected the range of its image keys [a, b)")
         a, b = int(header.labels[0]), int(header.labels[1])
         if not first <= a <= b <= first + len(image_keys):
-            raise RecordIOError(f"{where}: range [{a}, {b}) is outside the image keys {first}..{first + len(image_keys) - 1}")
+            last = first + len(image_keys) - 1
+            raise RecordIOError(f"{where}: range [{a}, {b}) is outside the image keys {first}..{last}")
         if a == b:
             continue
         span = labels[a - first : b - first]
