@@ -113,6 +113,18 @@ def test_label_arrays_and_sets_without_a_header_record(tmp_path):
     assert load_rec(arrays, progress=False).images["identity"].tolist() == ["0", "1"]
 
 
+def test_keys_beyond_float32_fall_back_to_telling_identity_records_by_their_empty_image(rec_set, monkeypatch):
+    """Glint360K's 17 M keys do not fit float32 exactly; the same rule, made to apply from 8 keys on."""
+    import pipeline.datasets.insightface as insightface
+
+    folder, labels, images, _ = rec_set
+    exact = load_rec(folder, progress=False).images
+    monkeypatch.setattr(insightface, "FLOAT32_EXACT", 8)
+    fallback = load_rec(folder, progress=False).images
+    pd.testing.assert_frame_equal(fallback, exact)
+    assert len(fallback) == 9 and fallback["identity"].tolist() == [str(label) for label in labels]
+
+
 def test_parallel_scan_equals_the_serial_scan(tmp_path):
     items = [(k // 7, jpeg(k % 5, 32)) for k in range(300)]
     write_rec(tmp_path / "p", items, 43, 32)

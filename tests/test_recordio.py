@@ -217,9 +217,13 @@ def _pair(tmp_path, n=3):
 def test_truncated_rec_names_file_key_and_offset(tmp_path):
     rec, index = _pair(tmp_path)
     data = rec.read_bytes()
-    rec.write_bytes(data[:-10])  # the last record loses its tail
-    last = int(index.offsets[-1])
-    with pytest.raises(RecordIOError, match=rf"e\.rec: record 2 at byte {last}: truncated"):
+    last = int(index.offsets[-1])  # a 66-byte payload (24 + 42) and 2 bytes of padding
+    rec.write_bytes(data[:-2])  # only the padding is cut off: the record is whole
+    assert read_record(rec, last) == pack_image_record(2.0, b"\xff\xd8" + bytes(40))
+    assert read_headers(rec, index.keys, index.offsets).tolist() == [0.0, 1.0, 2.0]
+    rec.write_bytes(data[:-10])  # the last record loses 8 bytes of its payload
+    with pytest.raises(RecordIOError, match=rf"e\.rec: record 2 at byte {last}: truncated \(frame at byte {last} "
+                                            r"announces 66 bytes, the file holds 58\)"):
         read_record(rec, last, key=2)
     with pytest.raises(RecordIOError, match=rf"e\.rec: record 2 at byte {last}: truncated"):
         read_headers(rec, index.keys, index.offsets)

@@ -5,8 +5,10 @@
 (``num_classes,height,width``). Record 0, when its header has ``flag > 0``, describes the
 set: images are keys ``1 .. label[0] - 1`` and keys ``label[0] .. label[1] - 1`` are one
 record per identity whose labels ``[a, b)`` are the keys of its images. Without such a
-header every key of the ``.idx`` is an image. An image's identity is its label (the first
-one when the record carries several). :func:`load_rec` reads only the headers (in parallel,
+header every key of the ``.idx`` is an image; past 2**24 keys (Glint360K), where the float32
+header cannot name every key, every key but 0 is read and the records without image bytes (the
+identity records) are dropped. An image's identity is its label (the first one when the record
+carries several). :func:`load_rec` reads only the headers (in parallel,
 by byte ranges of the file) and lists every image as a reference ``<folder>/train.rec#<byte
 offset>`` that :func:`pipeline.images.load_rgb` decodes; :func:`write_rec` writes the layout.
 
@@ -73,15 +75,23 @@ def read_property(folder: str | Path) -> tuple[int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def rec_layout(rec_path: Path, index: RecordIndex) -> tuple[np.ndarray, np.ndarray]:
-    """``(image keys, identity record keys)`` of a ``.rec`` (int64 arrays; the second is empty when
-    record 0 has no ``flag > 0`` header, and then every key is an image)."""
+def rec_layout(rec_path: Path, index: RecordIndex) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(image keys, identity record keys, exact)`` of a ``.rec`` (int64 arrays).
+
+    Without a ``flag > 0`` record 0 every key is an image and there are no identity records.
+    With one, images are keys ``1 .. label[0] - 1`` and identities ``label[0] .. label[1] - 1``
+    (``exact``). When those labels reach 2**24 (Glint360K: 17 M images) float32 cannot hold
+    them exactly: then every key but 0 is returned and ``exact`` is False, for the caller to
+    drop the records without image bytes (the identity records).
+    """
     if not len(index) or not (index.keys == 0).any():
-        return np.sort(index.keys), np.zeros(0, dtype=np.int64)
+        return np.sort(index.keys), np.zeros(0, dtype=np.int64), True
     where = f"{rec_path}: record 0 at byte {index.offset_of(0)}"
     header = unpack_header(read_record(rec_path, index.offset_of(0), key=0), where=where)
     if header.flag == 0:
-        return np.sort(index.keys), np.zeros(0, dtype=np.int64)
+        return np.sort(index.keys), np.zeros(0, dtype=np.int64), True
+    if header.labels[: min(2, header.flag)].max() >= FLOAT32_EXACT:
+        return np.sort(index.keys[index.keys != 0]), np.zeros(0, dtype=np.int64), False
     end = int(header.labels[0])
     if end != header.labels[0] or end < 1:
         raise RecordIOError(f"{where}: header label {float(header.labels[0])} is not the end of the image keys")
@@ -94,17 +104,19 @@ def rec_layout(rec_path: Path, index: RecordIndex) -> tuple[np.ndarray, np.ndarr
         missing = int(np.concatenate([images, identities])[np.argmin(present)])
         raise RecordIOError(f"{index.path}: no key {missing}, which record 0 of {rec_path} lists (images are keys "
                             f"1..{end - 1}, identities {end}..{end + len(identities) - 1})")
-    return images, identities
+    return images, identities, True
 
 
-def _scan(task: tuple[str, np.ndarray, np.ndarray, int]) -> np.ndarray:
+def _scan(task: tuple[str, np.ndarray, np.ndarray, int]) -> tuple[np.ndarray, np.ndarray]:
     rec_path, keys, offsets, size = task
-    return read_headers(rec_path, keys, offsets, rec_size=size)
+    return read_headers(rec_path, keys, offsets, rec_size=size, image_sizes=True)
 
 
 def scan_labels(rec_path: str | Path, keys: np.ndarray, offsets: np.ndarray, *, threads: int | None = None,
-                progress: bool = True, parallel_from: int = 200_000, desc: str = "labels") -> np.ndarray:
-    """``[N]`` float64: the first label of every record, reading only the record headers.
+                progress: bool = True, parallel_from: int = 200_000,
+                desc: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """``([N] float64, [N] int64)``: the first label of every record and the bytes of image after
+    its header, reading only the record headers.
 
     The records are cut into byte ranges of the file (:func:`~pipeline.datasets.recordio.byte_ranges`),
     read front to back, on ``threads`` worker processes (default :func:`pipeline.cpu.thread_count`)
@@ -124,7 +136,7 @@ def scan_labels(rec_path: str | Path, keys: np.ndarray, offsets: np.ndarray, *, 
     parts = max(1, len(keys) // 50_000, 8 * threads if parallel else 1)
     bounds = [int(np.searchsorted(sorted_offsets, lo)) for lo, _ in byte_ranges(sorted_offsets, size, parts)]
     slices = [(a, b) for a, b in zip(bounds, bounds[1:] + [len(keys)]) if a < b]
-    labels = np.empty(len(keys), dtype=np.float64)
+    labels, sizes = np.empty(len(keys), dtype=np.float64), np.empty(len(keys), dtype=np.int64)
     bar = tqdm(total=len(keys), desc=desc, unit="rec", disable=not progress, dynamic_ncols=True)
     tasks = {(a, b): (rec_path, keys[order[a:b]], sorted_offsets[a:b], size) for a, b in slices}
     try:
@@ -135,15 +147,15 @@ def scan_labels(rec_path: str | Path, keys: np.ndarray, offsets: np.ndarray, *, 
                 futures = {pool.submit(_scan, task): span for span, task in tasks.items()}
                 for future in as_completed(futures):
                     a, b = futures[future]
-                    labels[order[a:b]] = future.result()
+                    labels[order[a:b]], sizes[order[a:b]] = future.result()
                     bar.update(b - a)
         else:
             for (a, b), task in tasks.items():
-                labels[order[a:b]] = _scan(task)
+                labels[order[a:b]], sizes[order[a:b]] = _scan(task)
                 bar.update(b - a)
     finally:
         bar.close()
-    return labels
+    return labels, sizes
 
 
 def check_labels(rec_path: Path, keys: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -213,21 +225,31 @@ def load_rec(folder: str | Path, *, threads: int | None = None, progress: bool =
     num_classes, _, _ = read_property(folder)
     index = read_index(idx_path)
     index.check_offsets(rec_path)
-    image_keys, identity_keys = rec_layout(rec_path, index)
+    image_keys, identity_keys, exact = rec_layout(rec_path, index)
+    offsets = index.offsets_of(image_keys)
+    raw, sizes = scan_labels(rec_path, image_keys, offsets, threads=threads, progress=progress,
+                             parallel_from=parallel_from, desc=f"labels {folder.name}")
+    if not exact:  # keys beyond float32: the identity records are told apart by having no image
+        image_keys, offsets, raw = image_keys[sizes > 0], offsets[sizes > 0], raw[sizes > 0]
     if not len(image_keys):
         raise RecordIOError(f"{rec_path}: no image records")
-    offsets = index.offsets_of(image_keys)
-    raw = scan_labels(rec_path, image_keys, offsets, threads=threads, progress=progress, parallel_from=parallel_from,
-                      desc=f"labels {folder.name}")
     labels = check_labels(rec_path, image_keys, raw, num_classes)
     if len(identity_keys):
         check_identity_ranges(rec_path, index, image_keys, labels, identity_keys)
-    images = pd.DataFrame({
-        "image_id": image_keys.astype(str).astype(object),
-        "path": (str(rec_path) + "#") + pd.Series(offsets.astype(str), dtype=object),
-        "identity": labels.astype(str).astype(object),
+    return ImageSet(_image_table(rec_path, image_keys, offsets, labels, num_classes))
+
+
+def _image_table(rec_path: Path, keys: np.ndarray, offsets: np.ndarray, labels: np.ndarray,
+                 num_classes: int) -> pd.DataFrame:
+    """The images table, built without numpy string arrays (5.8 M fixed-width strings would take
+    ~0.5 GB a column): one Python string per key and per path, one shared string per class."""
+    prefix = f"{rec_path}#"
+    names = np.array([str(k) for k in range(num_classes)], dtype=object)
+    return pd.DataFrame({
+        "image_id": pd.Series([str(k) for k in keys.tolist()], dtype=object),
+        "path": pd.Series([prefix + str(o) for o in offsets.tolist()], dtype=object),
+        "identity": pd.Series(names[labels], dtype=object),
     })
-    return ImageSet(images)
 
 
 def write_rec(folder: str | Path, items: Iterable[tuple[int, bytes]], num_classes: int,

@@ -127,10 +127,10 @@ def _read_frames(read_at: ReadAt, name: str, offset: int, key: int | None) -> tu
                                 f"expected {' or '.join(map(str, allowed))}")
         padded = _padded(length)
         data = read_at(padded, pos + FRAME_HEAD.size)
-        if len(data) < padded:
+        if len(data) < length:  # (a last frame whose padding the file's end cut off is complete)
             raise RecordIOError(f"{_where(name, offset, key)}: truncated (frame at byte {pos} announces {length} "
-                                f"bytes, the file holds {max(0, len(data) - (padded - length))})")
-        parts.append(data[:length] if padded != length else data)
+                                f"bytes, the file holds {len(data)})")
+        parts.append(data[:length] if len(data) != length else data)
         pos += FRAME_HEAD.size + padded
         if cflag in (WHOLE, LAST):
             return (parts[0] if len(parts) == 1 else MAGIC_BYTES.join(parts)), pos
@@ -353,9 +353,11 @@ def iter_records(rec_path: str | Path, keys: np.ndarray, offsets: np.ndarray, lo
             yield int(keys[k]), offset, payload
 
 
-def read_headers(rec_path: str | Path, keys: np.ndarray, offsets: np.ndarray, *,
-                 rec_size: int | None = None) -> np.ndarray:
-    """``[N]`` float64: the first label of each record's image header, reading only the headers.
+def read_headers(rec_path: str | Path, keys: np.ndarray, offsets: np.ndarray, *, rec_size: int | None = None,
+                 image_sizes: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """``[N]`` float64: the first label of each record's image header, reading only the headers;
+    with ``image_sizes``, also ``[N]`` int64: the bytes of image after each header (0 for the
+    header and identity records of insightface sets).
 
     Each record's first frame header and image header are read with ``os.pread`` (a few dozen
     bytes, never the image); the frame's announced length is checked against the file's size,
@@ -364,37 +366,39 @@ def read_headers(rec_path: str | Path, keys: np.ndarray, offsets: np.ndarray, *,
     """
     keys, offsets = np.asarray(keys, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
     name = str(rec_path)
-    out = np.empty(len(keys), dtype=np.float64)
+    labels = np.empty(len(keys), dtype=np.float64)
+    sizes = np.empty(len(keys), dtype=np.int64)
     fd = os.open(rec_path, os.O_RDONLY)
     try:
         size = os.fstat(fd).st_size if rec_size is None else rec_size
         want = FRAME_HEAD.size + IMAGE_HEADER.size + 4
         for k in range(len(keys)):
             offset, key = int(offsets[k]), int(keys[k])
-            head = os.pread(fd, want, offset)
-            out[k] = _first_label(head, fd, name, offset, key, size)
+            labels[k], sizes[k] = _first_label(os.pread(fd, want, offset), fd, name, offset, key, size)
     finally:
         os.close(fd)
-    return out
+    return (labels, sizes) if image_sizes else labels
 
 
-def _first_label(head: bytes, fd: int, name: str, offset: int, key: int, size: int) -> float:
-    """The first label of the record at ``offset``, from ``head`` (its first bytes) when possible."""
+def _first_label(head: bytes, fd: int, name: str, offset: int, key: int, size: int) -> tuple[float, int]:
+    """``(first label, image bytes)`` of the record at ``offset``, from ``head`` (its first bytes) when possible."""
     where = _where(name, offset, key)
     if len(head) >= FRAME_HEAD.size:
         magic, lrec = FRAME_HEAD.unpack_from(head)
         cflag, length = lrec >> 29, lrec & LENGTH_MASK
         if magic == MAGIC and cflag == WHOLE and length >= IMAGE_HEADER.size:
-            if offset + FRAME_HEAD.size + _padded(length) > size:
+            if offset + FRAME_HEAD.size + length > size:
                 raise RecordIOError(f"{where}: truncated (frame announces {length} bytes, the file ends "
                                     f"{size - offset - FRAME_HEAD.size} bytes after its header)")
             flag, label = struct.unpack_from("<If", head, FRAME_HEAD.size)
             if flag == 0:
-                return float(label)
-            if length >= IMAGE_HEADER.size + 4:
-                return float(struct.unpack_from("<f", head, FRAME_HEAD.size + IMAGE_HEADER.size)[0])
+                return float(label), length - IMAGE_HEADER.size
+            if length >= IMAGE_HEADER.size + 4 * flag:
+                first = struct.unpack_from("<f", head, FRAME_HEAD.size + IMAGE_HEADER.size)[0]
+                return float(first), length - IMAGE_HEADER.size - 4 * flag
     payload = _read_frames(lambda n, pos: os.pread(fd, n, pos), name, offset, key)[0]  # split, short or bad
-    return float(unpack_header(payload, where=where).labels[0])
+    header = unpack_header(payload, where=where)
+    return float(header.labels[0]), len(payload) - header.size
 
 
 # -- writing -------------------------------------------------------------------------------------
