@@ -18,7 +18,16 @@ import pandas as pd
 import pytest
 
 from pipeline.datasets import DatasetError
-from pipeline.datasets.insightface import bin_folds, load_bin, load_rec, read_bin, write_bin, write_rec
+from pipeline.datasets.insightface import (
+    bin_folds,
+    check_bin_file,
+    check_rec_layout,
+    load_bin,
+    load_rec,
+    read_bin,
+    write_bin,
+    write_rec,
+)
 from pipeline.datasets.recordio import RecordIOError, RecordWriter, pack_image_record
 from pipeline.images import BadImage, load_rgb, read_image_bytes, rec_reference
 from tests.conftest import synthetic_face
@@ -207,6 +216,38 @@ def test_identity_ranges_are_checked(tmp_path):
         writer.write(0, pack_image_record([5, 7], b""))
     (folder / "property").write_text("2,112,112")
     _error(folder, r"identity record 5 at byte \d+: images 1..3 carry labels 0 and 1; expected one identity")
+
+
+def test_cheap_checks_of_a_rec_folder(rec_set):
+    folder, _, _, _ = rec_set
+    check_rec_layout(folder)  # a good folder passes
+    idx = folder / "train.idx"
+    lines = idx.read_text()
+    idx.write_text("1\t4\n" + lines)  # an offset inside a record
+    with pytest.raises(RecordIOError, match=r"train.rec: record 1 at byte 4: wrong magic word 0x[0-9a-f]{8}"):
+        check_rec_layout(folder)
+    idx.write_text("1\t999999999\n")
+    with pytest.raises(RecordIOError, match=r"train.idx: key 1: byte offset 999999999 is past the end"):
+        check_rec_layout(folder)
+    idx.write_text("one\t0\n")
+    with pytest.raises(RecordIOError, match=r"train.idx:1: cannot parse 'one\\t0'"):
+        check_rec_layout(folder)
+    idx.write_text(lines)
+    (folder / "property").unlink()
+    with pytest.raises(RecordIOError, match="missing property file"):
+        check_rec_layout(folder)
+
+
+def test_cheap_checks_of_a_bin(tmp_path):
+    write_bin(tmp_path / "a.bin", [b"x", b"y"], [True])
+    check_bin_file(tmp_path / "a.bin")
+    (tmp_path / "py2.bin").write_bytes(_py2_protocol0([b"x", b"y"], [True]))
+    check_bin_file(tmp_path / "py2.bin")
+    (tmp_path / "b.bin").write_bytes(b"\xff\xd8 a jpeg")
+    with pytest.raises(DatasetError, match=r"b.bin: not a pickle \(starts with b'\\xff\\xd8'\)"):
+        check_bin_file(tmp_path / "b.bin")
+    with pytest.raises(DatasetError, match="c.bin: .bin file not found"):
+        check_bin_file(tmp_path / "c.bin")
 
 
 # -- image references ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from pipeline.datasets import DatasetError, ImageSet
 from pipeline.datasets.recordio import (
+    MAGIC_BYTES,
     RecordIndex,
     RecordIOError,
     RecordWriter,
@@ -73,6 +74,47 @@ def read_property(folder: str | Path) -> tuple[int, int, int]:
         raise RecordIOError(f"{path}: {text[:60]!r} is not num_classes,height,width (three positive integers)") \
             from None
     return values  # type: ignore[return-value]
+
+
+def check_rec_layout(folder: str | Path) -> None:
+    """Cheap check (``python -m pipeline validate``): ``folder`` holds ``train.rec``, ``train.idx``
+    and a readable ``property``; the ``.idx``'s first line parses and points at a frame (the magic
+    word) inside the ``.rec``. Reads a few bytes, not the index or the records."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RecordIOError(f"{folder}: folder not found; expected {REC_LAYOUT}")
+    rec_path, idx_path = folder / "train.rec", folder / "train.idx"
+    for needed in (rec_path, idx_path):
+        if not needed.is_file():
+            raise RecordIOError(f"{needed}: not found; expected {REC_LAYOUT}")
+    read_property(folder)
+    with open(idx_path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    fields = first.strip().split(b"\t")
+    if len(fields) != 2 or not all(field.lstrip(b"-").isdigit() for field in fields):
+        raise RecordIOError(f"{idx_path}:1: cannot parse {first.decode('utf-8', 'replace').strip()[:60]!r}; "
+                            "expected 'key<TAB>byte offset' (two integers)")
+    key, offset = int(fields[0]), int(fields[1])
+    with open(rec_path, "rb") as f:
+        f.seek(max(0, offset))
+        head = f.read(4)
+    if len(head) < 4 or offset < 0:
+        raise RecordIOError(f"{idx_path}: key {key}: byte offset {offset} is past the end of {rec_path}")
+    if head != MAGIC_BYTES:
+        raise RecordIOError(f"{rec_path}: record {key} at byte {offset}: wrong magic word 0x{head[::-1].hex()} "
+                            f"(expected 0x{MAGIC_BYTES[::-1].hex()}); not a RecordIO file, or not this .idx's")
+
+
+def check_bin_file(path: str | Path) -> None:
+    """Cheap check (``python -m pipeline validate``): ``path`` is a non-empty file whose first bytes
+    open a pickle (protocol 2 to 5, or Python 2's protocols 0 and 1). Nothing is unpickled."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: .bin file not found; expected {BIN_LAYOUT}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) and head[:1] not in (b"(", b"]"):
+        raise DatasetError(f"{path}: not a pickle (starts with {head!r}); expected {BIN_LAYOUT}")
 
 
 def rec_layout(rec_path: Path, index: RecordIndex) -> tuple[np.ndarray, np.ndarray, bool]:
