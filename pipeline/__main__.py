@@ -385,6 +385,18 @@ def predict(model: Path = typer.Option(..., "--model", "-m", help="A model.pt sa
 
 @app.command()
 @stage
+def export(fmt: str = typer.Argument(..., help="rec (any set) or bin (a test set's pairs)."),
+           source: Path = typer.Argument(..., help="A set's shards folder, e.g. data/shards/train."),
+           out: Path = typer.Argument(..., help="rec: the folder for train.rec/.idx/property; bin: the .bin file.")
+           ) -> None:
+    """Write a sharded set in the insightface formats (RecordIO training folder, or .bin pairs)."""
+    from pipeline.export import run_export
+
+    typer.echo(run_export(fmt, source, out))
+
+
+@app.command()
+@stage
 def report(params_file: Path = ParamsOption) -> None:
     """Regenerate reports/: comparison tables, ROC figures, cross-domain and detection tables."""
     from pipeline.report import run_report
