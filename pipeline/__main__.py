@@ -397,6 +397,21 @@ def export(fmt: str = typer.Argument(..., help="rec (any set) or bin (a test set
 
 @app.command()
 @stage
+def miniature(kind: str = typer.Argument(..., help="insightface: a .rec training set and three .bin benchmarks."),
+              out: Path = typer.Argument(..., help="Folder to write it in, e.g. data/miniature/insightface."),
+              seed: int = typer.Option(0, "--seed", help="Seed of the synthetic faces.")) -> None:
+    """Write a small synthetic data set in a layout of the field (from the built-in synthetic faces), to try
+    the pipeline's readers end to end, e.g. with configs/insightface-synth.yaml."""
+    if kind != "insightface":
+        raise ConfigError(f"miniature {kind!r}: unknown kind; expected insightface")
+    from pipeline.datasets.insightface_synth import write_miniature
+
+    for name, count in write_miniature(out, seed=seed).items():
+        typer.echo(f"{name}: {count} {'images' if name == 'train' else 'pairs'}")
+
+
+@app.command()
+@stage
 def report(params_file: Path = ParamsOption) -> None:
     """Regenerate reports/: comparison tables, ROC figures, cross-domain and detection tables."""
     from pipeline.report import run_report

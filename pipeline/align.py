@@ -58,7 +58,9 @@ from pipeline import cpu
 from pipeline.chunks import ChunkStore, chunk_ranges, digest, file_digests, library_versions, source_digest, staging_dir
 from pipeline.config import AlignParams
 from pipeline.detect import KEPT, PRECROPPED, landmarks_of, size_counts
-from pipeline.images import BadImage, load_rgb
+from pipeline.images import BadImage, decode_bytes, load_rgb, read_image_bytes
+
+JPEG_MAGIC = b"\xff\xd8\xff"
 from pipeline.io import atomic_dir, atomic_file, write_csv, write_json
 
 INDEX = "_index.csv"
@@ -174,10 +176,20 @@ def _file_names(rows: pd.DataFrame) -> list[str]:
 
 
 def _align_one(task: tuple[str, np.ndarray, int, int, Crop | None]) -> tuple[bytes | None, float, str]:
-    """One face: ``(JPEG bytes or None, residual, error)``."""
+    """One face: ``(JPEG bytes or None, residual, error)``.
+
+    A pre-cropped JPEG that is already ``size`` x ``size`` (an insightface set at ``align.size:
+    112``) keeps its bytes: decoded once to check it, never re-encoded (lossless, and the shards
+    then hold the very bytes of the source)."""
     path, points, size, quality, crop = task
     try:
-        image, _ = load_rgb(path)
+        if crop is not None and crop.mode == "resize":
+            data = read_image_bytes(path)
+            image, _ = decode_bytes(data, path)
+            if data.startswith(JPEG_MAGIC) and image.shape[:2] == (size, size):
+                return data, float("nan"), ""
+        else:
+            image, _ = load_rgb(path)
         if crop is None:
             face, residual = align_face(image, points, size)
         else:

@@ -63,7 +63,7 @@ def load_dataset(spec: DatasetSpec, *, out_dir: Path | None = None, synthetic_pa
 
         if out_dir is None:
             raise DatasetError(f"{spec.path}: an insightface .bin set is resolved by its own data stage")
-        return load_bin(spec.path, out_dir / "images", progress=progress)
+        return load_bin(spec.path, out_dir / "images")
     raise DatasetError(f"unknown dataset kind {spec.kind!r}")  # pragma: no cover - schema forbids it
 
 
