@@ -144,10 +144,12 @@ def test_prefetched_batches_hold_the_right_images_in_order(tmp_path, mode, depth
 def test_auto_decodes_upfront_only_when_the_set_fits(tmp_path, monkeypatch):
     data = read_shards(_shards(tmp_path, n_ids=3, per=4) / "train")
     decoded_bytes = len(data) * 112 * 112 * 3
-    monkeypatch.setattr(train_module, "_available_memory", lambda: 4 * decoded_bytes)
+    from pipeline.training import data as data_module
+
+    monkeypatch.setattr(data_module, "_available_memory", lambda: 4 * decoded_bytes)
     assert batch_source(data, "auto")[0] == "upfront"
     assert batch_source(data, "auto", processes_per_machine=2)[0] == "per_batch"  # each rank holds a copy
-    monkeypatch.setattr(train_module, "_available_memory", lambda: 4 * decoded_bytes - 4)
+    monkeypatch.setattr(data_module, "_available_memory", lambda: 4 * decoded_bytes - 4)
     assert batch_source(data, "auto")[0] == "per_batch"
     with pytest.raises(ValueError, match="train.decode = 'lazy'"):
         batch_source(data, "lazy")

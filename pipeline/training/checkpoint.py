@@ -1,0 +1,172 @@
+"""What a run keeps on disk: the per-epoch checkpoint it resumes from, and the saved model.
+
+* ``last.pt`` after every epoch (model, loss, optimiser, scaler, step, best score, history),
+  tagged with :func:`fingerprint`: a rerun resumes from it only when it was made with the same
+  settings, data and code.
+* ``model.pt`` (see :func:`save_model`, :func:`load_model`): the chosen epoch's network and loss
+  state, with what is needed to rebuild them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelParams
+from pipeline.io import atomic_file
+from pipeline.shards import FaceShards
+from pipeline.training.setup import TrainingError, TrainSetup
+
+
+def fingerprint(setup: TrainSetup, data: FaceShards, *, device_type: str, amp_dtype: torch.dtype | None,
+                global_batch: int) -> str:
+    """Hash of everything that defines a run; a checkpoint resumes only a run with the same one.
+
+    Includes where it runs (``device_type``: cpu, cuda) and its precision (``amp_dtype``), so
+    a CPU checkpoint never resumes a GPU run or the reverse, nor a bf16 run an fp16 one; and
+    the global batch, which ``batch_per_device`` ties to the process count. The settings
+    that do not change the trained model (threads, input mode, NaN-check interval) are left out.
+    """
+    blob = json.dumps(
+        {
+            "loss": setup.loss_name,
+            "loss_params": setup.loss_params,
+            "model": setup.model.model_dump(),
+            "train": setup.train.model_dump(exclude={"workers", "device", "decode", "nan_check_every"}),
+            "device_type": device_type,
+            "amp": str(amp_dtype).removeprefix("torch.") if amp_dtype is not None else "fp32",
+            "global_batch": global_batch,
+            "seed": setup.seed,
+            "data_seed": setup.data_seed,
+            "n": len(data),
+            "ids": hashlib.sha1("\n".join(data.image_ids).encode()).hexdigest(),
+            "code": code_hash(),
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def code_hash() -> str:
+    """Hash of the source files that shape training, so a code change never resumes an old run."""
+    root = Path(__file__).parents[1]
+    files = [root / "train.py", root / "samplers.py", root / "shards.py", root / "augment.py"]
+    files += sorted((root / "training").glob("*.py"))
+    files += sorted((root / "losses").glob("*.py")) + sorted((root / "models").glob("*.py"))
+    digest = hashlib.sha1()
+    for f in files:
+        if f.is_file():
+            digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, key: str, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Write ``last.pt``: everything a resumed run needs, tagged with the run's :func:`fingerprint` ``key``."""
+    with atomic_file(path) as tmp:
+        torch.save({"fingerprint": key, "epoch": state["epoch"], "model": model.state_dict(),
+                    "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(), "state": state}, tmp)
+
+
+def load_checkpoint(path: Path, key: str, epochs: int, device: torch.device, name: str,
+                    announce: bool) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` when this run resumes from it (same fingerprint ``key``, at most
+    ``epochs`` epochs done), else None; with ``announce``, a line prefixed ``name`` says which."""
+    if not path.is_file():
+        return None
+    saved = torch.load(path, map_location=device, weights_only=False)
+    if saved.get("fingerprint") == key and saved["epoch"] <= epochs:
+        if announce:
+            print(f"[{name}] resuming from {path} after epoch {saved['state']['epoch']}")
+        return saved
+    if announce:
+        print(f"[{name}] ignoring {path}: it was made with other settings")
+    return None
+
+
+def restore(saved: dict[str, Any], model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler) -> dict[str, Any]:
+    """Load a checkpoint from :func:`load_checkpoint` into the run's modules; returns its loop state
+    (``epoch``, ``step``, ``best_auc``, ``best_epoch``, ``history``)."""
+    model.load_state_dict(saved["model"])
+    criterion.load_state_dict(saved["criterion"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scaler.load_state_dict(saved["scaler"])
+    return saved["state"]
+
+
+def save_model(path: Path, model: nn.Module, setup: TrainSetup, data: FaceShards, epoch: int, auc: float,
+               criterion: nn.Module | None = None) -> None:
+    """The deliverable of a run: weights plus what is needed to rebuild and use them.
+
+    Besides the network: the loss's state (``criterion``: its class weights, so the classifier
+    head can be applied later, see :func:`load_head`), the training identities in label order
+    (``identity_names``; class k of the head is ``identity_names[k]``) and what chose the epoch
+    (``selected_on``)."""
+    with atomic_file(path) as tmp:
+        torch.save({
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "model_params": setup.model.model_dump(),
+            "image_size": setup.image_size,
+            "loss": setup.loss_name,
+            "loss_params": setup.loss_params,
+            "seed": setup.seed,
+            "epoch": epoch,
+            "val_auc": auc,
+            "identities": len(data.identity_names),
+            "identity_names": list(data.identity_names),
+            "criterion": None if criterion is None else {k: v.detach().cpu()
+                                                         for k, v in criterion.state_dict().items()},
+            "selected_on": setup.train.select_on,
+        }, tmp)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild a model saved by :func:`save_model`; returns ``(model, saved_dict)``."""
+    from pipeline.models import build_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"{path}: no trained model; run the train stage first (dvc repro)")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    mp = ModelParams(**saved["model_params"])
+    model = build_model(mp.backbone, embedding_size=mp.embedding_size, in_channels=1 if mp.grayscale else 3,
+                        input_size=saved["image_size"], dropout=mp.dropout, head=mp.head)
+    model.load_state_dict(saved["model"])
+    return model.to(device).eval(), saved
+
+
+def load_head(saved: dict, device: torch.device | str = "cpu") -> nn.Module | None:
+    """The loss of a model saved by :func:`save_model`, with its trained state (class weights), in
+    eval mode; None when the file has no loss state (older files). Its ``class_scores`` give the
+    head's N-way prediction (None for losses without a classifier), ``class_centres`` the class weights."""
+    from pipeline import losses
+
+    state = saved.get("criterion")
+    if state is None:
+        return None
+    head = losses.build(saved["loss"], num_classes=int(saved["identities"]),
+                        embedding_size=int(saved["model_params"]["embedding_size"]), **saved["loss_params"])
+    head.load_state_dict(state)
+    return head.to(device).eval()
+
+
+def load_initial_weights(model: nn.Module, path: Path) -> None:
+    """Transfer learning: copy every tensor of a saved model whose name and shape match."""
+    if not path.is_file():
+        raise TrainingError(f"train.init_from = {str(path)!r}: file not found")
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    weights = saved.get("model", saved)
+    own = model.state_dict()
+    matched = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        raise TrainingError(f"train.init_from = {str(path)!r}: no weights match this model's layers")
+    own.update(matched)
+    model.load_state_dict(own)
+    print(f"initialised {len(matched)}/{len(own)} tensors from {path}")

@@ -1,0 +1,61 @@
+"""The process group of a ``torchrun`` job: which process this is, and the few collectives the trainer uses.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) every process trains on its slice of each global batch
+with DistributedDataParallel (NCCL on GPUs, gloo on the CPU); only process 0 validates and
+writes checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pipeline import cpu
+from pipeline.training.setup import TrainingError
+
+
+@dataclass
+class Distributed:
+    """Where this process sits in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where this process's collectives put their tensors
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_ok(self, ok: bool) -> bool:
+        """Whether every process says ``ok`` (one all-reduce, so it also waits for all of them)."""
+        if not self.enabled:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+
+def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cpu":  # the thread count decides the last bits of the gradients
+        torch.set_num_threads(max(1, cpu.thread_count() // max(world, 1)))
+    if world <= 1:
+        return Distributed(), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise TrainingError(f"process {local_rank} of this machine has no GPU: {torch.cuda.device_count()} "
+                                "visible; set FACEPIPE_NPROC to at most the number of GPUs")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world, local_rank, device), device
