@@ -56,7 +56,7 @@ software: no autotuning, ``cudnn.deterministic``, ``torch.use_deterministic_algo
 of stopping the run) and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``. Other GPU models, CUDA,
 cuDNN or torch versions, or another process count still give other bits.
 
-Outputs: ``model_dir/model.pt`` (best epoch), ``history.csv``,
+Outputs: ``model_dir/model.pt`` (best epoch; equal models give equal bytes), ``history.csv``,
 ``metrics.json`` and ``timing.json`` (device, precision, batch layout, time split) in ``report_dir``.
 
 Structure: :func:`train` reads as its steps, :func:`load_data`, :func:`build_run`, resuming
@@ -88,7 +88,8 @@ from pipeline.shards import FaceShards, join_location, read_shards
 # Every name below stays importable from pipeline.train (the embed, predict and CLI modules,
 # tests and benchmarks import them from here; see __all__), also those the loop does not use.
 from pipeline.training.checkpoint import (code_hash, fingerprint, load_checkpoint, load_head,
-                                          load_initial_weights, load_model, restore, save_checkpoint, save_model)
+                                          load_initial_weights, load_model, restore, save_checkpoint, save_model,
+                                          save_stable)
 from pipeline.training.data import (BatchPrefetcher, Fill, batch_input, batch_layout, batch_source,
                                     check_labels, epoch_batches, flip_rows, scale_input,
                                     selection_set, split_train_val, to_input, validation_pairs, validation_subset)
@@ -115,9 +116,9 @@ __all__ = ["_epoch_batches", "_load_initial_weights", "_save_checkpoint", "_Trai
            "fingerprint", "first_nonfinite", "flip_rows", "gpu_text", "gradient_scaler", "init_distributed",
            "load_checkpoint", "load_data", "load_head", "load_initial_weights", "load_model", "lr_at", "OLDER_WHEEL",
            "optimise", "pick_device", "prepare_device", "read_losses", "restore", "Run", "run_metrics", "run_timing",
-           "save_checkpoint", "save_model", "scale_input", "selection_set", "split_train_val", "step_input",
-           "SYNC_BN_BELOW", "to_input", "train", "train_one_epoch", "TrainData", "TrainingError", "TrainSetup",
-           "TrainStep", "use_sync_bn", "validate_and_checkpoint", "validation_auc", "validation_pairs",
+           "save_checkpoint", "save_model", "save_stable", "scale_input", "selection_set", "split_train_val",
+           "step_input", "SYNC_BN_BELOW", "to_input", "train", "train_one_epoch", "TrainData", "TrainingError",
+           "TrainSetup", "TrainStep", "use_sync_bn", "validate_and_checkpoint", "validation_auc", "validation_pairs",
            "validation_subset", "write_outputs"]
 
 

@@ -666,11 +666,14 @@ def test_reading_the_loss_less_often_trains_the_same_model(tmp_path):
         metrics = train(_setup(epochs=2, nan_check_every=every), shards, out / "model", out / "ckpt", out / "report",
                         progress=False)
         results[every] = (metrics, pd.read_csv(out / "report" / "history.csv"),
-                          torch.load(out / "model" / "model.pt", weights_only=False)["model"])
+                          torch.load(out / "model" / "model.pt", weights_only=False)["model"],
+                          (out / "model" / "model.pt").read_bytes(), (out / "ckpt" / "last.pt").read_bytes())
     assert results[1][0] == results[3][0]
     pd.testing.assert_frame_equal(results[1][1], results[3][1], check_exact=True)
     for name, tensor in results[1][2].items():
         assert torch.equal(tensor, results[3][2][name]), name
+    # the same model gives the same file, so a forced rerun leaves dvc.lock as it was
+    assert results[1][3] == results[3][3] and results[1][4] == results[3][4]
 
 
 def _free_port() -> int:
@@ -711,3 +714,31 @@ def test_every_process_stops_when_process_0_fails_while_checkpointing(tmp_path):
     lines = [ln for ln in results[1][1].splitlines() if ln.strip()]
     assert lines == ["error: process 1 stops: process 0 failed while validating or checkpointing epoch 1 "
                      "(process 0 prints why)"], results[1][1]
+
+
+# ----------------------------------------------------------------- files and processes
+
+
+def test_equal_models_are_saved_as_equal_bytes_and_old_files_still_load(tmp_path):
+    """torch.save names the zip archive's folder after the file it writes; written through a
+    randomly named temporary, the same model gave other bytes on every save."""
+    from pipeline.train import save_model
+
+    data = read_shards(_shards(tmp_path, n_ids=3, per=4) / "train")
+    setup = _setup()
+    torch.manual_seed(0)
+    model, criterion = train_module.build_modules(setup, num_classes=3)
+    first, second = tmp_path / "a" / "model.pt", tmp_path / "b" / "best.pt"
+    save_model(first, model, setup, data, 2, 0.75, criterion)
+    save_model(second, model, setup, data, 2, 0.75, criterion)
+    assert first.read_bytes() == second.read_bytes()
+    save_model(second, model, setup, data, 3, 0.75, criterion)  # other content, other bytes
+    assert first.read_bytes() != second.read_bytes()
+    # a model.pt written as before (torch.save to its path) loads as it did
+    old = tmp_path / "old" / "model.pt"
+    old.parent.mkdir()
+    torch.save(torch.load(first, weights_only=False), old)
+    loaded, saved = load_model(old)
+    assert saved["epoch"] == 2 and saved["identity_names"] == list(data.identity_names)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name

@@ -5,6 +5,8 @@
   settings, data and code.
 * ``model.pt`` (see :func:`save_model`, :func:`load_model`): the chosen epoch's network and loss
   state, with what is needed to rebuild them.
+* Every file is written with stable bytes (:func:`save_stable`): equal tensors and values give
+  equal files, so a forced rerun that trains the same model leaves ``dvc.lock`` unchanged.
 """
 
 from __future__ import annotations
@@ -21,6 +23,20 @@ from pipeline.config import ModelParams
 from pipeline.io import atomic_file
 from pipeline.shards import FaceShards
 from pipeline.training.setup import TrainingError, TrainSetup
+
+
+def save_stable(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj)`` to ``path``, atomically, with bytes that depend on ``obj`` alone.
+
+    torch's zip writer names the archive's top folder after the file it is given
+    (``torch.save(obj, ".model.pt.k3x9.tmp")`` stores ``.model.pt.k3x9/data.pkl``, ...), so written
+    to :func:`pipeline.io.atomic_file`'s random temporary name the same model gave other bytes on
+    every save. (The ``.data/serialization_id`` record is no source of randomness: torch derives it
+    from the record names without that folder and the records' CRC32s.) Given a file object,
+    torch names the folder ``archive``, whatever the file is called. :func:`torch.load` reads both.
+    """
+    with atomic_file(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 def fingerprint(setup: TrainSetup, data: FaceShards, *, device_type: str, amp_dtype: torch.dtype | None,
@@ -68,10 +84,9 @@ def code_hash() -> str:
 def save_checkpoint(path: Path, key: str, model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
     """Write ``last.pt``: everything a resumed run needs, tagged with the run's :func:`fingerprint` ``key``."""
-    with atomic_file(path) as tmp:
-        torch.save({"fingerprint": key, "epoch": state["epoch"], "model": model.state_dict(),
-                    "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(), "state": state}, tmp)
+    save_stable({"fingerprint": key, "epoch": state["epoch"], "model": model.state_dict(),
+                 "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "state": state}, path)
 
 
 def load_checkpoint(path: Path, key: str, epochs: int, device: torch.device, name: str,
@@ -109,22 +124,20 @@ def save_model(path: Path, model: nn.Module, setup: TrainSetup, data: FaceShards
     head can be applied later, see :func:`load_head`), the training identities in label order
     (``identity_names``; class k of the head is ``identity_names[k]``) and what chose the epoch
     (``selected_on``)."""
-    with atomic_file(path) as tmp:
-        torch.save({
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "model_params": setup.model.model_dump(),
-            "image_size": setup.image_size,
-            "loss": setup.loss_name,
-            "loss_params": setup.loss_params,
-            "seed": setup.seed,
-            "epoch": epoch,
-            "val_auc": auc,
-            "identities": len(data.identity_names),
-            "identity_names": list(data.identity_names),
-            "criterion": None if criterion is None else {k: v.detach().cpu()
-                                                         for k, v in criterion.state_dict().items()},
-            "selected_on": setup.train.select_on,
-        }, tmp)
+    save_stable({
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "model_params": setup.model.model_dump(),
+        "image_size": setup.image_size,
+        "loss": setup.loss_name,
+        "loss_params": setup.loss_params,
+        "seed": setup.seed,
+        "epoch": epoch,
+        "val_auc": auc,
+        "identities": len(data.identity_names),
+        "identity_names": list(data.identity_names),
+        "criterion": None if criterion is None else {k: v.detach().cpu() for k, v in criterion.state_dict().items()},
+        "selected_on": setup.train.select_on,
+    }, path)
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
