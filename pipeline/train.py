@@ -38,7 +38,8 @@
   process (see :class:`pipeline.config.TrainParams` for scaling ``lr``); SyncBatchNorm
   only when a process holds fewer than :data:`SYNC_BN_BELOW` images (``sync_bn``).
   Only rank 0 decodes and embeds validation images (only those in the sampled pairs);
-  a failure there stops every rank with an error instead of leaving them waiting.
+  a failure there stops every rank with an error instead of leaving them waiting. The
+  machine's threads are shared by its processes (torch threads on the CPU, batch decoding).
 
 Determinism on a GPU. On the CPU a seed gives the same bits on any x86-64 host with the
 pinned kernels and thread count (see :mod:`pipeline.cpu`). On a GPU, with the default
@@ -69,7 +70,6 @@ modules import from here (``from pipeline.train import ...``) still comes from h
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,13 +91,13 @@ from pipeline.training.checkpoint import (code_hash, fingerprint, load_checkpoin
                                           load_initial_weights, load_model, restore, save_checkpoint, save_model,
                                           save_stable)
 from pipeline.training.data import (BatchPrefetcher, Fill, batch_input, batch_layout, batch_source,
-                                    check_labels, epoch_batches, flip_rows, scale_input,
+                                    check_labels, decode_threads, epoch_batches, flip_rows, scale_input,
                                     selection_set, split_train_val, to_input, validation_pairs, validation_subset)
 from pipeline.training.device import (DRIVER_FOR_CUDA, OLDER_WHEEL, SYNC_BN_BELOW, CudaStatus,
                                       amp_dtype_for, apply_cuda_backend_settings, arch_supported, choose_device,
                                       cuda_backend_settings, cuda_status, describe_device, device_capability,
                                       device_line, gpu_text, gradient_scaler, pick_device, use_sync_bn)
-from pipeline.training.distributed import Distributed, init_distributed
+from pipeline.training.distributed import Distributed, init_distributed, local_processes
 from pipeline.training.setup import TrainingError, TrainSetup
 from pipeline.training.step import (TrainStep, build_modules, embed_array, first_nonfinite, lr_at,
                                     validation_auc)
@@ -108,18 +108,18 @@ _epoch_batches = epoch_batches
 _load_initial_weights = load_initial_weights
 _save_checkpoint = save_checkpoint
 
-__all__ = ["_epoch_batches", "_load_initial_weights", "_save_checkpoint", "_TrainStep", "_validate", "amp_dtype_for",
+__all__ = ["_epoch_batches", "_load_initial_weights", "_save_checkpoint", "_TrainStep", "amp_dtype_for",
            "apply_cuda_backend_settings", "arch_supported", "batch_input", "batch_layout", "batch_source",
            "BatchPrefetcher", "build_modules", "build_run", "check_labels", "choose_device", "code_hash",
-           "cuda_backend_settings", "cuda_status", "CudaStatus", "describe_device", "device_capability",
-           "device_line", "Distributed", "DRIVER_FOR_CUDA", "embed_array", "epoch_batches", "epoch_plan", "Fill",
-           "fingerprint", "first_nonfinite", "flip_rows", "gpu_text", "gradient_scaler", "init_distributed",
-           "load_checkpoint", "load_data", "load_head", "load_initial_weights", "load_model", "lr_at", "OLDER_WHEEL",
-           "optimise", "pick_device", "prepare_device", "read_losses", "restore", "Run", "run_metrics", "run_timing",
-           "save_checkpoint", "save_model", "save_stable", "scale_input", "selection_set", "split_train_val",
-           "step_input", "SYNC_BN_BELOW", "to_input", "train", "train_one_epoch", "TrainData", "TrainingError",
-           "TrainSetup", "TrainStep", "use_sync_bn", "validate_and_checkpoint", "validation_auc", "validation_pairs",
-           "validation_subset", "write_outputs"]
+           "cuda_backend_settings", "cuda_status", "CudaStatus", "decode_threads", "describe_device",
+           "device_capability", "device_line", "Distributed", "DRIVER_FOR_CUDA", "embed_array", "epoch_batches",
+           "epoch_plan", "Fill", "fingerprint", "first_nonfinite", "flip_rows", "gpu_text", "gradient_scaler",
+           "init_distributed", "load_checkpoint", "load_data", "load_head", "load_initial_weights", "load_model",
+           "local_processes", "lr_at", "OLDER_WHEEL", "optimise", "pick_device", "prepare_device", "read_losses",
+           "restore", "Run", "run_metrics", "run_timing", "save_checkpoint", "save_model", "save_stable",
+           "scale_input", "selection_set", "split_train_val", "step_input", "SYNC_BN_BELOW", "to_input", "train",
+           "train_one_epoch", "TrainData", "TrainingError", "TrainSetup", "TrainStep", "use_sync_bn",
+           "validate_and_checkpoint", "validation_auc", "validation_pairs", "validation_subset", "write_outputs"]
 
 
 @dataclass
@@ -258,12 +258,11 @@ def load_data(setup: TrainSetup, shards_dir: str | Path, dist: Distributed) -> T
     # train.select_on: the test set whose pairs choose the best epoch (None: the validation pairs)
     selection = selection_set(shards_dir, params.select_on) if params.select_on != "validation" and dist.is_main \
         else None
-    input_mode, fill = batch_source(data, params.decode,
-                                    processes_per_machine=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    input_mode, fill = batch_source(data, params.decode, processes_per_machine=dist.local_world)
     return TrainData(data=data, train_idx=train_idx, val_idx=val_idx,
                      train_labels=torch.from_numpy(data.labels[train_idx]), val_images=val_images,
                      val_pairs=val_pairs, selection=selection, input_mode=input_mode, fill=fill,
-                     fill_workers=params.workers or cpu.thread_count())
+                     fill_workers=decode_threads(params.workers, dist.local_world))
 
 
 def build_run(setup: TrainSetup, feed: TrainData, dist: Distributed, device: torch.device,
@@ -524,6 +523,7 @@ def run_timing(run: Run, feed: TrainData, elapsed: float) -> dict[str, Any]:
         "sync_bn": run.sync_bn,
         "cudnn_benchmark": bool(run.backend and run.backend["cudnn.benchmark"]),
         "input": feed.input_mode,  # upfront (decoded once) or per_batch (JPEG bytes in memory)
+        "decode_threads_per_process": feed.fill_workers,
         # what decides the last bits on a CPU: same kernels + threads => same metrics on any x86-64 host
         "cpu_kernels": cpu.kernels(),
         "threads_per_process": torch.get_num_threads(),

@@ -742,3 +742,14 @@ def test_equal_models_are_saved_as_equal_bytes_and_old_files_still_load(tmp_path
     assert saved["epoch"] == 2 and saved["identity_names"] == list(data.identity_names)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_decode_threads_are_shared_by_the_processes_of_a_machine():
+    from pipeline.train import decode_threads, local_processes
+
+    assert decode_threads(0, 1, threads=16) == 16  # one process: every thread, as before
+    assert decode_threads(0, 8, threads=16) == 2  # 8 processes share 16 threads (not 8 x 16)
+    assert decode_threads(0, 3, threads=16) == 5 and decode_threads(0, 3, threads=2) == 1  # at least one
+    assert decode_threads(6, 8, threads=16) == 6  # train.workers set: per process, as given
+    assert local_processes({"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}) == 4  # torchrun: 2 machines x 4
+    assert local_processes({"WORLD_SIZE": "2"}) == 2 and local_processes({}) == 1

@@ -7,7 +7,8 @@
   from :class:`pipeline.samplers.PKBatchSampler` (:func:`epoch_batches`), each step's
   randomness derived from ``(seed, epoch)``.
 * Pixels: decoded once up front or per batch from the JPEG bytes (:func:`batch_source`), by a
-  pool of threads that prepares the next batches while one trains (:class:`BatchPrefetcher`).
+  pool of threads that prepares the next batches while one trains (:class:`BatchPrefetcher`),
+  the machine's threads shared by its training processes (:func:`decode_threads`).
 * Input: uint8 ``[B, H, W, 3]`` to the model's float ``[B, C, H, W]`` with the augmentation
   (:func:`batch_input`) and flips as a selection (:func:`flip_rows`).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import augment
+from pipeline import augment, cpu
 from pipeline.config import AugmentParams, TrainParams
 from pipeline.shards import FaceShards, join_location, read_shards
 from pipeline.training.distributed import Distributed
@@ -270,3 +271,11 @@ class BatchPrefetcher:
                 yield images, labels, flips
 
 
+
+def decode_threads(workers: int, local_processes: int, threads: int | None = None) -> int:
+    """Threads that fill one process's batches: ``train.workers`` when set (per process), else
+    this machine's threads (``threads``, default :func:`pipeline.cpu.thread_count`) shared by the
+    ``local_processes`` training processes on it, at least one each."""
+    if workers:
+        return workers
+    return max(1, (cpu.thread_count() if threads is None else threads) // max(1, local_processes))

@@ -2,7 +2,7 @@
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) every process trains on its slice of each global batch
 with DistributedDataParallel (NCCL on GPUs, gloo on the CPU); only process 0 validates and
-writes checkpoints.
+writes checkpoints. The processes on one machine share its threads.
 """
 
 from __future__ import annotations
@@ -18,12 +18,15 @@ from pipeline.training.setup import TrainingError
 
 @dataclass
 class Distributed:
-    """Where this process sits in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
+    """Where this process sits in a ``torchrun`` job (rank 0 of 1 when run plainly).
+
+    ``local_world``: the training processes on this machine, which share its cores and memory."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")  # where this process's collectives put their tensors
+    local_world: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -42,11 +45,22 @@ class Distributed:
         return bool(flag.item())
 
 
+def local_processes(environ: dict[str, str] | None = None) -> int:
+    """The training processes on this machine: ``LOCAL_WORLD_SIZE`` (set by torchrun), else
+    ``WORLD_SIZE`` (a launcher that does not say: as if all were here), else 1."""
+    env = os.environ if environ is None else environ
+    return max(1, int(env.get("LOCAL_WORLD_SIZE") or env.get("WORLD_SIZE") or 1))
+
+
 def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
-    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU).
+
+    On the CPU each process takes its share of this machine's threads (:func:`pipeline.cpu.thread_count`
+    divided by the processes on the machine)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = local_processes() if world > 1 else 1
     if device.type == "cpu":  # the thread count decides the last bits of the gradients
-        torch.set_num_threads(max(1, cpu.thread_count() // max(world, 1)))
+        torch.set_num_threads(max(1, cpu.thread_count() // local_world))
     if world <= 1:
         return Distributed(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -58,4 +72,4 @@ def init_distributed(device: torch.device) -> tuple[Distributed, torch.device]:
         device = torch.device("cuda", local_rank)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world, local_rank, device), device
+    return Distributed(rank, world, local_rank, device, local_world), device
