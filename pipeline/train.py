@@ -15,7 +15,8 @@
   pair/triplet losses see P x K batches (P identities x K images).
 * Robustness: a checkpoint after every epoch (model, loss, optimiser, schedule, step,
   best score) in ``checkpoint_dir``; rerunning the stage resumes from it when it was
-  made with the same settings. Each epoch's randomness is derived from
+  made with the same settings (with several processes, process 0's checkpoint decides for
+  all of them). Each epoch's randomness is derived from
   ``(seed, epoch)``, so a resumed run ends exactly where an uninterrupted one does
   on CPU. A NaN or inf loss stops training with a message naming the loss, the step
   and the likely cause; the last good checkpoint stays. The loss is read back every
@@ -61,7 +62,7 @@ Outputs: ``model_dir/model.pt`` (best epoch; equal models give equal bytes), ``h
 ``metrics.json`` and ``timing.json`` (device, precision, batch layout, time split) in ``report_dir``.
 
 Structure: :func:`train` reads as its steps, :func:`load_data`, :func:`build_run`, resuming
-(:func:`pipeline.training.checkpoint.load_checkpoint`), :func:`train_one_epoch` and
+(:func:`pipeline.training.checkpoint.resume`), :func:`train_one_epoch` and
 :func:`validate_and_checkpoint` per epoch, :func:`write_outputs`; the parts live in
 :mod:`pipeline.training` (device, distributed, data feed, step, checkpoint). Every name other
 modules import from here (``from pipeline.train import ...``) still comes from here.
@@ -87,9 +88,8 @@ from pipeline.io import atomic_file, write_csv, write_json
 from pipeline.shards import FaceShards, join_location, read_shards
 # Every name below stays importable from pipeline.train (the embed, predict and CLI modules,
 # tests and benchmarks import them from here; see __all__), also those the loop does not use.
-from pipeline.training.checkpoint import (code_hash, fingerprint, load_checkpoint, load_head,
-                                          load_initial_weights, load_model, restore, save_checkpoint, save_model,
-                                          save_stable)
+from pipeline.training.checkpoint import (code_hash, fingerprint, load_head, load_initial_weights,
+                                          load_model, restore, resume, save_checkpoint, save_model, save_stable)
 from pipeline.training.data import (BatchPrefetcher, Fill, batch_input, batch_layout, batch_source,
                                     check_labels, decode_threads, epoch_batches, flip_rows, scale_input,
                                     selection_set, split_train_val, to_input, validation_pairs, validation_subset)
@@ -114,12 +114,12 @@ __all__ = ["_epoch_batches", "_load_initial_weights", "_save_checkpoint", "_Trai
            "cuda_backend_settings", "cuda_status", "CudaStatus", "decode_threads", "describe_device",
            "device_capability", "device_line", "Distributed", "DRIVER_FOR_CUDA", "embed_array", "epoch_batches",
            "epoch_plan", "Fill", "fingerprint", "first_nonfinite", "flip_rows", "gpu_text", "gradient_scaler",
-           "init_distributed", "load_checkpoint", "load_data", "load_head", "load_initial_weights", "load_model",
-           "local_processes", "lr_at", "OLDER_WHEEL", "optimise", "pick_device", "prepare_device", "read_losses",
-           "restore", "Run", "run_metrics", "run_timing", "save_checkpoint", "save_model", "save_stable",
-           "scale_input", "selection_set", "split_train_val", "step_input", "SYNC_BN_BELOW", "to_input", "train",
-           "train_one_epoch", "TrainData", "TrainingError", "TrainSetup", "TrainStep", "use_sync_bn",
-           "validate_and_checkpoint", "validation_auc", "validation_pairs", "validation_subset", "write_outputs"]
+           "init_distributed", "load_data", "load_head", "load_initial_weights", "load_model", "local_processes",
+           "lr_at", "OLDER_WHEEL", "optimise", "pick_device", "prepare_device", "read_losses", "restore", "resume",
+           "Run", "run_metrics", "run_timing", "save_checkpoint", "save_model", "save_stable", "scale_input",
+           "selection_set", "split_train_val", "step_input", "SYNC_BN_BELOW", "to_input", "train", "train_one_epoch",
+           "TrainData", "TrainingError", "TrainSetup", "TrainStep", "use_sync_bn", "validate_and_checkpoint",
+           "validation_auc", "validation_pairs", "validation_subset", "write_outputs"]
 
 
 @dataclass
@@ -197,7 +197,8 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
     Under ``torchrun`` (``WORLD_SIZE > 1``) each rank trains on its slice of every
     global batch (``train.batch_size`` images in all, or ``train.batch_per_device`` per
     rank) with DistributedDataParallel; only rank 0 validates and writes checkpoints,
-    the model and the reports. When rank 0 fails there, every rank stops with an error.
+    the model and the reports, and rank 0's checkpoint decides where every rank resumes.
+    When rank 0 fails there, every rank stops with an error.
     """
     from pipeline import losses
 
@@ -209,8 +210,7 @@ def train(setup: TrainSetup, shards_dir: str | Path, model_dir: str | Path, chec
     feed = load_data(setup, shards_dir, dist)
     run = build_run(setup, feed, dist, device, amp_dtype, backend, (global_batch, batch_per_process), use_pk,
                     Path(checkpoint_dir), progress)
-    saved = load_checkpoint(run.checkpoint_path, run.key, setup.train.epochs, device, setup.loss_name,
-                            announce=dist.is_main)
+    saved = resume(run.checkpoint_path, run.key, setup.train.epochs, dist, device, setup.loss_name)
     if saved is not None:
         run.state = restore(saved, run.model, run.criterion, run.optimizer, run.scaler)
     run.runner.train()

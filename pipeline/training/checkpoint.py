@@ -2,7 +2,10 @@
 
 * ``last.pt`` after every epoch (model, loss, optimiser, scaler, step, best score, history),
   tagged with :func:`fingerprint`: a rerun resumes from it only when it was made with the same
-  settings, data and code.
+  settings, data and code. Process 0 alone writes it, and process 0 alone reads it and decides
+  whether the run resumes; the other processes receive its bytes (:func:`resume`), so every
+  process starts the same epoch from the same state even when only process 0's (node-local)
+  folder holds the file.
 * ``model.pt`` (see :func:`save_model`, :func:`load_model`): the chosen epoch's network and loss
   state, with what is needed to rebuild them.
 * Every file is written with stable bytes (:func:`save_stable`): equal tensors and values give
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,7 @@ from torch import nn
 from pipeline.config import ModelParams
 from pipeline.io import atomic_file
 from pipeline.shards import FaceShards
+from pipeline.training.distributed import Distributed
 from pipeline.training.setup import TrainingError, TrainSetup
 
 
@@ -89,25 +94,56 @@ def save_checkpoint(path: Path, key: str, model: nn.Module, criterion: nn.Module
                  "scaler": scaler.state_dict(), "state": state}, path)
 
 
-def load_checkpoint(path: Path, key: str, epochs: int, device: torch.device, name: str,
-                    announce: bool) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` when this run resumes from it (same fingerprint ``key``, at most
-    ``epochs`` epochs done), else None; with ``announce``, a line prefixed ``name`` says which."""
-    if not path.is_file():
+def resume(path: Path, key: str, epochs: int, dist: Distributed, device: torch.device,
+           name: str) -> dict[str, Any] | None:
+    """The checkpoint every process resumes from (the dict :func:`save_checkpoint` wrote), or None
+    to start afresh.
+
+    Process 0 decides: it reads ``path`` and takes it when it has the fingerprint ``key`` and at
+    most ``epochs`` epochs done; then it sends the file's bytes to the other processes, which
+    never look at their own ``path``. A checkpoint process 0 cannot read stops every process with
+    a one-line :class:`TrainingError` (process 0's names the file). ``name`` prefixes the lines
+    process 0 prints."""
+    raw, saved, failure = None, None, None
+    if dist.is_main:
+        try:
+            raw, saved = _resumable(path, key, epochs, device, name)
+        except Exception as err:  # the others must hear of it, or they wait for process 0 forever
+            failure = err
+    size = dist.share(-1 if failure is not None else len(raw) if raw is not None else 0)
+    if failure is not None:
+        raise failure
+    if size < 0:
+        raise TrainingError(f"process {dist.rank} stops: process 0 could not read its checkpoint "
+                            "(process 0 prints why)")
+    if size == 0:
         return None
-    saved = torch.load(path, map_location=device, weights_only=False)
-    if saved.get("fingerprint") == key and saved["epoch"] <= epochs:
-        if announce:
-            print(f"[{name}] resuming from {path} after epoch {saved['state']['epoch']}")
-        return saved
-    if announce:
-        print(f"[{name}] ignoring {path}: it was made with other settings")
-    return None
+    raw = dist.share_bytes(raw, size)
+    return saved if saved is not None else torch.load(io.BytesIO(raw), map_location=device, weights_only=False)
+
+
+def _resumable(path: Path, key: str, epochs: int, device: torch.device,
+               name: str) -> tuple[bytes | None, dict[str, Any] | None]:
+    """``(bytes, loaded)`` of the checkpoint at ``path`` when this run resumes from it, else ``(None, None)``."""
+    if not path.is_file():
+        return None, None
+    raw = path.read_bytes()
+    try:
+        saved = torch.load(io.BytesIO(raw), map_location=device, weights_only=False)
+    except Exception as err:  # a torn or foreign file: say which, and how to go on
+        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"{path}: not a readable checkpoint ({reason}); delete it to train this run "
+                            "from the start") from None
+    if isinstance(saved, dict) and saved.get("fingerprint") == key and saved.get("epoch", epochs + 1) <= epochs:
+        print(f"[{name}] resuming from {path} after epoch {saved['state']['epoch']}")
+        return raw, saved
+    print(f"[{name}] ignoring {path}: it was made with other settings")
+    return None, None
 
 
 def restore(saved: dict[str, Any], model: nn.Module, criterion: nn.Module, optimizer: torch.optim.Optimizer,
             scaler: torch.amp.GradScaler) -> dict[str, Any]:
-    """Load a checkpoint from :func:`load_checkpoint` into the run's modules; returns its loop state
+    """Load a checkpoint from :func:`resume` into the run's modules; returns its loop state
     (``epoch``, ``step``, ``best_auc``, ``best_epoch``, ``history``)."""
     model.load_state_dict(saved["model"])
     criterion.load_state_dict(saved["criterion"])

@@ -2,7 +2,8 @@
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) every process trains on its slice of each global batch
 with DistributedDataParallel (NCCL on GPUs, gloo on the CPU); only process 0 validates and
-writes checkpoints. The processes on one machine share its threads.
+writes checkpoints, and it alone decides what every process resumes from
+(:func:`pipeline.training.checkpoint.resume`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,28 @@ class Distributed:
         flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag.item())
+
+    def share(self, value: int) -> int:
+        """Process 0's ``value`` on every process (the others' ``value`` is ignored)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.broadcast(tensor, src=0)
+        return int(tensor.item())
+
+    def share_bytes(self, payload: bytes | None, size: int) -> bytes:
+        """Process 0's ``payload`` of ``size`` bytes on every process; every process must know ``size``
+        (see :meth:`share`), the others pass None."""
+        if not self.enabled:
+            return payload if payload is not None else b""
+        if size == 0:
+            return b""
+        if self.is_main:
+            buffer = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+        else:
+            buffer = torch.empty(size, dtype=torch.uint8, device=self.device)
+        torch.distributed.broadcast(buffer, src=0)
+        return payload if self.is_main else buffer.cpu().numpy().tobytes()
 
 
 def local_processes(environ: dict[str, str] | None = None) -> int:
