@@ -134,18 +134,8 @@ def choose_device(choice: str, status: CudaStatus, key: str = "train.device") ->
     when a GPU is asked for or present but this torch build cannot use it."""
     if choice == "cpu":
         return "cpu"
-    base = status.torch_version.split("+")[0]
     if status.usable:
-        for name, capability in zip(status.names, status.capabilities):
-            if not arch_supported(capability, status.arch_list):
-                sm = f"sm_{capability[0]}{capability[1]}"
-                older = capability < _lowest_arch(status.arch_list)
-                fix = (OLDER_WHEEL.format(version=base) if older
-                       else f"a newer torch whose CUDA build lists {sm}")
-                raise TrainingError(
-                    f"{key} = {choice}: the GPU {name} has compute capability {capability[0]}.{capability[1]} ({sm}), "
-                    f"but torch {status.torch_version} has kernels only for {', '.join(status.arch_list)}; "
-                    f"install {fix}, or set {key}: cpu")
+        _check_kernels(choice, status, key)
         return "cuda"
     hidden = (status.visible_devices or "").strip() in _HIDDEN
     evidence = [f"nvidia-smi: {status.driver_gpu}" if status.driver_gpu else "",
@@ -154,33 +144,51 @@ def choose_device(choice: str, status: CudaStatus, key: str = "train.device") ->
     evidence = [e for e in evidence if e]
     if choice != "cuda" and not evidence:
         return "cpu"
-    if not evidence:
-        reason = "no NVIDIA GPU or driver was found"
-    elif status.torch_cuda is None:
-        reason = (f"torch {status.torch_version} is a CPU-only build; install the CUDA build pinned in "
-                  "requirements.txt (bash scripts/setup.sh)")
-    else:
-        major = int(status.torch_cuda.split(".")[0])
-        need = DRIVER_FOR_CUDA.get(major)
-        have = _driver_major(status.driver)
-        wanted = f"an NVIDIA driver >= {need}" if need else "a recent NVIDIA driver"
-        if need and have is not None and have < need:
-            reason = (f"torch {status.torch_version} is built for CUDA {status.torch_cuda}, which needs {wanted}, "
-                      f"and this machine has driver {status.driver}; update the driver, or install "
-                      f"{OLDER_WHEEL.format(version=base)}, which needs a driver >= 525")
-        elif have is not None:
-            reason = (f"driver {status.driver} is recent enough for CUDA {status.torch_cuda}, so the GPU is hidden "
-                      "or unavailable to this process (check CUDA_VISIBLE_DEVICES, the container's GPU access and "
-                      "nvidia-smi)")
-        else:
-            reason = (f"torch {status.torch_version} is built for CUDA {status.torch_cuda} and needs {wanted}; "
-                      f"check the driver with nvidia-smi, or install {OLDER_WHEEL.format(version=base)} for "
-                      "drivers >= 525")
+    reason = _unusable_reason(status) if evidence else "no NVIDIA GPU or driver was found"
     if choice == "cuda":
         seen = f" ({'; '.join(evidence)})" if evidence else ""
         raise TrainingError(f"{key} = cuda but torch cannot use a GPU here{seen}: {reason}; or set {key}: cpu")
     raise TrainingError(f"{key} = auto and this machine has a GPU ({'; '.join(evidence)}) that torch cannot use: "
                         f"{reason}; or set {key}: cpu to run on the CPU")
+
+
+def _check_kernels(choice: str, status: CudaStatus, key: str) -> None:
+    """:class:`TrainingError` when a GPU torch sees has no kernels in this wheel (too old or too new for it)."""
+    base = status.torch_version.split("+")[0]
+    for name, capability in zip(status.names, status.capabilities):
+        if not arch_supported(capability, status.arch_list):
+            sm = f"sm_{capability[0]}{capability[1]}"
+            older = capability < _lowest_arch(status.arch_list)
+            fix = (OLDER_WHEEL.format(version=base) if older
+                   else f"a newer torch whose CUDA build lists {sm}")
+            raise TrainingError(
+                f"{key} = {choice}: the GPU {name} has compute capability {capability[0]}.{capability[1]} ({sm}), "
+                f"but torch {status.torch_version} has kernels only for {', '.join(status.arch_list)}; "
+                f"install {fix}, or set {key}: cpu")
+
+
+def _unusable_reason(status: CudaStatus) -> str:
+    """Why torch cannot use the GPU the machine shows: a CPU-only wheel, a driver too old for the
+    wheel's CUDA, or a GPU hidden from this process; with what to install or check."""
+    base = status.torch_version.split("+")[0]
+    if status.torch_cuda is None:
+        return (f"torch {status.torch_version} is a CPU-only build; install the CUDA build pinned in "
+                "requirements.txt (bash scripts/setup.sh)")
+    major = int(status.torch_cuda.split(".")[0])
+    need = DRIVER_FOR_CUDA.get(major)
+    have = _driver_major(status.driver)
+    wanted = f"an NVIDIA driver >= {need}" if need else "a recent NVIDIA driver"
+    if need and have is not None and have < need:
+        return (f"torch {status.torch_version} is built for CUDA {status.torch_cuda}, which needs {wanted}, "
+                f"and this machine has driver {status.driver}; update the driver, or install "
+                f"{OLDER_WHEEL.format(version=base)}, which needs a driver >= 525")
+    if have is not None:
+        return (f"driver {status.driver} is recent enough for CUDA {status.torch_cuda}, so the GPU is hidden "
+                "or unavailable to this process (check CUDA_VISIBLE_DEVICES, the container's GPU access and "
+                "nvidia-smi)")
+    return (f"torch {status.torch_version} is built for CUDA {status.torch_cuda} and needs {wanted}; "
+            f"check the driver with nvidia-smi, or install {OLDER_WHEEL.format(version=base)} for "
+            "drivers >= 525")
 
 
 def _lowest_arch(arch_list: tuple[str, ...]) -> tuple[int, int]:
