@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from pipeline import metrics as M
+from pipeline.metrics import identification
 
 
 def _random_pairs(seed: int, n: int, decimals: int | None = 1, shift: float = 0.8):
@@ -361,7 +362,7 @@ def test_rank1_chunking_matches_full_matrix(monkeypatch: pytest.MonkeyPatch) -> 
     has_twin = counts[np.unique(ids, return_inverse=True)[1]] >= 2
     expected = np.mean((ids[np.argmax(sim, 1)] == ids)[has_twin])
     assert 0.2 < expected < 1.0
-    monkeypatch.setattr(M, "_RANK1_CHUNK_ELEMENTS", 7 * 120)  # 7 probes per block
+    monkeypatch.setattr(identification, "_RANK1_CHUNK_ELEMENTS", 7 * 120)  # 7 probes per block
     assert M.rank1_identification(emb, list(ids)) == pytest.approx(expected, abs=0)
 
 
