@@ -154,3 +154,57 @@ def test_threshold_from_a_test_set_is_marked_on_that_set(tmp_path, monkeypatch):
     assert set(table.query("test_set == 'alpha'")["threshold_on_itself"]) == {False}
     assert set(table["threshold_rule"]) == {"FPR ≤ 0.1"}
     assert (table.query("test_set == 'beta'")["fixed_fpr"] <= 0.1).all()
+
+
+def _table_rows(markdown: str, first_column: str) -> list[dict[str, str]]:
+    """Every Markdown table whose first header cell is ``first_column``, as dicts."""
+    out, header = [], None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells if cells[0] == first_column else []
+        elif header and not set(line) <= set("|-"):
+            out.append(dict(zip(header, cells)))
+    return out
+
+
+def test_printed_holm_intervals_agree_with_the_verdicts(reported):
+    import re
+
+    root, _ = reported
+    verdicts = pd.read_csv(root / "reports" / "verdicts.csv")
+    assert len(verdicts) == 2 * 4 * 3  # 2 sets x 4 variants x 3 pairs of models
+    for text in ((root / "reports" / name).read_text() for name in ("comparison.md", "index.md")):
+        rows = _table_rows(text, "A (higher mean AUC)")
+        assert rows and all("ΔAUC [unadjusted 95%]" in r and "Holm interval" in r for r in rows)
+        for r in rows:
+            low, high = re.search(r"\[([^,]+), ([^]]+)\]", r["Holm interval"]).groups()
+            assert (low[0] == high[0]) == (r["verdict"] != "not distinguishable"), r
+        drops = _table_rows(text, "model") if "## Cross-domain" in text else []
+        for r in [r for r in drops if "Holm interval" in r]:
+            low, high = re.search(r"\[([^,]+), ([^]]+)\]", r["Holm interval"]).groups()
+            assert (low[0] == high[0]) == (r["reading"] != "no clear change"), r
+    # verdicts.csv: the Holm interval at its level, around the difference, excludes 0 exactly with a verdict
+    from scipy import stats
+
+    half = stats.t.ppf(1 - verdicts["holm_level"] / 2, verdicts["df"]) * (verdicts["diff_high"] - verdicts[
+        "auc_diff"]) / stats.t.ppf(0.975, verdicts["df"])
+    np.testing.assert_allclose(verdicts["holm_high"], verdicts["auc_diff"] + half, rtol=1e-9)
+    excludes = (verdicts["holm_low"] > 0) | (verdicts["holm_high"] < 0)
+    assert (excludes == (verdicts["verdict"] != "not distinguishable")).all()
+    assert set(verdicts["pairing"]) == {"independent"}
+
+
+def test_pairing_by_seed_pairs_the_trained_losses_only(reported):
+    from pipeline.report.stage import compute
+    from pipeline.report.tables import WorkspaceRuns
+
+    _, params = reported
+    paired = params.model_copy(update={"report": params.report.model_copy(update={"pairing": "seed"})})
+    stats, _ = compute(paired, WorkspaceRuns())
+    v = stats.verdicts.assign(pair=lambda d: [frozenset(p) for p in zip(d["a"], d["b"])])
+    assert set(v.loc[v["pair"] == frozenset({"softmax", "arcface"}), "pairing"]) == {"seed"}
+    assert set(v.loc[v["pair"] != frozenset({"softmax", "arcface"}), "pairing"]) == {"independent"}  # ext: no seeds
