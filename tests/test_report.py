@@ -18,6 +18,7 @@ import pytest
 from pipeline import paths
 from pipeline.config import Params
 from pipeline.report import run_report
+from pipeline.report.tables import WorkspaceRuns
 from pipeline.score import run_score
 from tests.test_score import _embeddings, _pairs
 
@@ -200,7 +201,6 @@ def test_printed_holm_intervals_agree_with_the_verdicts(reported):
 
 def test_pairing_by_seed_pairs_the_trained_losses_only(reported):
     from pipeline.report.stage import compute
-    from pipeline.report.tables import WorkspaceRuns
 
     _, params = reported
     paired = params.model_copy(update={"report": params.report.model_copy(update={"pairing": "seed"})})
@@ -208,3 +208,84 @@ def test_pairing_by_seed_pairs_the_trained_losses_only(reported):
     v = stats.verdicts.assign(pair=lambda d: [frozenset(p) for p in zip(d["a"], d["b"])])
     assert set(v.loc[v["pair"] == frozenset({"softmax", "arcface"}), "pairing"]) == {"seed"}
     assert set(v.loc[v["pair"] != frozenset({"softmax", "arcface"}), "pairing"]) == {"independent"}  # ext: no seeds
+
+
+class _CellSource(WorkspaceRuns):
+    """A finished cell read from this workspace: the cell's arcface runs are the runs of the loss `real` names."""
+
+    real: dict[str, str] = {}
+    tree: dict = {}
+
+    def __init__(self, workspace, rev):
+        self.loss = self.real[rev]
+
+    def params(self):
+        return self.tree
+
+    def _run(self, run):
+        return run.replace("arcface", self.loss)
+
+    def test_sets(self, run):
+        return super().test_sets(self._run(run))
+
+    def scores(self, run, test_set, variant):
+        return super().scores(self._run(run), test_set, variant)
+
+    def metrics(self, run):
+        return super().metrics(self._run(run))
+
+    def thresholds(self, run):
+        return super().thresholds(self._run(run))
+
+
+
+def test_grid_report_shares_the_statistics_and_prints_agreeing_intervals(reported):
+    """The grid report over two cells whose runs are this project's softmax and arcface runs (a stand-in
+    for the DVC experiments): the same statistics per table as the report, the same Holm intervals."""
+    import re
+
+    import yaml
+
+    from pipeline import grid as grids
+    from pipeline.grid_report import write_grid_report
+
+    root, params = reported
+    path = root / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "set": {"train_losses": ["arcface"]},
+                                    "vary": {"loss.margin": [0.2, 0.5]},
+                                    "table": {"rows": ["loss.margin"], "metrics": ["auc", "rank1"]}}))
+    grid = grids.load_grid(path)
+    cells = grid.cells()
+    real = {cells[0].name: "softmax", cells[1].name: "arcface"}
+    tree = yaml.safe_load(yaml.safe_dump(params.model_dump(mode="json"))) | {"train_losses": ["arcface"],
+                                                                              "pretrained": {}}
+
+    _CellSource.real, _CellSource.tree = real, tree
+    saved = grids.ExperimentRuns
+    grids.ExperimentRuns = _CellSource
+    try:
+        out = write_grid_report(grid, root, root / "experiments",
+                                states=[grids.CellState(c, "done", c.name) for c in cells], echo=lambda *a: None)
+    finally:
+        grids.ExperimentRuns = saved
+    results = pd.read_csv(out / "results.csv")
+    comparison = pd.read_csv(root / "reports" / "comparison.csv").query("variant == 'cosine_norm'")
+    for row in results.itertuples():
+        same = comparison[(comparison["model"] == real[row.cell]) & (comparison["test_set"] == row.test_set)]
+        assert row.auc == same["auc"].item() and (row.auc_low, row.auc_high) == (same["auc_low"].item(),
+                                                                                  same["auc_high"].item())
+    verdicts = pd.read_csv(out / "verdicts.csv")
+    report_verdicts = pd.read_csv(root / "reports" / "verdicts.csv").query("variant == 'cosine_norm'")
+    for v in verdicts.itertuples():  # one pair per table: Holm over one comparison is the comparison itself
+        pair = report_verdicts[(report_verdicts["test_set"] == v.test_set)
+                               & (report_verdicts["a"].isin(["softmax", "arcface"]))
+                               & (report_verdicts["b"].isin(["softmax", "arcface"]))]
+        assert v.p == pytest.approx(pair["p"].item(), rel=1e-12) and v.p_holm == v.p and v.holm_level == 0.05
+    index = (out / "index.md").read_text()
+    assert "Holm within this table" in index or "(α = 0.05)" in index
+    for line in index.splitlines():
+        for low, high in re.findall(r"Holm interval \[([^,]+), ([^]]+)\]", line):
+            assert low[0] == high[0] and " beats " in line
+    drops = _table_rows(index, "model")
+    assert drops and all((r["Holm interval"][1] == r["Holm interval"].split(", ")[1][0])
+                         == (r["reading"] != "no clear change") for r in drops)

@@ -220,6 +220,8 @@ def test_index_says_how_each_set_was_split_prepared_and_rejected(project):
                 "folds_assigned": "from file"},
         "apd": {"kind": "pairs_csv", "images": 40, "identities": 8, "pairs": 60, "folds": 10,
                 "folds_assigned": "stratified by label, seed 0"},
+        "web": {"kind": "pairs_csv", "images": 12, "identities": 4, "pairs": 30, "folds": 1, "labelled": False,
+                "folds_assigned": "none (no labels)"},
         "cfp": {"kind": "lfw", "images": 97, "identities": 20, "pairs": 50, "folds": 1, "folds_assigned": "from file",
                 "precropped": True, "crop": "resize", "crop_fraction": 1.0}})
     _write_json("reports/detection.json", {
@@ -234,15 +236,16 @@ def test_index_says_how_each_set_was_split_prepared_and_rejected(project):
     rejected = [("synth_open", f"synth_open/id{k}/img.jpg", "no face found") for k in range(5)]
     Path("data/detect").mkdir(parents=True)
     pd.DataFrame(rejected, columns=["set", "path", "reason"]).to_csv("data/detect/rejects.csv", index=False)
-    lines = datasets.test_sets_section(["synth_open", "lfw", "apd", "cfp"], {"synth_open": (2975, 3000)})
+    lines = datasets.test_sets_section(["synth_open", "lfw", "apd", "cfp", "web"], {"synth_open": (2975, 3000)})
     by_set = {name: next(ln for ln in lines if ln.startswith(f"- **{name}**"))
-              for name in ("synth_open", "lfw", "apd", "cfp")}
+              for name in ("synth_open", "lfw", "apd", "cfp", "web")}
     assert "10 folds, identity-disjoint" in by_set["synth_open"] and "2975 scored" in by_set["synth_open"]
     assert "detected and aligned: 697 of 700 images kept a face" in by_set["synth_open"]
     assert "folds assigned by stratified split (stratified by label, seed 0)" in by_set["apd"]
     assert "not identity-disjoint" in by_set["apd"] and "as given in the pairs file" in by_set["lfw"]
     assert "pre-cropped: not detected or aligned, scored at 64 px" in by_set["cfp"]
     assert "detected and aligned" not in by_set["cfp"]
+    assert "no labels, so no folds are used (predicted only)" in by_set["web"]
     sentence = datasets.folds_sentence(["synth_open", "apd", "lfw"])
     assert "identity-disjoint for synth_open" in sentence and "label-stratified random for apd" in sentence
     det = datasets.detection_table().set_index("set")

@@ -28,6 +28,8 @@ def fold_text(record: dict[str, Any]) -> str:
     if assigned == "from file":
         return f"{count} as given in the pairs file" + (" (LFW's official folds are identity-disjoint)"
                                                          if kind == "lfw" else "")
+    if assigned and assigned.startswith("none"):
+        return "no labels, so no folds are used (predicted only)"
     if assigned and assigned.startswith("stratified"):
         return (f"{count} assigned by stratified split ({assigned}): label-stratified random folds, not "
                 "identity-disjoint, so pairs that share an identity can sit in different folds and the fold "
@@ -116,8 +118,9 @@ def detection_table() -> pd.DataFrame:
 def rejects_lines(shown: int = REJECTS_SHOWN) -> list[str]:
     """Per set, the first rejected images with their reasons and how many more, and where all of them are."""
     rejected = inputs.rejected_images()
+    table_order = list(inputs.detection_counts())  # the detection table's order, then any other set
     lines = []
-    for name, images in rejected.items():
+    for name, images in sorted(rejected.items(), key=lambda kv: (table_order + [kv[0]]).index(kv[0])):
         named = ", ".join(f"`{path}` ({reason})" for path, reason in images[:shown])
         more = f" and {len(images) - shown} more" if len(images) > shown else ""
         lines.append(f"- {name}: {len(images)} rejected: {named}{more}")
