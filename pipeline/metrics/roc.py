@@ -145,6 +145,8 @@ def _last_at_most(fpr: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Index of the last ROC point with FPR <= each target ([..., T]; >= 0 since FPR[0] = 0)."""
     if fpr.ndim == 1:
         return np.searchsorted(fpr, targets, side="right") - 1
+    if targets.size == 0:
+        return np.zeros(fpr.shape[:-1] + (0,), dtype=np.int64)
     return np.stack([(fpr <= f).sum(axis=-1) - 1 for f in targets], axis=-1)
 
 
