@@ -94,7 +94,8 @@ class DistractorResult:
     """What :func:`distractor_search` measured.
 
     ``sizes``: the gallery sizes N; ``cmc``: N -> {rank r: share of (probe, mate) searches with rank
-    <= r}; ``pair_probe``, ``pair_identity`` [S]: the probe and identity code of each search;
+    <= r}; ``pair_probe``, ``pair_gallery``, ``pair_identity`` [S]: the probe, its mate and their
+    identity code, per search;
     ``correct`` [S] bool: rank 1 at the largest N. ``tpr``: FPR level -> TPR against the distractors
     (None where the impostor pairs do not support it); ``n_genuine``, ``n_impostor``: its pair counts.
     ``timing``: seconds of the similarity phase (products and top-k) and of the products alone, and
@@ -104,6 +105,7 @@ class DistractorResult:
     sizes: list[int]
     cmc: dict[int, dict[int, float]]
     pair_probe: np.ndarray
+    pair_gallery: np.ndarray
     pair_identity: np.ndarray
     correct: np.ndarray
     tpr: dict[float, float | None]
@@ -147,6 +149,23 @@ def _ranks_from_top(top: torch.Tensor, pair_probe: np.ndarray, pair_score: np.nd
     return above + 1
 
 
+def _merge_impostors(neg: torch.Tensor, floor: float, m: int, sims: torch.Tensor, chunk_top: torch.Tensor
+                     ) -> tuple[torch.Tensor, float]:
+    """Fold a chunk's scores into the running top-``m`` impostor scores ``neg`` (descending; ``floor``
+    its m-th value once full). Only rows whose k-th chunk score is above the floor can hold more
+    candidates than their chunk top-k, so only those rows are scanned whole."""
+    full_rows = chunk_top[:, -1] > floor
+    parts = [neg, chunk_top[~full_rows][chunk_top[~full_rows] > floor]]
+    if full_rows.any():
+        rows = sims[full_rows]
+        parts.append(rows[rows > floor])
+    merged = torch.cat(parts)
+    if merged.numel() == neg.numel():
+        return neg, floor
+    neg = torch.topk(merged, min(m, merged.numel())).values
+    return neg, (float(neg[-1]) if neg.numel() == m else -math.inf)
+
+
 def distractor_search(probe_feats: np.ndarray, probe_identities: Sequence, distractors: np.ndarray, *,
                       sizes: Sequence[int], max_rank: int = 10, fprs: Sequence[float] = (1e-6,),
                       chunk: int = 8192, progress: bool = False) -> DistractorResult:
@@ -166,8 +185,7 @@ def distractor_search(probe_feats: np.ndarray, probe_identities: Sequence, distr
     need = {f: math.floor(f * p * n + 1e-9) + 1 for f in fprs if supported(f, p * n)}
     m = max(need.values(), default=0)
     top = torch.full((p, max_rank), -math.inf)
-    neg = torch.empty(0)
-    floor = -math.inf
+    neg, floor = torch.empty(0), -math.inf
     cmc: dict[int, dict[int, float]] = {}
     matmul_s, start_all, begin = 0.0, time.perf_counter(), 0
     for end in tqdm(ends, desc="distractors", unit="chunk", disable=not progress):
@@ -175,14 +193,10 @@ def distractor_search(probe_feats: np.ndarray, probe_identities: Sequence, distr
         t0 = time.perf_counter()
         sims = probes @ block.T
         matmul_s += time.perf_counter() - t0
-        k = min(max_rank, sims.shape[1])
-        top = torch.topk(torch.cat([top, torch.topk(sims, k, dim=1).values], 1), max_rank, dim=1).values
+        chunk_top = torch.topk(sims, min(max_rank, sims.shape[1]), dim=1).values  # [P, k] descending
+        top = torch.topk(torch.cat([top, chunk_top], 1), max_rank, dim=1).values
         if m:
-            above = sims[sims > floor] if math.isfinite(floor) else sims.reshape(-1)
-            if above.numel():
-                neg = torch.cat([neg, above])
-                neg = torch.topk(neg, min(m, neg.numel())).values
-                floor = float(neg[-1]) if neg.numel() == m else -math.inf
+            neg, floor = _merge_impostors(neg, floor, m, sims, chunk_top)
         if end in kept:
             ranks = _ranks_from_top(top, pair_probe, pair_score)
             cmc[end] = {r: float((ranks <= r).mean()) for r in range(1, max_rank + 1)}
@@ -191,5 +205,5 @@ def distractor_search(probe_feats: np.ndarray, probe_identities: Sequence, distr
     neg_desc = neg.numpy()
     tpr, thresholds = tpr_at_fprs(neg_desc, p * n, genuine, fprs)
     timing = {"similarity_s": similarity_s, "matmul_s": matmul_s, "gflop": 2.0 * p * n * probes.shape[1] / 1e9}
-    return DistractorResult(kept, cmc, pair_probe, codes[pair_probe], ranks == 1, tpr, thresholds,
+    return DistractorResult(kept, cmc, pair_probe, pair_gallery, codes[pair_probe], ranks == 1, tpr, thresholds,
                             int(keep.sum()), p * n, timing)

@@ -68,7 +68,7 @@ class IJBSet:
     ``images`` [M]: the images to embed (5-point file order, those the face list uses);
     ``landmarks`` [M, 5, 2] float64, ``detector`` [M] float32. One entry per line of the face list:
     ``face_image`` [R] (index into ``images``), ``face_template`` [R], ``face_media`` [R] int64.
-    Template pairs: ``pair_t1``, ``pair_t2`` [P] int64 and ``pair_label`` [P] bool. ``galleries``:
+    Template pairs: ``pair_t1``, ``pair_t2`` [P] int32 (int64 for ids beyond it) and ``pair_label`` [P] bool. ``galleries``:
     name (G1, G2 / S1, S2) -> :class:`TemplateList`; ``probes``: the mixed probe templates, or None
     when the set has no 1:N files.
     """
@@ -182,8 +182,15 @@ def read_faces(path: Path) -> pd.DataFrame:
                                                                    "media": np.int64}, _check_face_line)
 
 
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """int32 when every value fits (IJB-C's 15.7 M pairs: 63 MB a column instead of 125)."""
+    if len(values) and values.min() >= np.iinfo(np.int32).min and values.max() <= np.iinfo(np.int32).max:
+        return values.astype(np.int32)
+    return values
+
+
 def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``<set>_template_pair_label.txt`` -> ``(t1 [P] int64, t2 [P] int64, label [P] bool)``."""
+    """``<set>_template_pair_label.txt`` -> ``(t1 [P], t2 [P] int32 (int64 if ids need it), label [P] bool)``."""
     frame = _read_whitespace(path, ["t1", "t2", "label"], {"t1": np.int64, "t2": np.int64, "label": np.int64},
                              _check_pair_line)
     label = frame["label"].to_numpy()
@@ -191,7 +198,7 @@ def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if bad.any():
         raise ProtocolError(f"{path}:{_line_of_row(path, int(np.argmax(bad)))}: label "
                             f"{int(label[bad][0])} is not 0 or 1")
-    return frame["t1"].to_numpy(), frame["t2"].to_numpy(), label == 1
+    return _narrow(frame["t1"].to_numpy()), _narrow(frame["t2"].to_numpy()), label == 1
 
 
 def read_points(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -444,19 +451,32 @@ def _row_norms(features: np.ndarray, rows: np.ndarray, size: int = 65536) -> np.
 def template_index(template_ids: np.ndarray, wanted: np.ndarray, what: str = "template") -> np.ndarray:
     """Positions [n] int32 of ``wanted`` ids in the sorted ``template_ids`` (ValueError if absent)."""
     wanted = np.asarray(wanted)
+    if len(wanted) == 0:
+        return np.zeros(0, dtype=np.int32)
     if len(template_ids) and template_ids[0] >= 0 and template_ids[-1] < 50_000_000:
         table = np.full(int(template_ids[-1]) + 1, -1, dtype=np.int32)
         table[template_ids] = np.arange(len(template_ids), dtype=np.int32)
-        inside = (wanted >= 0) & (wanted < len(table))
-        index = np.full(wanted.shape, -1, dtype=np.int32)
-        index[inside] = table[wanted[inside]]
+        if wanted.min() >= 0 and wanted.max() < len(table):
+            index = table[wanted]
+        else:
+            inside = (wanted >= 0) & (wanted < len(table))
+            index = np.full(wanted.shape, -1, dtype=np.int32)
+            index[inside] = table[wanted[inside]]
     else:
-        pos = np.searchsorted(template_ids, wanted)
-        pos = np.minimum(pos, len(template_ids) - 1)
+        pos = np.minimum(np.searchsorted(template_ids, wanted), len(template_ids) - 1)
         index = np.where(template_ids[pos] == wanted, pos, -1).astype(np.int32)
     if (index < 0).any():
         raise ValueError(f"{what} {wanted[np.argmax(index < 0)]} has no pooled feature")
     return index
+
+
+def _compact(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct values of ``index`` [P] (< ``size``), sorted, and each entry's position among them
+    (int32), by a table rather than a sort."""
+    present = np.bincount(index, minlength=size) > 0
+    values = np.flatnonzero(present)
+    table = np.cumsum(present, dtype=np.int32) - 1
+    return values, table[index]
 
 
 def pair_scores(pooled: np.ndarray, i1: np.ndarray, i2: np.ndarray, *,
@@ -466,39 +486,33 @@ def pair_scores(pooled: np.ndarray, i1: np.ndarray, i2: np.ndarray, *,
 
     When the distinct first and second templates span a matrix at most 16 times the number of
     pairs (IJB: gallery x probe templates), blocks of ``pooled[rows] @ pooled[cols].T`` are computed
-    (float32 matrix products, each at most ``block_elements``) and the pairs read off them;
-    otherwise the pairs are gathered and multiplied in chunks.
+    (float32 matrix products, each at most ``block_elements``: 128 MB) and the pairs read off them
+    (one pass over the pair list per block); otherwise the pairs are gathered and multiplied in
+    chunks. Beyond the output, memory holds two int32 copies of the pair list and one block.
     """
-    i1 = np.asarray(i1, dtype=np.int64)
-    i2 = np.asarray(i2, dtype=np.int64)
     out = np.empty(len(i1), dtype=np.float32)
     if len(i1) == 0:
         return out
     feats = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
-    rows, r_pos = np.unique(i1, return_inverse=True)
-    cols, c_pos = np.unique(i2, return_inverse=True)
+    rows, r_pos = _compact(np.asarray(i1), len(pooled))
+    cols, c_pos = _compact(np.asarray(i2), len(pooled))
     if len(rows) * len(cols) > 16 * len(i1):
         for s in range(0, len(i1), _GATHER_CHUNK):
-            a, b = feats[i1[s:s + _GATHER_CHUNK]], feats[i2[s:s + _GATHER_CHUNK]]
+            a = feats[torch.from_numpy(np.asarray(i1[s:s + _GATHER_CHUNK], dtype=np.int64))]
+            b = feats[torch.from_numpy(np.asarray(i2[s:s + _GATHER_CHUNK], dtype=np.int64))]
             out[s:s + _GATHER_CHUNK] = (a * b).sum(1).numpy()
         return out
-    r_pos = r_pos.astype(np.int32)
-    c_pos = c_pos.astype(np.int32)
     right = feats[torch.from_numpy(cols)].T.contiguous()
     per_block = max(1, block_elements // len(cols))
-    n_blocks = -(-len(rows) // per_block)
-    if n_blocks == 1:
-        order, bounds = None, [0, len(i1)]
-    else:
-        block = (r_pos // per_block).astype(np.uint16 if n_blocks < 65536 else np.int32)
-        order = np.argsort(block, kind="stable")  # radix sort for 16-bit keys: linear time
-        bounds = np.searchsorted(block[order], np.arange(n_blocks + 1)).tolist()
-    for b in range(n_blocks):
-        left = feats[torch.from_numpy(rows[b * per_block:(b + 1) * per_block])]
-        gram = torch.mm(left, right).numpy().ravel()
-        for s in range(bounds[b], bounds[b + 1], 1 << 20):
-            e = min(s + (1 << 20), bounds[b + 1])
-            idx = slice(s, e) if order is None else order[s:e]
-            flat = (r_pos[idx].astype(np.int64) - b * per_block) * len(cols) + c_pos[idx]
+    step = 1 << 22
+    for lo in range(0, len(rows), per_block):
+        hi = min(lo + per_block, len(rows))
+        gram = torch.mm(feats[torch.from_numpy(rows[lo:hi])], right).numpy().ravel()
+        for s in range(0, len(r_pos), step):  # the pairs whose first template is in this block
+            r = r_pos[s:s + step]
+            idx = slice(s, s + len(r)) if (lo == 0 and hi == len(rows)) else s + np.flatnonzero((r >= lo) & (r < hi))
+            flat = (r_pos[idx] - lo).astype(np.int64)
+            flat *= len(cols)
+            flat += c_pos[idx]
             out[idx] = gram[flat]
     return out

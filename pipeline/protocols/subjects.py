@@ -64,6 +64,22 @@ def bootstrap_rate(success: np.ndarray, group: np.ndarray, weights: np.ndarray) 
         return (w @ hits) / (w @ items)
 
 
+def _pair_counts(labels: np.ndarray, s1: np.ndarray, s2: np.ndarray, n_subjects: int):
+    """Impostor pairs per (subject of the first, subject of the second template): [S, S] float64
+    (a sparse matrix beyond a few thousand subjects), counted in chunks of the pair list."""
+    if n_subjects > _DENSE_SUBJECTS:
+        neg = ~labels
+        return scipy.sparse.coo_matrix((np.ones(int(neg.sum())), (s1[neg], s2[neg])),
+                                       shape=(n_subjects, n_subjects)).tocsr()
+    counts = np.zeros(n_subjects * n_subjects)
+    step = 1 << 22
+    for s in range(0, len(labels), step):
+        neg = ~labels[s:s + step]
+        key = s1[s:s + step][neg].astype(np.int64) * n_subjects + s2[s:s + step][neg]
+        counts += np.bincount(key, minlength=n_subjects * n_subjects)
+    return counts.reshape(n_subjects, n_subjects)
+
+
 class PairResampler:
     """Sufficient statistics of one run's scored pairs for subject-resampled TPR@FPR.
 
@@ -87,23 +103,26 @@ class PairResampler:
         self.gen_scores = np.asarray(scores[gen][order])
         self.gen_subject = s1[gen][order]
         self.gen_count = np.bincount(self.gen_subject, minlength=n_subjects).astype(np.float64)
-        neg = np.flatnonzero(~labels)
-        self.n_neg = len(neg)
-        keep = min(len(neg), math.ceil(2 * max(self.fprs) * len(neg)) + 1000)
-        self._neg_all = (neg, np.asarray(scores)[neg], s1[neg], s2[neg])
+        self._inputs = (np.asarray(scores), labels, s1, s2)  # references, not copies
+        self.n_neg = int(len(labels) - len(gen))
+        keep = min(self.n_neg, math.ceil(1.5 * max(self.fprs) * self.n_neg) + 1000)
         self._top = self._sorted_top(keep)
-        self._full = None if keep < len(neg) else self._top
-        counts = scipy.sparse.coo_matrix((np.ones(len(neg)), (s1[neg], s2[neg])), shape=(n_subjects, n_subjects))
-        self._counts = counts.toarray() if n_subjects <= _DENSE_SUBJECTS else counts.tocsr()
+        self._full = None if keep < self.n_neg else self._top
+        self._counts = _pair_counts(labels, s1, s2, n_subjects)
 
     def _sorted_top(self, keep: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        _, scores, a, b = self._neg_all
-        if keep < len(scores):
-            top = np.argpartition(-scores, keep - 1)[:keep]
+        """The ``keep`` highest impostor scores, descending, with both subjects of each pair."""
+        scores, labels, s1, s2 = self._inputs
+        neg = np.flatnonzero(~labels)
+        values = scores[neg]
+        if keep < len(neg):
+            top = np.argpartition(values, len(neg) - keep)[len(neg) - keep:]
         else:
-            top = np.arange(len(scores))
-        top = top[np.argsort(-scores[top], kind="stable")]
-        return scores[top], a[top], b[top]
+            top = np.arange(len(neg))
+        top = top[np.argsort(values[top], kind="stable")[::-1]]
+        del values
+        neg = neg[top]
+        return scores[neg], s1[neg], s2[neg]
 
     def negatives_weight(self, weights: np.ndarray) -> np.ndarray:
         """[B] weighted impostor pairs ``sum_ab C_ab w_a w_b`` of each resample (float64, exact)."""
@@ -113,7 +132,9 @@ class PairResampler:
     def _one(self, w: np.ndarray, n_w: float, top: tuple[np.ndarray, np.ndarray, np.ndarray]
              ) -> list[float] | None:
         scores, a, b = top
-        cum = np.cumsum(w[a].astype(np.int64) * w[b], dtype=np.int64)
+        product = w[a]
+        product *= w[b]
+        cum = np.cumsum(product, dtype=np.int64)
         gen_w = w[self.gen_subject].astype(np.float64)
         gen_cum = np.concatenate([[0.0], np.cumsum(gen_w)])
         p_w = gen_cum[-1]
@@ -129,7 +150,7 @@ class PairResampler:
                     return None  # the kept top is too short for this resample
                 out.append(1.0)
                 continue
-            below = int(np.searchsorted(self.gen_scores, scores[j], side="right"))
+            below = int(np.searchsorted(self.gen_scores, self.gen_scores.dtype.type(scores[j]), side="right"))
             out.append(float((p_w - gen_cum[below]) / p_w))
         return out
 

@@ -46,16 +46,17 @@ def supported(fpr: float, n_neg: int) -> bool:
     return n_neg >= min_negatives_for_fpr(fpr)
 
 
-def rejected_score(top_neg_desc: np.ndarray, n_neg: int, fpr: float) -> float:
+def rejected_score(top_neg_desc: np.ndarray, n_neg: int, fpr: float) -> np.floating:
     """The impostor score ``v`` at FPR ``fpr``: the (k+1)-th highest of ``n_neg``, k = floor(fpr * n_neg);
     ``-inf`` when every pair may be accepted. ``top_neg_desc``: the highest impostor scores, descending
-    (at least k + 1 of them)."""
+    (at least k + 1 of them). A scalar of the array's dtype: searching a float32 array with a float64
+    value would convert the whole array."""
     k = math.floor(fpr * n_neg + 1e-9)
     if k >= n_neg:
-        return -math.inf
+        return top_neg_desc.dtype.type(-np.inf)
     if k >= len(top_neg_desc):
         raise ValueError(f"need the {k + 1} highest impostor scores, have {len(top_neg_desc)}")
-    return float(top_neg_desc[k])
+    return top_neg_desc[k]
 
 
 def tpr_at_fprs(top_neg_desc: np.ndarray, n_neg: int, pos_sorted: np.ndarray, fprs: Sequence[float], *,
@@ -71,9 +72,9 @@ def tpr_at_fprs(top_neg_desc: np.ndarray, n_neg: int, pos_sorted: np.ndarray, fp
         if not supported(f, n_neg) or n_pos == 0:
             tpr[f] = thresholds[f] = None
             continue
-        v = rejected_score(top_neg_desc, n_neg, f)
+        v = pos_sorted.dtype.type(rejected_score(top_neg_desc, n_neg, f))
         tpr[f] = (len(pos_sorted) - int(np.searchsorted(pos_sorted, v, side="right"))) / n_pos
-        thresholds[f] = v
+        thresholds[f] = float(v)
     return tpr, thresholds
 
 
@@ -88,8 +89,8 @@ def verification_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[
     labels = np.asarray(labels, dtype=bool)
     if scores.shape != labels.shape or scores.ndim != 1:
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be matching 1-D arrays")
-    pos = np.sort(scores[labels])
     neg = scores[~labels]
+    pos = np.sort(scores[labels]).astype(neg.dtype, copy=False)
     neg.sort()
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError(f"need genuine and impostor pairs; got {len(pos)} and {len(neg)}")
@@ -106,6 +107,6 @@ def verification_metrics(scores: np.ndarray, labels: np.ndarray, fprs: Sequence[
         v = rejected_score(desc, len(neg), float(f))
         fp = len(neg) - int(np.searchsorted(neg, v, side="right"))
         tp = len(pos) - int(np.searchsorted(pos, v, side="right"))
-        rows.append((fp / len(neg), tp / len(pos), v))
+        rows.append((fp / len(neg), tp / len(pos), float(v)))
     roc = pd.DataFrame(rows, columns=["fpr", "tpr", "threshold"]).drop_duplicates(ignore_index=True)
     return Verification(len(pos), len(neg), tpr, thresholds, {f: supported(f, len(neg)) for f in fprs}, auc, roc)
