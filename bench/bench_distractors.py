@@ -108,7 +108,8 @@ def main() -> None:
     rate = timing["gflop"] / timing["similarity_s"]
     plain = (before + after) / 2
     print(f"end to end {total:.1f} s wall, {cpu_s:.1f} s CPU (similarity phase {timing['similarity_s']:.1f} s, "
-          f"of which products {timing['matmul_s']:.1f} s); peak RSS {mem / GIB:.2f} GiB ({(mem - base) / GIB:+.2f} GiB above the inputs)")
+          f"of which products {timing['matmul_s']:.1f} s); peak RSS {mem / GIB:.2f} GiB "
+          f"({(mem - base) / GIB:+.2f} GiB above the inputs)")
     print(f"similarity phase: {timing['gflop']:.0f} GFLOP at {rate:.0f} GFLOP/s; plain [{args.probes}, {args.dim}] x "
           f"[{args.dim}, {args.chunk}] products: {before:.0f} GFLOP/s before, {after:.0f} after; "
           f"ratio {rate / plain:.0%} of the plain product (products alone: "

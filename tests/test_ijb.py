@@ -75,7 +75,8 @@ def test_reader_parses_the_miniature_exactly(ijbc):
         assert gallery.subjects.tolist() == [truth.template_subject[t] for t in gallery.templates.tolist()]
     assert ijb.probes.templates.tolist() == sorted(truth.probes)
     # the miniature holds a media id that templates of two different subjects share
-    owners = {truth.template_subject[t] for t, m in zip(truth.face_template, truth.face_media) if m == truth.shared_media}
+    owners = {truth.template_subject[t] for t, m in zip(truth.face_template, truth.face_media)
+              if m == truth.shared_media}
     assert len(owners) == 2
 
 
@@ -104,7 +105,8 @@ def test_image_missing_on_disk_is_named(ijbc, tmp_path):
     assert read_ijb(root, check_images=False).images.size  # evaluating from features does not need it
 
 
-@pytest.mark.parametrize("bad", ["3.jpg 1 2 3", "3.jpg x1.5 2 3 4 5 6 7 8 9 10 0.9", "3.jpg 1 2 3 4 5 nan 7 8 9 10 0.9"])
+@pytest.mark.parametrize("bad", ["3.jpg 1 2 3", "3.jpg x1.5 2 3 4 5 6 7 8 9 10 0.9",
+                                 "3.jpg 1 2 3 4 5 nan 7 8 9 10 0.9"])
 def test_landmarks_that_do_not_parse_are_named(ijbc, tmp_path, bad):
     root = _copy(ijbc[0], tmp_path)
     path = root / "meta" / "ijbc_name_5pts_score.txt"

@@ -68,8 +68,8 @@ class IJBSet:
     ``images`` [M]: the images to embed (5-point file order, those the face list uses);
     ``landmarks`` [M, 5, 2] float64, ``detector`` [M] float32. One entry per line of the face list:
     ``face_image`` [R] (index into ``images``), ``face_template`` [R], ``face_media`` [R] int64.
-    Template pairs: ``pair_t1``, ``pair_t2`` [P] int32 (int64 for ids beyond it) and ``pair_label`` [P] bool. ``galleries``:
-    name (G1, G2 / S1, S2) -> :class:`TemplateList`; ``probes``: the mixed probe templates, or None
+    Template pairs: ``pair_t1``, ``pair_t2`` [P] int32 (int64 for ids beyond it) and ``pair_label`` [P]
+    bool. ``galleries``: name (G1, G2 / S1, S2) -> :class:`TemplateList`; ``probes``: the mixed probe templates, or None
     when the set has no 1:N files.
     """
 
