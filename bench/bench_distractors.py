@@ -89,6 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(cpu.thread_count())
     print(machine(), flush=True)
+    print(f"torch threads: {torch.get_num_threads()}")
     print(f"kernels: torch CPU capability {torch.backends.cpu.get_cpu_capability()} "
           f"({'native' if os.environ.get('FACEPIPE_NATIVE_CPU') else 'pinned to AVX2 as the pipeline runs'})")
     t0 = time.perf_counter()

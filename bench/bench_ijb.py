@@ -42,7 +42,7 @@ from pipeline import cpu  # noqa: E402
 cpu.pin_instruction_set()
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 
 from pipeline.metrics import tpr_at_fpr  # noqa: E402
 from pipeline.protocols.ijb import pair_scores, pool_templates, template_index  # noqa: E402
@@ -78,8 +78,8 @@ def machine() -> str:
     model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
                  platform.processor())
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"cpu: {model}, {os.cpu_count()} cores visible, torch threads {torch.get_num_threads()}; "
-            f"load average (1, 5, 15 min): {load}")
+    return (f"cpu: {model}, {os.cpu_count()} cores visible, {cpu.thread_count()} threads (FACEPIPE_THREADS or the "
+            f"cores); load average (1, 5, 15 min): {load}")
 
 
 GIB = 2**30
@@ -155,18 +155,18 @@ def _pairs(rng, subject, probes, n_subj, n_pairs, n_gen):
     n_imp = n_pairs - n_gen
     per = np.full(n_probe, n_imp // n_probe)
     per[: n_imp - per.sum()] += 1
-    first, second = [], []
+    t1 = np.empty(n_pairs, dtype=np.int32)  # filled in place: no heap of small arrays left behind
+    t2 = np.empty(n_pairs, dtype=np.int32)
+    at = 0
     for p, k in zip(probes, per):
         others = rng.choice(n_subj - 1, int(k), replace=False)
         others += others >= subject[p]
-        first.append(others)
-        second.append(np.full(int(k), p))
-    gen_probes = probes[:n_gen]
-    first.append(subject[gen_probes])
-    second.append(gen_probes)
-    t1, t2 = np.concatenate(first), np.concatenate(second)
-    order = np.lexsort((t2, t1))
+        t1[at:at + k], t2[at:at + k] = others, p
+        at += k
+    t1[at:], t2[at:] = subject[probes[:n_gen]], probes[:n_gen]
+    order = np.argsort(t1.astype(np.int64) * len(subject) + t2)
     t1, t2 = t1[order], t2[order]
+    del order
     return t1, t2, subject[t1] == subject[t2]
 
 
@@ -239,16 +239,20 @@ def main() -> None:
     parser.add_argument("--boot", type=int, default=1000, help="subject resamples (0: skip)")
     parser.add_argument("--no-reference", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(cpu.thread_count())
+    threadpool_limits(cpu.thread_count(), user_api="blas")
     print(machine(), flush=True)
-    print(f"kernels: torch CPU capability {torch.backends.cpu.get_cpu_capability()} "
-          f"({'native' if os.environ.get('FACEPIPE_NATIVE_CPU') else 'pinned to AVX2 as the pipeline runs'})")
+    blas = threadpool_info()[0]
+    print(f"kernels: numpy BLAS {blas['internal_api']} {blas['architecture']} kernels, {blas['num_threads']} threads "
+          f"({'native' if os.environ.get('FACEPIPE_NATIVE_CPU') else 'pinned to AVX2 as the pipeline runs'}); "
+          "torch is not loaded (evaluating from features does not need it)")
     t0 = time.perf_counter()
     problem = make_problem(args.scale, args.seed)
+    inputs = sum(v.nbytes for k, v in problem.items() if isinstance(v, np.ndarray))
     print(f"problem: {len(problem['features']):,} x {problem['features'].shape[1]} features, "
           f"{len(problem['template_ids']):,} templates, {problem['n_media']:,} media, {len(problem['t1']):,} pairs "
           f"({int(problem['label'].sum()):,} genuine); made in {time.perf_counter() - t0:.1f} s "
-          "(not counted)", flush=True)
+          f"(not counted); the inputs' arrays hold {inputs / GIB:.2f} GiB, the process {reset_peak() / GIB:.2f} GiB",
+          flush=True)
     fast_timing: dict = {}
     base = reset_peak()
     c0 = time.process_time()

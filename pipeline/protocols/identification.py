@@ -24,10 +24,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from pipeline.protocols.verification import supported, tpr_at_fprs
 
@@ -55,24 +57,22 @@ class GallerySearch:
 
 def search_gallery(probe_feats: np.ndarray, probe_subjects: np.ndarray, gallery_feats: np.ndarray,
                    gallery_subjects: np.ndarray, *, chunk: int = 4096) -> GallerySearch:
-    """Search every probe [Q, D] in the gallery [G, D] (unit rows), ``chunk`` probes at a time."""
+    """Search every probe [Q, D] in the gallery [G, D] (unit rows), ``chunk`` probes at a time (numpy)."""
     probe_subjects = np.asarray(probe_subjects)
-    g = torch.from_numpy(np.ascontiguousarray(gallery_feats, dtype=np.float32))
-    g_subj = torch.from_numpy(np.asarray(gallery_subjects, dtype=np.int64))
+    gallery = np.ascontiguousarray(gallery_feats, dtype=np.float32)
+    gallery_subjects = np.asarray(gallery_subjects)
     q = len(probe_subjects)
     rank = np.zeros(q, dtype=np.int64)
     mate = np.full(q, -np.inf, dtype=np.float32)
     top = np.empty(q, dtype=np.float32)
     for s in range(0, q, chunk):
-        p = torch.from_numpy(np.ascontiguousarray(probe_feats[s:s + chunk], dtype=np.float32))
-        sims = p @ g.T
-        is_mate = g_subj[None, :] == torch.from_numpy(probe_subjects[s:s + chunk].astype(np.int64))[:, None]
-        best = torch.where(is_mate, sims, torch.tensor(-math.inf)).max(1).values
+        sims = np.asarray(probe_feats[s:s + chunk], dtype=np.float32) @ gallery.T
+        is_mate = gallery_subjects[None, :] == probe_subjects[s:s + chunk, None]
+        best = np.where(is_mate, sims, -np.inf).max(1).astype(np.float32)
         beaten = ((sims > best[:, None]) & ~is_mate).sum(1)
-        has_mate = is_mate.any(1)
-        rank[s:s + chunk] = torch.where(has_mate, beaten + 1, 0).numpy()
-        mate[s:s + chunk] = best.numpy()
-        top[s:s + chunk] = sims.max(1).values.numpy()
+        rank[s:s + chunk] = np.where(is_mate.any(1), beaten + 1, 0)
+        mate[s:s + chunk] = best
+        top[s:s + chunk] = sims.max(1)
     return GallerySearch(probe_subjects, rank > 0, rank, mate, top)
 
 
@@ -115,14 +115,14 @@ class DistractorResult:
     timing: dict[str, float] = field(default_factory=dict)
 
 
-def _genuine(probes: torch.Tensor, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _genuine(probes: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Ordered pairs (p, g), p != g, of the same identity: ``(p [S], g [S], score [S] float32)``."""
     ps, gs, ss = [], [], []
     for code in np.unique(codes):
         members = np.flatnonzero(codes == code)
         if len(members) < 2:
             continue
-        block = (probes[members] @ probes[members].T).numpy()
+        block = probes[members] @ probes[members].T
         a, b = np.nonzero(~np.eye(len(members), dtype=bool))
         ps.append(members[a])
         gs.append(members[b])
@@ -138,7 +138,7 @@ def _bounds(n: int, sizes: Sequence[int], chunk: int) -> tuple[list[int], list[i
     return sorted(set(range(chunk, n, chunk)) | set(kept)), kept
 
 
-def _ranks_from_top(top: torch.Tensor, pair_probe: np.ndarray, pair_score: np.ndarray) -> np.ndarray:
+def _ranks_from_top(top: "torch.Tensor", pair_probe: np.ndarray, pair_score: np.ndarray) -> np.ndarray:
     """1 + distractors above each search's genuine score (K + 1 when all K kept ones are above)."""
     above = np.zeros(len(pair_probe), dtype=np.int64)
     top = top.numpy()
@@ -149,11 +149,13 @@ def _ranks_from_top(top: torch.Tensor, pair_probe: np.ndarray, pair_score: np.nd
     return above + 1
 
 
-def _merge_impostors(neg: torch.Tensor, floor: float, m: int, sims: torch.Tensor, chunk_top: torch.Tensor
-                     ) -> tuple[torch.Tensor, float]:
+def _merge_impostors(neg: "torch.Tensor", floor: float, m: int, sims: "torch.Tensor", chunk_top: "torch.Tensor"
+                     ) -> tuple["torch.Tensor", float]:
     """Fold a chunk's scores into the running top-``m`` impostor scores ``neg`` (descending; ``floor``
     its m-th value once full). Only rows whose k-th chunk score is above the floor can hold more
     candidates than their chunk top-k, so only those rows are scanned whole."""
+    import torch
+
     full_rows = chunk_top[:, -1] > floor
     parts = [neg, chunk_top[~full_rows][chunk_top[~full_rows] > floor]]
     if full_rows.any():
@@ -171,11 +173,13 @@ def distractor_search(probe_feats: np.ndarray, probe_identities: Sequence, distr
                       chunk: int = 8192, progress: bool = False) -> DistractorResult:
     """The MegaFace protocol: probes [P, D] (any scale; normalised here) with their identities,
     distractors [N, D] (an array or a memory map; each chunk is normalised as it is read)."""
+    import torch
     from tqdm import tqdm
 
     codes = np.unique(np.asarray(probe_identities), return_inverse=True)[1].reshape(-1)
-    probes = torch.from_numpy(unit_rows(probe_feats))
-    pair_probe, pair_gallery, pair_score = _genuine(probes, codes)
+    unit = unit_rows(probe_feats)
+    probes = torch.from_numpy(unit)
+    pair_probe, pair_gallery, pair_score = _genuine(unit, codes)
     if len(pair_probe) == 0:
         raise ValueError("no identity has two probe images: there is nothing to search")
     keep = pair_probe < pair_gallery  # unordered genuine pairs for the verification

@@ -28,12 +28,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import pandas as pd
 import scipy.sparse
-import torch
+
+if TYPE_CHECKING:  # torch loads only where a model embeds: evaluating from features does without it (0.5 GB)
+    import torch
 
 from pipeline.protocols import ProtocolError
 from pipeline.protocols.params import ProtocolParams
@@ -373,6 +375,7 @@ def embed_ijb(ijb: IJBSet, model: torch.nn.Module, saved: dict, params: Protocol
     (:func:`pipeline.align.align_face` at the model's ``image_size``) and embedded with its mirror
     as ``params.flip`` says. Raw outputs: weighting and normalising happen in pooling.
     """
+    import torch
     from tqdm import tqdm
 
     from pipeline.align import align_face
@@ -471,12 +474,10 @@ def template_index(template_ids: np.ndarray, wanted: np.ndarray, what: str = "te
 
 
 def _compact(index: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct values of ``index`` [P] (< ``size``), sorted, and each entry's position among them
-    (int32), by a table rather than a sort."""
+    """The distinct values of ``index`` [P] (< ``size``), sorted, and a table [size] int32 giving each
+    one's position among them (by counting, not sorting)."""
     present = np.bincount(index, minlength=size) > 0
-    values = np.flatnonzero(present)
-    table = np.cumsum(present, dtype=np.int32) - 1
-    return values, table[index]
+    return np.flatnonzero(present), np.cumsum(present, dtype=np.int32) - 1
 
 
 def pair_scores(pooled: np.ndarray, i1: np.ndarray, i2: np.ndarray, *,
@@ -486,33 +487,39 @@ def pair_scores(pooled: np.ndarray, i1: np.ndarray, i2: np.ndarray, *,
 
     When the distinct first and second templates span a matrix at most 16 times the number of
     pairs (IJB: gallery x probe templates), blocks of ``pooled[rows] @ pooled[cols].T`` are computed
-    (float32 matrix products, each at most ``block_elements``: 128 MB) and the pairs read off them
-    (one pass over the pair list per block); otherwise the pairs are gathered and multiplied in
-    chunks. Beyond the output, memory holds two int32 copies of the pair list and one block.
+    (float32 numpy matrix products, each at most ``block_elements``: 128 MB) and the pairs read off them
+    (one pass over the pair list per block, in chunks); otherwise the pairs are gathered and
+    multiplied in chunks. Beyond the output, memory holds one block and chunk-sized temporaries.
     """
     out = np.empty(len(i1), dtype=np.float32)
     if len(i1) == 0:
         return out
-    feats = torch.from_numpy(np.ascontiguousarray(pooled, dtype=np.float32))
-    rows, r_pos = _compact(np.asarray(i1), len(pooled))
-    cols, c_pos = _compact(np.asarray(i2), len(pooled))
+    feats = np.ascontiguousarray(pooled, dtype=np.float32)
+    rows, row_of = _compact(np.asarray(i1), len(pooled))
+    cols, col_of = _compact(np.asarray(i2), len(pooled))
     if len(rows) * len(cols) > 16 * len(i1):
         for s in range(0, len(i1), _GATHER_CHUNK):
-            a = feats[torch.from_numpy(np.asarray(i1[s:s + _GATHER_CHUNK], dtype=np.int64))]
-            b = feats[torch.from_numpy(np.asarray(i2[s:s + _GATHER_CHUNK], dtype=np.int64))]
-            out[s:s + _GATHER_CHUNK] = (a * b).sum(1).numpy()
+            a, b = feats[i1[s:s + _GATHER_CHUNK]], feats[i2[s:s + _GATHER_CHUNK]]
+            out[s:s + _GATHER_CHUNK] = np.einsum("ij,ij->i", a, b)
         return out
-    right = feats[torch.from_numpy(cols)].T.contiguous()
+    right = np.ascontiguousarray(feats[cols].T)
     per_block = max(1, block_elements // len(cols))
+    whole = per_block >= len(rows)
     step = 1 << 22
     for lo in range(0, len(rows), per_block):
         hi = min(lo + per_block, len(rows))
-        gram = torch.mm(feats[torch.from_numpy(rows[lo:hi])], right).numpy().ravel()
-        for s in range(0, len(r_pos), step):  # the pairs whose first template is in this block
-            r = r_pos[s:s + step]
-            idx = slice(s, s + len(r)) if (lo == 0 and hi == len(rows)) else s + np.flatnonzero((r >= lo) & (r < hi))
-            flat = (r_pos[idx] - lo).astype(np.int64)
+        gram = np.matmul(feats[rows[lo:hi]], right).ravel()  # BLAS sgemm, the process's BLAS threads
+        for s in range(0, len(i1), step):  # the pairs whose first template is in this block
+            r = row_of[i1[s:s + step]]
+            c = col_of[i2[s:s + step]]
+            if not whole:
+                inside = np.flatnonzero((r >= lo) & (r < hi))
+                r, c = r[inside], c[inside]
+            flat = (r - lo).astype(np.int64)
             flat *= len(cols)
-            flat += c_pos[idx]
-            out[idx] = gram[flat]
+            flat += c
+            if whole:
+                out[s:s + step] = gram[flat]
+            else:
+                out[s + inside] = gram[flat]
     return out

@@ -37,7 +37,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse
 import scipy.sparse.csgraph
-import torch
 
 from pipeline import cpu
 from pipeline.io import atomic_dir
@@ -82,6 +81,8 @@ def _clean(value: Any) -> Any:
 
 
 def _load_model(model_path: str | Path, device: str):
+    import torch
+
     from pipeline.embed import load_model_file
     from pipeline.train import pick_device
 
@@ -90,6 +91,13 @@ def _load_model(model_path: str | Path, device: str):
         torch.set_num_threads(cpu.thread_count())
     model, saved = load_model_file(model_path, dev)
     return model, saved, dev
+
+
+def _blas_threads() -> None:
+    """numpy's BLAS (the Gram blocks, the 1:N search) on the process's threads (``cpu.thread_count``)."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(cpu.thread_count(), user_api="blas")
 
 
 def _write_lines(path: Path, lines) -> None:
@@ -192,7 +200,7 @@ def run_ijb_eval(features_dir: str | Path, set_dir: str | Path, out_dir: str | P
     with the subject resamples of TPR@FPR and rank-1. ``keep_scores``: also write ``scores.npy``."""
     ijb = read_ijb(set_dir, check_images=False)
     features = _features(Path(features_dir), "features", ijb.images, "images.txt")
-    torch.set_num_threads(cpu.thread_count())
+    _blas_threads()
     template_ids, pooled = pool_templates(features, ijb.face_image, ijb.face_template, ijb.face_media,
                                           detector=ijb.detector if params.detector_weight else None,
                                           keep_norm=params.keep_norm)
@@ -234,6 +242,7 @@ def _params(params: ProtocolParams) -> dict:
 def _embed_aligned(root: Path, folder: str, paths: np.ndarray, model, saved, params: ProtocolParams, dev,
                    out: np.ndarray, *, desc: str, progress: bool) -> None:
     """Embed aligned crops (resized to the model's size) into ``out`` [n, D] (a memory map)."""
+    import torch
     from tqdm import tqdm
 
     from pipeline.align import resize_crop
@@ -280,6 +289,8 @@ def run_distractor_eval(features_dir: str | Path, set_dir: str | Path, out_dir: 
     data: DistractorSet = read_distractor_set(set_dir, check_images=False)
     probes = _features(Path(features_dir), "probes", data.probes)
     distractors = _features(Path(features_dir), "distractors", data.distractors)
+    import torch
+
     torch.set_num_threads(cpu.thread_count())
     result = distractor_search(np.asarray(probes), data.identities, distractors, sizes=params.distractor_sizes,
                                max_rank=params.max_rank, fprs=(params.distractor_fpr,), chunk=params.chunk,
