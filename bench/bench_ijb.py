@@ -238,6 +238,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--boot", type=int, default=1000, help="subject resamples (0: skip)")
     parser.add_argument("--no-reference", action="store_true")
+    parser.add_argument("--io", action="store_true", help="also write the meta files and time read_ijb on them")
     args = parser.parse_args()
     threadpool_limits(cpu.thread_count(), user_api="blas")
     print(machine(), flush=True)
@@ -279,6 +280,8 @@ def main() -> None:
         del ref_scores
     if args.boot:
         bootstrap(problem, scores, args)
+    if args.io:
+        reading(problem)
 
 
 def checks(problem: dict, scores: np.ndarray, result) -> None:
@@ -305,6 +308,42 @@ def checks(problem: dict, scores: np.ndarray, result) -> None:
     direct = np.array([template(int(problem["t1"][i])) @ template(int(problem["t2"][i])) for i in pick])
     print(f"check: 2,000 random pairs rescored by a direct float64 loop: max |difference| "
           f"{np.abs(direct - scores[pick]).max():.2e}")
+
+
+def reading(problem: dict) -> None:
+    """Write the problem's face list, 5-point list and pair list in the released layout; time read_ijb."""
+    import shutil
+    import tempfile
+
+    import pandas as pd
+
+    from pipeline.protocols.ijb import read_ijb
+
+    root = Path(tempfile.mkdtemp(prefix="ijb_io_"))
+    try:
+        (root / "meta").mkdir()
+        n = len(problem["face_template"])
+        names = pd.Series([f"{i + 1}.jpg" for i in range(n)])
+        t0 = time.perf_counter()
+        pd.DataFrame({"n": names, "t": problem["face_template"], "m": problem["face_media"]}).to_csv(
+            root / "meta" / "ijbc_face_tid_mid.txt", sep=" ", header=False, index=False)
+        points = np.random.default_rng(0).uniform(20, 90, (n, 10)).round(3)
+        frame = pd.DataFrame(points).assign(s=problem["detector"].round(4))
+        frame.insert(0, "n", names)
+        frame.to_csv(root / "meta" / "ijbc_name_5pts_score.txt", sep=" ", header=False, index=False)
+        pd.DataFrame({"a": problem["t1"], "b": problem["t2"], "l": problem["label"].astype(np.int8)}).to_csv(
+            root / "meta" / "ijbc_template_pair_label.txt", sep=" ", header=False, index=False)
+        size = sum(p.stat().st_size for p in (root / "meta").iterdir())
+        print(f"io: wrote the three meta files ({size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s "
+              "(not counted)", flush=True)
+        base = reset_peak()
+        t0, c0 = time.perf_counter(), time.process_time()
+        ijb = read_ijb(root, check_images=False)
+        print(f"io: read_ijb (face list, landmarks, {len(ijb.pair_t1):,} pairs, cross-checks) "
+              f"{time.perf_counter() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU; peak RSS "
+              f"{peak() / GIB:.2f} GiB ({(peak() - base) / GIB:+.2f} GiB above the inputs)")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def bootstrap(problem: dict, scores: np.ndarray, args) -> None:

@@ -193,8 +193,14 @@ def _narrow(values: np.ndarray) -> np.ndarray:
 
 def read_pairs(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``<set>_template_pair_label.txt`` -> ``(t1 [P], t2 [P] int32 (int64 if ids need it), label [P] bool)``."""
-    frame = _read_whitespace(path, ["t1", "t2", "label"], {"t1": np.int64, "t2": np.int64, "label": np.int64},
-                             _check_pair_line)
+    names = ["t1", "t2", "label"]
+    try:  # ids as int32 and labels as int8 straight from the parser (IJB-C: 15.7 M lines)
+        frame = pd.read_csv(_need(path), sep=r"\s+", header=None, names=names, engine="c",
+                            dtype={"t1": np.int32, "t2": np.int32, "label": np.int8})
+        if frame.empty or frame.isna().any(axis=None):
+            raise ValueError("short line or empty file")
+    except (ValueError, OverflowError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        frame = _read_whitespace(path, names, {"t1": np.int64, "t2": np.int64, "label": np.int64}, _check_pair_line)
     label = frame["label"].to_numpy()
     bad = (label != 0) & (label != 1)
     if bad.any():
