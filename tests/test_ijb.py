@@ -283,6 +283,18 @@ def test_eval_refuses_features_of_another_image_list_and_leaves_the_old_output(i
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "feat"]  # no temporary folder left behind
 
 
+def test_genuine_pair_of_two_subjects_in_the_1n_files_is_named(ijbc, model_file, tmp_path):
+    root = _copy(ijbc[0], tmp_path)
+    probes = root / "meta" / "ijbc_1N_probe_mixed.csv"
+    probes.write_text(probes.read_text().replace("\n1000,100,", "\n1000,101,"))  # probe 1000 now of subject 101
+    params = ProtocolParams(n_boot=5)
+    run_ijb_embed(model_file, root, tmp_path / "feat", params, progress=False)
+    pairs = root / "meta" / "ijbc_template_pair_label.txt"
+    _one_line_error(lambda: run_ijb_eval(tmp_path / "feat", root, tmp_path / "eval", params, progress=False),
+                    f"{pairs}:1:", "templates 1 and 1000 are a genuine pair but belong to different subjects")
+    assert not (tmp_path / "eval").exists()
+
+
 def test_subjects_come_from_the_genuine_pairs_without_1n_files(ijbc, tmp_path):
     root = _copy(ijbc[0], tmp_path)
     for path in (root / "meta").glob("*_1N_*.csv"):

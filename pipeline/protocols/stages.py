@@ -165,6 +165,18 @@ def template_subjects(ijb: IJBSet, template_ids: np.ndarray) -> tuple[np.ndarray
     return codes, int(n), "genuine pairs"
 
 
+def _check_genuine_subjects(ijb: IJBSet, subject1: np.ndarray, subject2: np.ndarray, source: str) -> None:
+    """A genuine pair must join templates of one subject (the 1:N files and the pair list agree)."""
+    from pipeline.protocols.ijb import PAIRS, _line_of_row
+
+    clash = ijb.pair_label & (subject1 != subject2)
+    if clash.any():
+        row = int(np.argmax(clash))
+        path = ijb.meta(PAIRS)
+        raise ProtocolError(f"{path}:{_line_of_row(path, row)}: templates {ijb.pair_t1[row]} and {ijb.pair_t2[row]} "
+                            f"are a genuine pair but belong to different subjects in the {source}")
+
+
 def _digest(codes: np.ndarray, params: ProtocolParams) -> str:
     h = hashlib.sha256(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
     h.update(f"{params.n_boot}/{params.seed}".encode())
@@ -209,6 +221,7 @@ def run_ijb_eval(features_dir: str | Path, set_dir: str | Path, out_dir: str | P
     ver = verification_metrics(scores, ijb.pair_label, params.fprs)
     codes, n_subjects, source = template_subjects(ijb, template_ids)
     weights = draw_weights(n_subjects, params.n_boot, params.seed)
+    _check_genuine_subjects(ijb, codes[i1], codes[i2], source)
     boot = {}
     if params.n_boot:
         tprs = PairResampler(scores, ijb.pair_label, codes[i1], codes[i2], n_subjects, params.fprs).tpr(weights)
