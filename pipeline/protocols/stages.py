@@ -224,7 +224,8 @@ def run_ijb_eval(features_dir: str | Path, set_dir: str | Path, out_dir: str | P
     _check_genuine_subjects(ijb, codes[i1], codes[i2], source)
     boot = {}
     if params.n_boot:
-        tprs = PairResampler(scores, ijb.pair_label, codes[i1], codes[i2], n_subjects, params.fprs).tpr(weights)
+        resampler = PairResampler(scores, ijb.pair_label, codes[i1], codes[i2], n_subjects, params.fprs)
+        tprs = resampler.tpr(weights, progress=progress)
         boot = {tpr_name(f): tprs[:, j] for j, f in enumerate(params.fprs)}
     ident, ident_boot = _identification(ijb, template_ids, pooled, codes, weights, params)
     boot |= ident_boot if params.n_boot else {}

@@ -154,12 +154,14 @@ class PairResampler:
             out.append(float((p_w - gen_cum[below]) / p_w))
         return out
 
-    def tpr(self, weights: np.ndarray) -> np.ndarray:
+    def tpr(self, weights: np.ndarray, *, progress: bool = False) -> np.ndarray:
         """[B, F] TPR at each level for each resample (``weights`` [B, S]); NaN where unsupported."""
+        from tqdm import tqdm
+
         weights = np.atleast_2d(weights)
         n_w = self.negatives_weight(weights)
         out = np.empty((len(weights), len(self.fprs)))
-        for i, w in enumerate(weights):
+        for i, w in enumerate(tqdm(weights, desc="subject resamples", unit="resample", disable=not progress)):
             row = self._one(w, float(n_w[i]), self._top)
             if row is None:
                 if self._full is None:
