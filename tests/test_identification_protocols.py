@@ -193,6 +193,7 @@ def test_interval_and_paired_verdicts_recomputed_by_hand():
     for key, d in verdicts.items():
         assert d.p_holm == pytest.approx(adjusted[key])
         assert d.verdict == (f"{d.a} beats {d.b}" if adjusted[key] < 0.05 else "not distinguishable")
+        assert (d.holm_low > 0 or d.holm_high < 0) == (adjusted[key] < 0.05)  # the Holm interval agrees
     assert verdicts[("a", "b")].verdict == "a beats b"
 
 

@@ -265,6 +265,13 @@ def test_stages_embed_evaluate_and_summarise_the_miniature(ijbc, model_file, tmp
     summary = summarise({"a": [tmp_path / "eval"], "b": [tmp_path / "eval"]}, tmp_path / "summary", params)
     assert summary["intervals"][tpr_name(1e-1)]["a"]["mean"] == direct[1e-1]
     assert "rank1_G1" in summary["verdicts"] and (tmp_path / "summary" / "summary.md").is_file()
+    # without resamples one run has no interval: the table says so
+    no_boot = ProtocolParams(n_boot=0, fprs=(1e-1,))
+    run_ijb_eval(tmp_path / "feat", root, tmp_path / "eval0", no_boot, progress=False)
+    summary = summarise({"a": [tmp_path / "eval0"]}, tmp_path / "summary0", no_boot)
+    assert summary["intervals"]["rank1_G1"]["a"]["low"] is None and summary["verdicts"] == {}
+    line = f"| rank1_G1 | a | {metrics['values']['rank1_G1']:.4f} (no interval: one run and no resamples) | 1 |"
+    assert line in (tmp_path / "summary0" / "summary.md").read_text()
 
 
 def test_eval_refuses_features_of_another_image_list_and_leaves_the_old_output(ijbc, model_file, tmp_path):

@@ -378,12 +378,14 @@ def summarise(runs: dict[str, list[str | Path]], out_dir: str | Path, params: Pr
                                                               "per_run": list(iv.per_run), "n_runs": iv.n_runs})
                                  for m, iv in per_model.items()} for n, per_model in intervals.items()},
                "verdicts": {n: [{"a": d.a, "b": d.b, "diff": d.diff, "low": d.low, "high": d.high, "p": d.p,
-                                 "p_holm": d.p_holm, "verdict": d.verdict} for d in ds] for n, ds in verdicts.items()},
+                                 "p_holm": d.p_holm, "holm_low": d.holm_low, "holm_high": d.holm_high,
+                                 "verdict": d.verdict} for d in ds] for n, ds in verdicts.items()},
                "method": "subject resamples (pairs of drawn subjects, impostor pairs weighted w_a * w_b) combined "
                          "with the run variance (pipeline.repeats.combine); verdicts paired on the same resamples, "
                          "Holm over the pairs of models"}
+    summary = _clean(summary)
     with atomic_dir(out_dir) as tmp:
-        _json(tmp / "summary.json", _clean(summary))
+        _json(tmp / "summary.json", summary)
         (tmp / "summary.md").write_text(_markdown(summary))
     return summary
 
@@ -392,8 +394,12 @@ def _markdown(summary: dict) -> str:
     lines = ["| metric | model | mean [95%] | runs |", "|---|---|---|---|"]
     for name, per_model in summary["intervals"].items():
         for model, iv in per_model.items():
-            text = "n/a (no value: e.g. an FPR level below what the impostor pairs support)" if iv is None else \
-                f"{iv['mean']:.4f} [{iv['low']:.4f}, {iv['high']:.4f}]"
+            if iv is None:
+                text = "n/a (no value: e.g. an FPR level below what the impostor pairs support)"
+            elif iv["low"] is None:
+                text = f"{iv['mean']:.4f} (no interval: one run and no resamples)"
+            else:
+                text = f"{iv['mean']:.4f} [{iv['low']:.4f}, {iv['high']:.4f}]"
             lines.append(f"| {name} | {model} | {text} | {0 if iv is None else iv['n_runs']} |")
     for name, ds in summary["verdicts"].items():
         if not ds:

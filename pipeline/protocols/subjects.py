@@ -24,8 +24,9 @@ sorted genuine scores.
 run-averaged metric (the same resamples for every run) go to :func:`pipeline.repeats.combine`, as for
 the project's other metrics. **Verdicts** (:func:`paired_verdicts`): the difference of two models'
 mean values, its variance the resampling variance of the paired difference (same resamples for both)
-plus each model's run variance, Welch-Satterthwaite degrees of freedom, a two-sided t test, and
-Holm's correction over every pair of models (:func:`pipeline.repeats.holm`).
+plus each model's run variance, Welch-Satterthwaite degrees of freedom, a two-sided t test
+(:func:`pipeline.repeats.two_sided_p`), and Holm's correction over every pair of models, with each
+difference's Holm interval (:func:`pipeline.repeats.holm_family`).
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ from typing import Sequence
 
 import numpy as np
 import scipy.sparse
-from scipy import stats
 
 from pipeline.metrics import min_negatives_for_fpr
-from pipeline.repeats import Difference, Interval, _quantile, combine, holm, welch_df
+from pipeline.repeats import Difference, Interval, combine, holm_family, t_quantile, two_sided_p, welch_df
 
 _DENSE_SUBJECTS = 8000  # up to this many subjects the impostor counts per subject pair are a dense matrix
 
@@ -196,13 +196,8 @@ def _difference(a: str, b: str, runs_a: np.ndarray, runs_b: np.ndarray, boot_dif
     se = math.sqrt(sum(v for v, _ in parts))
     df = welch_df(parts)
     diff = float(runs_a.mean() - runs_b.mean())
-    half = _quantile(df, alpha) * se
-    if se > 0:
-        t = abs(diff) / se
-        p = float(2 * (stats.norm.sf(t) if math.isinf(df) else stats.t.sf(t, df)))
-    else:
-        p = 1.0 if diff == 0 else 0.0
-    return Difference(a, b, diff, diff - half, diff + half, se, df, p)
+    half = t_quantile(df, alpha) * se
+    return Difference(a, b, diff, diff - half, diff + half, se, df, two_sided_p(diff, se, df))
 
 
 def paired_verdicts(per_run: dict[str, Sequence[float]], boot_average: dict[str, np.ndarray], *,
@@ -212,7 +207,8 @@ def paired_verdicts(per_run: dict[str, Sequence[float]], boot_average: dict[str,
     ``per_run``: model -> its per-run values; ``boot_average``: model -> [B] run-averaged values on
     the same subject resamples (paired). Models with a missing (NaN) per-run value are left out, and
     resamples where either model's value is NaN.
-    Verdict ``"a beats b"`` when the Holm-adjusted p-value is below ``alpha``.
+    Verdict ``"a beats b"`` when the Holm-adjusted p-value is below ``alpha``; each difference also
+    carries its Holm interval (:func:`pipeline.repeats.holm_family`), which excludes 0 exactly then.
     """
     usable = [m for m in per_run if np.isfinite(np.asarray(per_run[m], dtype=np.float64)).all()]
     runs = {m: np.asarray(per_run[m], dtype=np.float64) for m in usable}
@@ -221,7 +217,7 @@ def paired_verdicts(per_run: dict[str, Sequence[float]], boot_average: dict[str,
         a, b = (x, z) if runs[x].mean() >= runs[z].mean() else (z, x)
         boot_diff = np.asarray(boot_average[a], np.float64) - np.asarray(boot_average[b], np.float64)
         raw.append(_difference(a, b, runs[a], runs[b], boot_diff, alpha))
-    adjusted = holm([d.p for d in raw])
-    return [Difference(d.a, d.b, d.diff, d.low, d.high, d.se, d.df, d.p, float(ph),
-                       f"{d.a} beats {d.b}" if ph < alpha else "not distinguishable")
-            for d, ph in zip(raw, adjusted)]
+    family = holm_family([d.diff for d in raw], [d.se for d in raw], [d.df for d in raw], [d.p for d in raw], alpha)
+    return [Difference(d.a, d.b, d.diff, d.low, d.high, d.se, d.df, d.p, h.p_holm,
+                       f"{d.a} beats {d.b}" if h.rejected else "not distinguishable", h.low, h.high, h.level)
+            for d, h in zip(raw, family)]
