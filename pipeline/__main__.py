@@ -7,6 +7,7 @@ one line and exit status 2 before anything is written.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -395,19 +396,96 @@ def export(fmt: str = typer.Argument(..., help="rec (any set) or bin (a test set
     typer.echo(run_export(fmt, source, out))
 
 
+BenchOption = typer.Option(..., "--bench", help="A benchmark named in params.yaml benchmarks.")
+
+
+def _bench(params: Params, name: str):
+    if name not in params.benchmarks:
+        raise ConfigError(f"--bench {name}: not a benchmark of params.yaml benchmarks "
+                          f"({', '.join(params.benchmarks) or 'none configured'})")
+    return params.benchmarks[name]
+
+
+@app.command("bench-embed")
+@stage
+def bench_embed(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
+                bench: str = BenchOption, params_file: Path = ParamsOption,
+                progress: bool = ProgressOption) -> None:
+    """Embed every image of a benchmark (IJB: aligned with its landmarks; distractors: probes and
+    distractors) with the model of run LOSS-SEED into data/protocols/BENCH/RUN/features."""
+    from pipeline.protocols.stages import run_distractor_embed, run_ijb_embed
+
+    params = _params(params_file)
+    run = _run_of(params, model, seed)
+    spec = _bench(params, bench)
+    embed = run_ijb_embed if spec.kind == "ijb" else run_distractor_embed
+    info = embed(paths.model_dir(run) / "model.pt", spec.path, paths.protocol_dir(bench, run) / "features",
+                 params.protocol_params(), device=params.embed.device if params.embed.device != "auto" else "cpu",
+                 progress=progress)
+    typer.echo(f"{bench} ({spec.kind}) with {run}: {json.dumps(info)}")
+
+
+@app.command("bench-eval")
+@stage
+def bench_eval(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
+               bench: str = BenchOption, params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Evaluate run LOSS-SEED on a benchmark from its features: IJB 1:1 (ROC, TPR@FPR) and 1:N (CMC, TPIR);
+    distractors: rank-1 and CMC as the gallery grows; with the subject resamples of the intervals."""
+    from pipeline.protocols.stages import run_distractor_eval, run_ijb_eval
+
+    params = _params(params_file, check_models=False)
+    run = _run_of(params, model, seed)
+    spec = _bench(params, bench)
+    evaluate = run_ijb_eval if spec.kind == "ijb" else run_distractor_eval
+    folder = paths.protocol_dir(bench, run)
+    metrics = evaluate(folder / "features", spec.path, folder / "eval", params.protocol_params(), progress=progress)
+    typer.echo(f"{bench} ({spec.kind}) with {run}: {json.dumps(metrics.get('values', metrics), default=str)[:400]}")
+
+
+@app.command("bench-report")
+@stage
+def bench_report(bench: str = typer.Argument(..., help="A benchmark named in params.yaml benchmarks."),
+                 params_file: Path = ParamsOption) -> None:
+    """Every model's intervals over its runs and the benchmark's subjects, and paired Holm verdicts, into
+    reports/protocols/BENCH (summary.md, summary.json)."""
+    from pipeline.protocols.stages import summarise
+
+    params = _params(params_file, check_models=False)
+    _bench(params, bench)
+    runs = {loss: [paths.protocol_dir(bench, run) / "eval" for run in params.runs[loss]]
+            for loss in params.train_losses}
+    summarise(runs, paths.protocol_report(bench), params.protocol_params())
+    typer.echo(f"wrote {paths.protocol_report(bench) / 'summary.md'}")
+
+
 @app.command()
 @stage
-def miniature(kind: str = typer.Argument(..., help="insightface: a .rec training set and three .bin benchmarks."),
+def miniature(kind: str = typer.Argument(..., help="insightface, ijb or distractors."),
               out: Path = typer.Argument(..., help="Folder to write it in, e.g. data/miniature/insightface."),
               seed: int = typer.Option(0, "--seed", help="Seed of the synthetic faces.")) -> None:
     """Write a small synthetic data set in a layout of the field (from the built-in synthetic faces), to try
-    the pipeline's readers end to end, e.g. with configs/insightface-synth.yaml."""
-    if kind != "insightface":
-        raise ConfigError(f"miniature {kind!r}: unknown kind; expected insightface")
-    from pipeline.datasets.insightface_synth import write_miniature
+    the pipeline's readers end to end: insightface (a .rec training set and three .bin benchmarks, for
+    configs/insightface-synth.yaml), ijb (an IJB-C-shaped release folder) or distractors (MegaFace-style probes
+    and distractors), for configs/benchmarks-synth.yaml."""
+    if kind == "insightface":
+        from pipeline.datasets.insightface_synth import write_miniature
 
-    for name, count in write_miniature(out, seed=seed).items():
-        typer.echo(f"{name}: {count} {'images' if name == 'train' else 'pairs'}")
+        for name, count in write_miniature(out, seed=seed).items():
+            typer.echo(f"{name}: {count} {'images' if name == 'train' else 'pairs'}")
+    elif kind == "ijb":
+        from pipeline.datasets.ijb_synth import write_ijb_miniature
+
+        truth = write_ijb_miniature(out, seed=seed, subjects=24, probe_templates=2)
+        typer.echo(f"ijb: {len(truth.images)} images of {len(truth.template_subject)} templates, "
+                   f"{len(truth.pairs)} template pairs in {out}")
+    elif kind == "distractors":
+        from pipeline.datasets.ijb_synth import write_distractor_miniature
+
+        truth = write_distractor_miniature(out, seed=seed, identities=20, images_per_identity=4, distractors=400)
+        typer.echo(f"distractors: {len(truth.probes)} probe images of {len(set(truth.identities))} identities, "
+                   f"{len(truth.distractors)} distractors in {out}")
+    else:
+        raise ConfigError(f"miniature {kind!r}: unknown kind; expected insightface, ijb or distractors")
 
 
 @app.command()

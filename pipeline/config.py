@@ -442,6 +442,21 @@ PRETRAINED_KEYS = {"dlib": ("upsample", "jitter", "mtcnn_fallback"), "facepipe":
 PRETRAINED_BACKENDS = {"dlib": "pip install -r requirements-dlib.txt", "facepipe": "(built in)"}
 
 
+class BenchmarkSpec(_Strict):
+    """A benchmark beyond image pairs (``benchmarks.<name>``, :mod:`pipeline.protocols`):
+
+      ijb          ``path`` is an IJB-B or IJB-C release folder (``meta/``, ``loose_crop/``): 1:1
+                   template verification and 1:N identification with the galleries
+      distractors  ``path`` is a MegaFace-style folder of probe identities and distractor images:
+                   identification as the number of distractors grows
+
+    Every trained run is embedded and evaluated on it; ``protocol`` holds the switches.
+    """
+
+    kind: Literal["ijb", "distractors"]
+    path: str
+
+
 class Params(_Strict):
     seeds: SeedParams = SeedParams()
     data: DataParams
@@ -457,6 +472,20 @@ class Params(_Strict):
     embed: EmbedParams = EmbedParams()
     score: ScoreParams = ScoreParams()
     report: ReportParams = ReportParams()
+    benchmarks: dict[str, BenchmarkSpec] = Field(default_factory=dict)
+    protocol: dict[str, Any] = Field(default_factory=dict)  # pipeline.protocols.params.ProtocolParams
+
+    def protocol_params(self):
+        """``protocol`` as a :class:`pipeline.protocols.params.ProtocolParams` (ConfigError when invalid)."""
+        from pipeline.protocols import ProtocolError
+        from pipeline.protocols.params import ProtocolParams
+
+        try:
+            return ProtocolParams.from_dict(self.protocol)
+        except ProtocolError as err:
+            raise ConfigError(str(err).replace("protocol params: ", "protocol.", 1)) from None
+        except TypeError as err:  # a value of the wrong shape
+            raise ConfigError(f"protocol: {err}") from None
 
     @property
     def data_sets(self) -> list[str]:
@@ -666,6 +695,13 @@ def _check_references(path: Path, params: Params) -> None:
         if source not in params.data.tests:
             raise ConfigError(f"{path}: pretrained.{name}.threshold_source = {source!r}: not one of data.tests "
                               f"({', '.join(params.data.tests)})")
+    for name in params.benchmarks:
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{path}: benchmarks.{name}: a benchmark name is letters, digits, '_' or '-'")
+    try:
+        params.protocol_params()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     threshold = params.score.threshold
     if threshold.source != VALIDATION_SOURCE and threshold.source not in params.data.tests:
         raise ConfigError(f"{path}: score.threshold.source = {threshold.source!r}: expected {VALIDATION_SOURCE} or "
@@ -780,6 +816,9 @@ def _check_dataset_paths(path: Path, params: Params) -> None:
         for name in spec.exclude_identities_of:
             if name not in params.data.tests:
                 raise ConfigError(f"{path}: {key}.exclude_identities_of: {name!r} is not one of data.tests")
+    for name, bench in params.benchmarks.items():
+        if not Path(bench.path).is_dir():
+            raise ConfigError(f"{path}: benchmarks.{name}.path = {bench.path!r}: no such folder")
     unlabelled = [name for name, spec in params.data.tests.items() if not is_labelled(spec)]
     threshold, report = params.score.threshold, params.report
     uses = [("score.threshold.source", threshold.source), ("score.threshold.fallback", threshold.fallback),

@@ -125,6 +125,17 @@ def prediction_file(run: str, test_set: str) -> Path:
     return set_scores(run, test_set) / f"{test_set}_{run}_predict.txt"
 
 
+def protocol_dir(bench: str, run: str) -> Path:
+    """``data/protocols/BENCH/RUN``: a run's features of a benchmark (``features/``) and its evaluation
+    (``eval/``: metrics, ROC or CMC, subject resamples)."""
+    return Path("data/protocols") / bench / run
+
+
+def protocol_report(bench: str) -> Path:
+    """``reports/protocols/BENCH``: every model's intervals and the verdicts on a benchmark."""
+    return REPORTS / "protocols" / bench
+
+
 def pretrained_fingerprint(name: str) -> Path:
     """What the embed stage of pretrained model ``name`` depends on (see ``pipeline.pretrained``)."""
     return PRETRAINED / f"{name}.json"

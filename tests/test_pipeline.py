@@ -389,6 +389,34 @@ def test_a_facepipe_model_file_outside_the_repository_is_scored_like_its_run(pro
     assert "embed_pretrained@other-synth_open" in _ran(result.stdout)
 
 
+def test_benchmarks_run_their_own_stages_and_rerun_only_what_changed(project):
+    """IJB and distractor miniatures (written by the project, in the released layouts) as benchmarks:
+    every run is embedded and evaluated on each and each gets its report; a second repro runs nothing;
+    a protocol param the evaluation reads reruns the evaluations, not the embeddings."""
+    from pipeline.datasets.ijb_synth import write_distractor_miniature, write_ijb_miniature
+
+    write_ijb_miniature(project / "bench" / "ijb", subjects=6, probe_templates=2, size=96)
+    write_distractor_miniature(project / "bench" / "distractors", identities=5, images_per_identity=3,
+                               distractors=30)
+    runs = ["softmax-0", "softmax-2", "arcface-0", "arcface-2"]
+    _set_param(project, "benchmarks", {"ijb": {"kind": "ijb", "path": "bench/ijb"},
+                                       "distractors": {"kind": "distractors", "path": "bench/distractors"}})
+    _set_param(project, "protocol.n_boot", 50)
+    _set_param(project, "protocol.distractor_sizes", [10, 30])
+    benches = ("ijb", "distractors")
+    result = _run(["dvc", "repro"], project)
+    per_run = {f"{kind}@{run}-{bench}" for kind in ("bench_embed", "bench_eval") for run in runs for bench in benches}
+    assert _ran(result.stdout) == per_run | {f"bench_report@{bench}" for bench in benches} | {"report"}
+    summary = json.loads((project / "reports" / "protocols" / "ijb" / "summary.json").read_text())
+    assert "softmax" in json.dumps(summary) and "arcface" in json.dumps(summary)
+    assert (project / "reports" / "protocols" / "distractors" / "summary.md").is_file()
+    assert _ran(_run(["dvc", "repro"], project).stdout) == set()
+    _set_param(project, "protocol.n_boot", 60)
+    result = _run(["dvc", "repro"], project)
+    assert _ran(result.stdout) == {f"bench_eval@{run}-{bench}" for run in runs for bench in benches} | {
+        f"bench_report@{bench}" for bench in benches} | {"report"}
+
+
 def test_a_params_file_without_pretrained_means_none(tmp_path):
     """`pretrained` may be left out: DVC parses the pipeline (configs/dvc-defaults.yaml) and the
     stages treat it as empty."""
