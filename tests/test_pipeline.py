@@ -366,29 +366,6 @@ def test_scoring_switch_reruns_only_scoring(project):
     assert "up to date" in _run(["dvc", "status"], project).stdout
 
 
-def test_a_facepipe_model_file_outside_the_repository_is_scored_like_its_run(project):
-    """Last: a pretrained entry keeps `dvc status` from being "up to date" (its fingerprint stage always runs)."""
-    outside = project.parent / "elsewhere" / "model.pt"
-    outside.parent.mkdir(exist_ok=True)
-    shutil.copy(project / "data" / "models" / "arcface-0" / "model.pt", outside)
-    _set_param(project, "pretrained", {"other": {"kind": "facepipe", "path": str(outside)}})
-    result = _run(["dvc", "repro"], project)
-    assert _ran(result.stdout) == {"pretrained_model@other", "report"} | {
-        f"{kind}_pretrained@other-{name}" for kind in ("embed", "score") for name in SETS}
-    for test_set in ("synth_open", "synth_domain"):
-        mine = pd.read_csv(project / "data" / "scores" / "arcface-0" / test_set / "l2_raw.csv")
-        theirs = pd.read_csv(project / "data" / "scores" / "other" / test_set / "l2_raw.csv")
-        pd.testing.assert_series_equal(mine["score"], theirs["score"])
-        assert (project / "data" / "scores" / "other" / test_set / f"{test_set}_other_predict.txt").is_file()
-    table = pd.read_csv(project / "reports" / "comparison.csv")
-    assert set(table.query("model == 'other'")["threshold_from"]) == {"synth_open"}  # report.in_domain
-    assert _ran(_run(["dvc", "repro"], project).stdout) == {"pretrained_model@other"}  # same file: nothing after it
-    with open(outside, "ab") as handle:  # another file at the same path: embedded again
-        handle.write(b"\0")
-    result = subprocess.run(["dvc", "repro"], cwd=project, env=_env(), capture_output=True, text=True)
-    assert "embed_pretrained@other-synth_open" in _ran(result.stdout)
-
-
 def test_benchmarks_run_their_own_stages_and_rerun_only_what_changed(project):
     """IJB and distractor miniatures (written by the project, in the released layouts) as benchmarks:
     every run is embedded and evaluated on each and each gets its report; a second repro runs nothing;
@@ -415,6 +392,29 @@ def test_benchmarks_run_their_own_stages_and_rerun_only_what_changed(project):
     result = _run(["dvc", "repro"], project)
     assert _ran(result.stdout) == {f"bench_eval@{run}-{bench}" for run in runs for bench in benches} | {
         f"bench_report@{bench}" for bench in benches} | {"report"}
+
+
+def test_a_facepipe_model_file_outside_the_repository_is_scored_like_its_run(project):
+    """Last: a pretrained entry keeps `dvc status` from being "up to date" (its fingerprint stage always runs)."""
+    outside = project.parent / "elsewhere" / "model.pt"
+    outside.parent.mkdir(exist_ok=True)
+    shutil.copy(project / "data" / "models" / "arcface-0" / "model.pt", outside)
+    _set_param(project, "pretrained", {"other": {"kind": "facepipe", "path": str(outside)}})
+    result = _run(["dvc", "repro"], project)
+    assert _ran(result.stdout) == {"pretrained_model@other", "report"} | {
+        f"{kind}_pretrained@other-{name}" for kind in ("embed", "score") for name in SETS}
+    for test_set in ("synth_open", "synth_domain"):
+        mine = pd.read_csv(project / "data" / "scores" / "arcface-0" / test_set / "l2_raw.csv")
+        theirs = pd.read_csv(project / "data" / "scores" / "other" / test_set / "l2_raw.csv")
+        pd.testing.assert_series_equal(mine["score"], theirs["score"])
+        assert (project / "data" / "scores" / "other" / test_set / f"{test_set}_other_predict.txt").is_file()
+    table = pd.read_csv(project / "reports" / "comparison.csv")
+    assert set(table.query("model == 'other'")["threshold_from"]) == {"synth_open"}  # report.in_domain
+    assert _ran(_run(["dvc", "repro"], project).stdout) == {"pretrained_model@other"}  # same file: nothing after it
+    with open(outside, "ab") as handle:  # another file at the same path: embedded again
+        handle.write(b"\0")
+    result = subprocess.run(["dvc", "repro"], cwd=project, env=_env(), capture_output=True, text=True)
+    assert "embed_pretrained@other-synth_open" in _ran(result.stdout)
 
 
 def test_a_params_file_without_pretrained_means_none(tmp_path):
