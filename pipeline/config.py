@@ -89,6 +89,9 @@ class DatasetSpec(_Strict):
     crop: Literal["resize", "center"] = "resize"
     crop_fraction: float = Field(1.0, gt=0.0, le=1.0)
     detect: dict[str, Any] = Field(default_factory=dict)
+    # training set only: this fraction of its images given a wrong identity (seeded by seeds.data),
+    # as in the ArcFace study's noisy-label experiment
+    label_noise: float = Field(0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -134,6 +137,9 @@ class DataParams(_Strict):
     def _names(cls, tests: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
         if not tests:
             raise ValueError("at least one test set is needed")
+        for name, spec in tests.items():
+            if spec.label_noise:
+                raise ValueError(f"{name}.label_noise: only the training set takes label noise")
         for name in tests:
             if (not name.replace("_", "").replace("-", "").isalnum() or name in RESERVED_SET_NAMES
                     or name.startswith("_")):

@@ -97,10 +97,16 @@ def run_data(params: Params, name: str, out_dir: str | Path | None = None, *, pr
         image_set = _rebase(image_set, Path(tmp), out_dir)
         if spec.exclude_identities_of:
             image_set = _exclude(params, name, image_set)
+        noisy = 0
+        if spec.label_noise:
+            image_set, noisy = with_label_noise(image_set, spec.label_noise, params.seeds.data)
         write_csv(Path(tmp) / INDEX_FILE, image_set.images)
         if image_set.pairs is not None:
             write_csv(Path(tmp) / PAIRS_FILE, image_set.pairs)
-        write_json(Path(tmp) / SUMMARY_FILE, set_summary(spec, image_set))
+        summary = set_summary(spec, image_set)
+        if spec.label_noise:
+            summary.update(label_noise=spec.label_noise, noisy_images=noisy)
+        write_json(Path(tmp) / SUMMARY_FILE, summary)
     return image_set
 
 
@@ -124,6 +130,24 @@ def set_summary(spec: DatasetSpec, image_set: ImageSet) -> dict:
         if spec.kind in PREALIGNED_KINDS:
             summary["prealigned"] = True
     return summary
+
+
+def with_label_noise(image_set: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, int]:
+    """The set with ``round(fraction * N)`` images, drawn without replacement, given another identity
+    (uniform among the other identities of the set); returns it and the number changed. Seeded by
+    ``seed`` only, so the same images get the same wrong identities in every run."""
+    import numpy as np
+
+    images = image_set.images.copy()
+    names = np.asarray(sorted(images["identity"].unique()), dtype=object)
+    if len(names) < 2:
+        raise DatasetError("label_noise needs at least two identities")
+    rng = np.random.default_rng([seed, 0x6E6F697365])  # "noise"
+    chosen = np.sort(rng.choice(len(images), int(round(fraction * len(images))), replace=False))
+    current = np.searchsorted(names, images["identity"].to_numpy(dtype=object)[chosen].astype(str))
+    shift = rng.integers(1, len(names), size=len(chosen))  # never the identity itself
+    images.loc[images.index[chosen], "identity"] = names[(current + shift) % len(names)]
+    return ImageSet(images, image_set.pairs, folds_assigned=image_set.folds_assigned), len(chosen)
 
 
 def _exclude(params: Params, name: str, image_set: ImageSet) -> ImageSet:

@@ -340,3 +340,26 @@ def test_validate_stops_at_a_pairs_csv_without_path2(tmp_path):
     (tmp_path / "web" / "pairs.csv").write_text("path1,path2,same\na.jpg,a.jpg,1\n")
     result = run()
     assert result.returncode == 0, result.stderr
+
+
+def test_label_noise_gives_that_share_of_training_images_another_identity():
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.data import with_label_noise
+    from pipeline.datasets import ImageSet
+
+    rows = [(f"id{k % 7}/{k}", f"/x/{k}.jpg", f"id{k % 7}") for k in range(200)]
+    clean = ImageSet(pd.DataFrame(rows, columns=["image_id", "path", "identity"]))
+    noisy, changed = with_label_noise(clean, 0.2, seed=3)
+    moved = noisy.images["identity"] != clean.images["identity"]
+    assert changed == 40 and int(moved.sum()) == 40  # exactly 20%, and never to the same identity
+    assert set(noisy.images["identity"]) <= set(clean.images["identity"])
+    assert noisy.images["image_id"].tolist() == clean.images["image_id"].tolist()  # same images, same order
+    again, _ = with_label_noise(clean, 0.2, seed=3)
+    assert again.images.equals(noisy.images)  # seeded
+    other, _ = with_label_noise(clean, 0.2, seed=4)
+    assert not other.images.equals(noisy.images)
+    # the wrong identities are spread over the others, not all sent to one
+    assert len(set(noisy.images.loc[moved, "identity"])) >= 5
+    assert np.isclose(with_label_noise(clean, 0.4, seed=3)[1], 80)
