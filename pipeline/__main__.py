@@ -596,6 +596,24 @@ def _from_project_root(argv: list[str]) -> list[str]:
     return out
 
 
+tune_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="Each loss's recipe from its tuning grid, selected on validation pairs only.")
+app.add_typer(tune_app, name="tune")
+
+
+@tune_app.command("select")
+@_grid
+def tune_select(grids: list[Path] = typer.Argument(..., help="Tuning grid files, e.g. configs/grids/tune-*.yaml."),
+                out: Path = typer.Option(Path("reports/experiments/tuning"), "--out", help="Report folder."),
+                apply: bool = typer.Option(False, "--apply", help="Write each selected recipe into params.yaml.")
+                ) -> None:
+    """Judge every configuration of each loss's tuning grid on its validation pairs, select one recipe per
+    loss by the same rule for all, write the tuning report (and, with --apply, the recipes into params.yaml)."""
+    from pipeline.tuning import run_select
+
+    run_select(grids, Path.cwd(), out, apply_to=Path("params.yaml") if apply else None, echo=typer.echo)
+
+
 def main() -> None:
     sys.argv[1:] = _from_project_root(sys.argv[1:])
     app()
