@@ -596,6 +596,17 @@ def _from_project_root(argv: list[str]) -> list[str]:
     return out
 
 
+@app.command()
+@stage
+def claims(reports: Path = typer.Option(Path("reports"), "--reports", help="The reports folder to read."),
+           out: Path = typer.Option(None, "--out", help="Where to write (default REPORTS/claims.md).")) -> None:
+    """The studies' claims as a scoreboard (reports/claims.md), computed from the committed reports."""
+    from pipeline.claims import run_claims
+
+    for row in run_claims(reports, out):
+        typer.echo(f"{row.claim.key}: {row.verdict}")
+
+
 tune_app = typer.Typer(add_completion=False, no_args_is_help=True,
                        help="Each loss's recipe from its tuning grid, selected on validation pairs only.")
 app.add_typer(tune_app, name="tune")
