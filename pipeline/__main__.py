@@ -15,7 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import cpu
+import time as _time
+
+_STARTED = _time.time()  # before any import that takes time: a command's wall time includes its imports
+
+from pipeline import cpu  # noqa: E402
 
 cpu.pin_instruction_set()  # before numpy / cv2 / torch load: same kernels on every x86-64 host
 
@@ -627,7 +631,23 @@ def tune_select(grids: list[Path] = typer.Argument(..., help="Tuning grid files,
 
 def main() -> None:
     sys.argv[1:] = _from_project_root(sys.argv[1:])
-    app()
+    log = os.environ.get("FACEPIPE_STAGE_TIMES")
+    if not log:
+        app()
+        return
+    # bench/bench_default_run.py: one JSON line per command (its wall time, from the interpreter's start)
+    import time
+
+    status = 0
+    try:
+        app()
+    except SystemExit as done:
+        status = done.code if isinstance(done.code, int) else 1
+        raise
+    finally:
+        with open(log, "a") as handle:
+            handle.write(json.dumps({"command": sys.argv[1:], "seconds": round(time.time() - _STARTED, 3),
+                                     "status": status}) + "\n")
 
 
 if __name__ == "__main__":
