@@ -26,6 +26,7 @@ one task per cell.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -77,7 +78,12 @@ def read_lock(workspace: Path, rev: str) -> dict[str, Any]:
 # -------------------------------------------------------------------------- params
 def resolve_params(params_text: str, overrides: list[str]) -> dict[str, Any]:
     """The params tree DVC's ``dvc exp run -S <overrides>`` makes of a params.yaml with ``params_text``:
-    DVC's own Hydra code on a temporary copy, read back with DVC's YAML loader."""
+    DVC's own Hydra code on a temporary copy, read back with DVC's YAML loader (a fresh copy per call)."""
+    return json.loads(_resolved_json(params_text, tuple(overrides)))
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved_json(params_text: str, overrides: tuple[str, ...]) -> str:
     from dvc.utils.hydra import apply_overrides
     from dvc.utils.serialize import load_yaml
 
@@ -89,7 +95,7 @@ def resolve_params(params_text: str, overrides: list[str]) -> dict[str, Any]:
                 apply_overrides(path, list(overrides))
             except Exception as err:  # DVC's InvalidArgumentError and Hydra's parse errors
                 raise GridError(f"-S {' '.join(overrides)}: {err}") from None
-        return json.loads(json.dumps(load_yaml(path)))
+        return json.dumps(load_yaml(path))
 
 
 def params_digest(params: dict[str, Any]) -> str:
@@ -146,8 +152,18 @@ def expected_stages(dvc_yaml: dict[str, Any], params: dict[str, Any]) -> dict[st
             raise GridError(f"dvc.yaml does not resolve with the cell's params: {str(err).splitlines()[0]}") from None
     return {name: {"cmd": st.get("cmd"), "deps": _paths(st.get("deps")),
                    "outs": sorted(_paths(st.get("outs")) + _paths(st.get("metrics")) + _paths(st.get("plots"))),
-                   "params": _param_keys(st.get("params"))}
+                   "params": _param_keys(st.get("params")),
+                   "uncached_outs": [p for entry in st.get("outs") or [] if isinstance(entry, dict)
+                                     for p, opts in entry.items() if (opts or {}).get("cache") is False]}
             for name, st in (resolved.get("stages") or {}).items()}
+
+
+def without_run_cache(stages: dict[str, dict[str, Any]]) -> list[str]:
+    """The stages DVC never saves to its run-cache: those with an ``outs`` entry that has ``cache: false``
+    (DVC 3 saves a run only when every uncached output is a metric or a plot). In a queued cell whose
+    dvc.lock entry for such a stage differs (new params upstream, a stale cell run again), the stage
+    runs again although an earlier cell ran it on the same inputs."""
+    return [name for name, st in stages.items() if st.get("uncached_outs")]
 
 
 def source_deps(stages: dict[str, dict[str, Any]]) -> set[str]:
@@ -420,13 +436,14 @@ def _stage_of(task: Task) -> str:
     return stages[-1] if stages else ""
 
 
-def watch(workspace: Path, revs: dict[str, str], *, poll: float = 5.0, heartbeat: float = 60.0,
+def watch(workspace: Path, revs: dict[str, str], *, jobs: int = 1, poll: float = 5.0, heartbeat: float = 60.0,
           echo: Callable[[str], None] = print) -> dict[str, Task]:
     """Follow the queued tasks ``revs`` (stash rev -> cell name) until none is queued or running; one
     line whenever a cell starts a stage, finishes or fails, and a heartbeat line every ``heartbeat`` s.
-    Returns the last state of each task by cell name."""
+    Tasks left queued with none running for 30 s get their workers started again. Returns the last
+    state of each task by cell name."""
     started = time.monotonic()
-    last_line, last_time, seen = "", 0.0, {}
+    last_line, last_time, seen, idle_since = "", 0.0, {}, None
     while True:
         tasks = {t.rev: t for t in queue_tasks(workspace) if t.rev in revs}
         elapsed = time.monotonic() - started
@@ -448,6 +465,10 @@ def watch(workspace: Path, revs: dict[str, str], *, poll: float = 5.0, heartbeat
             last_line, last_time = line, elapsed
         if not count["Running"] and not count["Queued"]:
             return {revs[rev]: task for rev, task in tasks.items()}
+        idle_since = (idle_since or time.monotonic()) if not count["Running"] else None
+        if idle_since and time.monotonic() - idle_since > 30:
+            start_queue(workspace, jobs)  # DVC starts only the workers that are not running
+            idle_since = None
         time.sleep(poll)
 
 

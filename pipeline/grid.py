@@ -215,14 +215,14 @@ def load_grid(path: str | Path) -> Grid:
     for key in rows + columns:
         if key not in known:
             raise GridError(f"{path}: table: {key!r} is not a dimension (known: {', '.join(sorted(known))})")
-    for dim, values in dimensions.items():
-        if len(values) > 1 and dim not in rows + columns:
-            raise GridError(f"{path}: table: dimension {dim!r} varies ({len(values)} values) but is in neither "
-                            "table.rows nor table.columns, so its cells would share one slot; add it to one")
     metrics = list(table.get("metrics") or ["auc"])
     for metric in metrics:
         if metric not in METRICS:
             raise GridError(f"{path}: table.metrics: {metric!r} unknown (known: {', '.join(METRICS)})")
+    for dim, values in dimensions.items():
+        if len(values) > 1 and dim not in rows + columns:
+            raise GridError(f"{path}: table: dimension {dim!r} varies ({len(values)} values) but is in neither "
+                            "table.rows nor table.columns, so its cells would share one slot; add it to one")
     plot = raw.get("plot") or {}
     if plot and plot.get("x") not in dimensions:
         raise GridError(f"{path}: plot.x: {plot.get('x')!r} is not a varied dimension")
@@ -332,6 +332,7 @@ class Survey:
     tasks: dict[str, list[exps.Task]]
     head: str
     code: list[str]      # dvc.yaml and the source dependencies of every cell's stages
+    stages: dict[str, dict[str, dict[str, Any]]]   # cell name -> its expected stages
 
     def current(self, cell: Cell) -> exps.Experiment | None:
         """The experiment that stands for the cell (HEAD's own first), or None."""
@@ -360,7 +361,12 @@ def survey(grid: Grid, workspace: Path) -> Survey:
     for task in exps.queue_tasks(workspace):
         if task.name in names:
             tasks.setdefault(task.name, []).append(task)
-    return Survey(cells, experiments, tasks, exps.head_rev(workspace), exps.code_paths(list(stages.values())))
+    return Survey(cells, experiments, tasks, exps.head_rev(workspace), exps.code_paths(list(stages.values())), stages)
+
+
+def _short(stages: list[str]) -> list[str]:
+    """Stage names with matrix / foreach items folded: ['train@*', 'score@*', 'report']."""
+    return list(dict.fromkeys(name.split("@")[0] + ("@*" if "@" in name else "") for name in stages))
 
 
 def _failures(survey_: Survey, cell: Cell, workspace: Path) -> tuple[exps.Task | None, list[str]]:
@@ -418,6 +424,10 @@ def run_grid(grid: Grid, workspace: Path, *, jobs: int = 1, poll: float = 5.0, r
             if exp.baseline == now.head:
                 echo(f"    (kept as {exps.rename_stale(workspace, exp)})")
     revs = {t.rev: t.name for t in waiting}
+    uncacheable = exps.without_run_cache(now.stages[todo[0].name]) if todo else []
+    if uncacheable:
+        echo(f"  note: DVC keeps no run-cache for {', '.join(_short(uncacheable))} (an output with cache: false that "
+             "is not a metric or plot), so a cell whose params or code differ from HEAD's dvc.lock reruns them")
     for cell in todo:
         _dvc(cell_command(cell, queue=True)[1:], workspace)
         echo(f"  queued {cell.name}")
@@ -425,7 +435,12 @@ def run_grid(grid: Grid, workspace: Path, *, jobs: int = 1, poll: float = 5.0, r
                  if t.status == "Queued" and t.name in {c.name for c in todo}})
     if revs:
         exps.start_queue(workspace, jobs)
-        exps.watch(workspace, revs, poll=poll, echo=echo)
+        try:
+            exps.watch(workspace, revs, jobs=jobs, poll=poll, echo=echo)
+        except KeyboardInterrupt:
+            echo(f"stopped following: the queued cells go on in the background (`dvc queue status`, `dvc queue kill "
+                 f"NAME`); `python -m pipeline grid run {grid.path}` follows them again and writes the report")
+            raise
     return cell_states(grid, workspace, ran={c.name for c in todo})
 
 
@@ -487,8 +502,8 @@ def pull(grid: Grid, workspace: Path, remote: str, dvc_remote: str | None = None
         echo(f"no experiment of grid {grid.name} on {remote} yet ({len(names)} cells)")
         return 0
     _dvc(["exp", "pull", "-r", store, remote, *there], workspace)
-    found = exps.list_experiments(workspace, set(there))
-    locks = {e.name: exps.read_lock(workspace, e.rev) for e in found}
+    now = survey(grid, workspace)
+    locks = {c.name: exp.lock for c in now.cells if c.name in there and (exp := now.current(c))}
     for name, missing in exps.missing_outputs(workspace, locks).items():
         if missing:
             raise GridError(f"cell {name}: pulled from {remote}, but its score files ({missing[0]}"
