@@ -347,8 +347,8 @@ def _grid(func: Callable[..., Any]) -> Callable[..., Any]:
 @_grid
 def grid_run(grid_file: Path = GridFile, jobs: int = typer.Option(1, "--jobs", "-j", help="Cells run side by side."),
              out: Path = GridOut,
-             retry_failed: bool = typer.Option(False, "--retry-failed", help="Queue again the cells that failed on "
-                                               "their current inputs (otherwise they are reported, not rerun).")) -> None:
+             retry_failed: bool = typer.Option(False, "--retry-failed", help="Queue again the cells that failed "
+                                               "on their current inputs (else they are reported, not rerun).")) -> None:
     """Queue every cell without a current experiment (dvc exp run --queue), run the queue, write the report."""
     from pipeline.grid import build_report, load_grid, run_grid
 

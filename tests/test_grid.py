@@ -201,7 +201,8 @@ def test_expected_stages_follow_the_cells_params_and_name_the_stages_without_run
                   "metrics": [{"reports/align.json": {"cache": False}}]},
         "detect": {"cmd": "python detect.py", "deps": ["src/detect.py"], "outs": ["data/detect"],
                    "metrics": [{"reports/detect.json": {"cache": False}}], "params": ["detect", {"other.yaml": None}]},
-        "train": {"matrix": {"loss": "${losses}", "seed": "${seeds}"}, "cmd": "python train.py ${item.loss} ${item.seed}",
+        "train": {"matrix": {"loss": "${losses}", "seed": "${seeds}"},
+                  "cmd": "python train.py ${item.loss} ${item.seed}",
                   "deps": ["data/aligned", "src/train.py"], "outs": ["data/models/${item.loss}-${item.seed}"]}}}
     stages = expected_stages(dvc_yaml, {"losses": ["arcface", "cosface"], "seeds": [0], "detect": {"size": 1}})
     assert sorted(stages) == ["align", "detect", "train@arcface-0", "train@cosface-0"]
@@ -443,7 +444,8 @@ def test_edited_base_set_block_and_code_rerun_the_cells_never_reuse_them(project
     assert report.returncode == 2 and "no cell has finished" in report.stderr
     rerun = _grid(project, "run", str(grid))
     assert _queued(rerun.stdout) == [dirty_cell.name]
-    assert "is stale (pipeline/report.py differs" in rerun.stdout and f"kept as {dirty_cell.name}-stale-" in rerun.stdout
+    assert "is stale (pipeline/report.py differs" in rerun.stdout
+    assert f"kept as {dirty_cell.name}-stale-" in rerun.stdout
     cells = pd.read_csv(project / "reports" / "experiments" / "stale" / "cells.csv")
     assert cells["status"].tolist() == ["ran"]
 
