@@ -287,26 +287,59 @@ def predict(model: Path = typer.Option(..., "--model", "-m", help="A model.pt sa
             pairs: Path = typer.Option(..., "--pairs", help="A pairs CSV: path1,path2[,same][,fold]; relative "
                                                              "paths against its folder (or --root)."),
             threshold: str = typer.Option(None, "--threshold", "-t",
-                                          help="Same iff score > T: a number, or a run's "
-                                               "data/scores/RUN/thresholds.json. Default: the threshold stored in "
-                                               "the model file (trainer-saved models have none: then required)."),
+                                          help="cosine: same iff similarity > T; l2: T is a distance, same iff "
+                                               "distance < T (negative refused). Or a run's "
+                                               "data/scores/RUN/thresholds.json (score thresholds: minus distances "
+                                               "for l2). Default: the threshold stored in the model file "
+                                               "(trainer-saved models have none: then required)."),
+            distance: str = typer.Option(None, "--distance", help="cosine | l2 (default: report.primary_distance "
+                                                                   "of --params, else cosine)."),
+            norm: bool = typer.Option(None, "--norm/--no-norm", help="L2-normalise the embeddings before scoring "
+                                                                     "(default: report.primary_normalize, else "
+                                                                     "--norm)."),
+            precropped: bool = typer.Option(False, "--precropped", help="The images are face crops: no detection, "
+                                                                        "no warp; resized like a precropped set."),
+            crop: str = typer.Option(None, "--crop", help="With --precropped: resize (whole image, default) | center "
+                                                          "(central square, then resize)."),
+            crop_fraction: float = typer.Option(None, "--crop-fraction", help="With --crop center: side of the "
+                                                                              "square / shorter side (default 1)."),
             out: Path = typer.Option(None, "--out", "-o", help="Prediction file to write (default: "
-                                                              "<pairs stem>_<model>_predict.txt here)."),
+                                                              "<pairs stem>_<model>_predict.txt here); the rejected "
+                                                              "images go to <its stem>_rejects.csv beside it."),
             root: Path = typer.Option(None, "--root", help="Folder the pairs file's relative paths start from."),
             params_file: Path = typer.Option(Path("params.yaml"), "--params", "-p",
                                              help="Detection, alignment, embedding and scoring settings (defaults "
                                                   "when the file does not exist)."),
             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
             progress: bool = typer.Option(False, "--progress/--no-progress", help="Show progress bars.")) -> None:
-    """Verify the pairs of one file with a saved model, outside the DVC graph: detect, align, embed, score,
-    decide at a threshold; writes a prediction file (path1, path2, score, decision, same)."""
+    """Verify the pairs of one file with a saved model, outside the DVC graph: detect (or take pre-cropped faces),
+    align, embed, score, decide at a threshold; writes a prediction file (path1, path2, score, decision, same) and
+    a rejects file. Exit status 0 when every pair was decided, 3 when some could not be (see the rejects file)."""
+    from pipeline.predict import EXIT_NOT_ALL_DECIDED, crop_of
     from pipeline.predict import predict as run_predict
 
     cpu.thread_count()  # a bad FACEPIPE_THREADS stops here, before any work
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda")
-    run_predict(model, pairs, threshold=threshold, out=out, root=root, params_path=params_file, device=device,
-                progress=progress)
+    summary = run_predict(model, pairs, threshold=threshold, out=out, root=root, params_path=params_file,
+                          device=device, progress=progress, distance=distance, normalize=norm,
+                          crop=crop_of(precropped, crop, crop_fraction))
+    if summary["not_decided"]:
+        typer.echo(f"predict: {summary['not_decided']} of {summary['pairs']} pairs not decided (exit status "
+                   f"{EXIT_NOT_ALL_DECIDED}); the reasons are in {summary['rejects']}", err=True)
+        raise typer.Exit(EXIT_NOT_ALL_DECIDED)
+
+
+@app.command()
+@stage
+def export(fmt: str = typer.Argument(..., help="rec (any set) or bin (a test set's pairs)."),
+           source: Path = typer.Argument(..., help="A set's shards folder, e.g. data/shards/train."),
+           out: Path = typer.Argument(..., help="rec: the folder for train.rec/.idx/property; bin: the .bin file.")
+           ) -> None:
+    """Write a sharded set in the insightface formats (RecordIO training folder, or .bin pairs)."""
+    from pipeline.export import run_export
+
+    typer.echo(run_export(fmt, source, out))
 
 
 @app.command()

@@ -687,6 +687,9 @@ def _check_models(path: Path, params: Params, raw: dict[str, Any]) -> None:
 
 
 def _check_dataset_paths(path: Path, params: Params) -> None:
+    from pipeline.datasets import DatasetError
+    from pipeline.datasets.checks import check_dataset_files
+
     specs = {"data.train": params.data.train} | {f"data.tests.{k}": v for k, v in params.data.tests.items()}
     for key, spec in specs.items():
         if spec.kind == "synthetic" or spec.download:
@@ -694,6 +697,10 @@ def _check_dataset_paths(path: Path, params: Params) -> None:
         target = Path(spec.path or "")
         if not target.exists():
             raise ConfigError(f"{path}: {key}.path = {spec.path!r}: no such file or folder")
+        try:  # cheap: header, columns, layout (the adapters' own one-line messages)
+            check_dataset_files(spec)
+        except DatasetError as err:
+            raise ConfigError(f"{path}: {key}: {err}") from None
         for name in spec.exclude_identities_of:
             if name not in params.data.tests:
                 raise ConfigError(f"{path}: {key}.exclude_identities_of: {name!r} is not one of data.tests")

@@ -3,6 +3,10 @@
 Every stage writes through these helpers: the data goes to a temporary sibling
 first and is renamed into place only once it is complete, so a killed stage never
 leaves a half-written file that DVC or the next stage would trust.
+
+The file or folder put in place has the mode an ordinary ``open()`` / ``mkdir()`` would give
+it under the process umask (``0o666 & ~umask`` for a file, ``0o777 & ~umask`` for a folder;
+e.g. 0644 / 0755 under umask 022), not the private 0600 / 0700 of ``tempfile``'s temporaries.
 """
 
 from __future__ import annotations
@@ -18,6 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (``/proc/self/status``,
+    so no other thread ever runs under a changed umask); elsewhere set and restored at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -46,6 +64,7 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0600; the caller may replace it, so chmod first
     try:
         yield tmp
         os.replace(tmp, path)
@@ -64,6 +83,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it 0700
     try:
         yield tmp
         if path.exists():

@@ -11,7 +11,8 @@ one line per pair in the order of the pairs file::
   data stage resolved; ``predict`` writes them as the pairs file lists them).
 * ``score``: the pair's score, higher = more likely the same person (cosine similarity,
   or minus the L2 distance), written so that it reads back to the same float; empty when
-  an image of the pair has no face (dropped at detection).
+  an image of the pair could not be used (missing, unreadable, no face: dropped at
+  detection; ``predict`` lists each such image and why in ``<file stem>_rejects.csv``).
 * ``decision``: ``1`` (same person: score > threshold), ``0`` (different), or ``n/a``
   when there is no score.
 * ``same``: the label, ``1`` / ``0``, or empty for an unlabelled pairs file.

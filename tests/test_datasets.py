@@ -249,3 +249,93 @@ def test_unlabelled_pairs_go_through_the_data_stage(tmp_path):
     assert lines == ["fold,image_id1,image_id2,same", "1,x/1.jpg,y/1.jpg,", "1,y/1.jpg,x/1.jpg,"]
     back = read_index(tmp_path / "out", "web")
     assert not back.labelled and back.pairs["same"].isna().all()
+
+
+def _one_line_error(check, *args, **kwargs) -> str:
+    with pytest.raises(DatasetError) as err:
+        check(*args, **kwargs)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_pairs_csv_header_check_agrees_with_the_loader(tmp_path):
+    from pipeline.datasets.pairs_csv import check_header
+
+    for name in ("a/1.jpg", "a/2.jpg"):
+        write_image(tmp_path / name, PIXELS)
+    csv = tmp_path / "pairs.csv"
+    bad = {"path1,same\na/1.jpg,1\n": "missing column(s) path2",            # the audit's case
+           "left,right\na/1.jpg,a/2.jpg\n": "missing column(s) path1, path2",
+           "path1,path2,same\n": "no pairs",                                  # header only
+           "": "cannot be read as CSV",                                       # empty file
+           '"path1,path2\n': "cannot be read as CSV"}                         # unterminated quote
+    for text, needle in bad.items():
+        csv.write_text(text)
+        message = _one_line_error(check_header, csv)
+        assert str(csv) in message and needle in message, (text, message)
+        with pytest.raises(DatasetError):  # the full read refuses it too
+            load_pairs_csv(csv)
+    assert "pairs CSV not found" in _one_line_error(check_header, tmp_path / "absent.csv")
+    csv.write_text(" Path1 , PATH2 \na/1.jpg,a/2.jpg\n")
+    check_header(csv)
+    assert len(load_pairs_csv(csv).pairs) == 1
+    assert "root 'nowhere': folder not found" in _one_line_error(check_header, csv, root="nowhere")
+
+
+def test_lfw_and_folder_layout_checks(tmp_path):
+    from pipeline.datasets import folder, lfw
+
+    _lfw_tree(tmp_path / "lfw", {"Alice": 2, "Bob": 2, "Carol": 2})
+    pairs = tmp_path / "pairs.txt"  # the default place: beside the image folder
+    pairs.write_text(PAIRS_2_FOLDS)
+    lfw.check_layout(tmp_path / "lfw")
+    lfw.check_layout(tmp_path / "lfw", pairs, folds=[2])
+    assert "no fold 3 (the file has 2)" in _one_line_error(lfw.check_layout, tmp_path / "lfw", folds=[3])
+    pairs.write_text("2\t1\nAlice\t1\t2\nAlice\t1\tBob\t1\n")  # the header promises 4 pairs
+    assert "header says 2 folds x 2 pairs = 4 lines, found 2" in _one_line_error(lfw.check_layout, tmp_path / "lfw")
+    pairs.write_text("1\t1\nAlice\t1\nAlice\t1\tBob\t1\n")
+    assert f"{pairs}:2: expected 'name i j'" in _one_line_error(lfw.check_layout, tmp_path / "lfw")
+    pairs.write_text("1\t1\nDave\t1\t2\nDave\t1\tEve\t1\n")  # names nobody in the folder
+    message = _one_line_error(lfw.check_layout, tmp_path / "lfw")
+    assert "none of the images named" in message and str(pairs) in message
+    with pytest.raises(DatasetError, match="none of the images named"):
+        load_lfw(tmp_path / "lfw", pairs)
+    pairs.unlink()
+    assert f"{pairs}: pairs file not found" in _one_line_error(lfw.check_layout, tmp_path / "lfw")
+    assert "LFW image folder not found" in _one_line_error(lfw.check_layout, tmp_path / "nope", pairs)
+
+    folder.check_layout(tmp_path / "lfw", min_images_per_identity=2)
+    message = _one_line_error(folder.check_layout, tmp_path / "lfw", min_images_per_identity=3)
+    assert "no identity sub-folders with at least 3 images" in message
+    with pytest.raises(DatasetError):
+        load_folder(tmp_path / "lfw", min_images_per_identity=3)
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "a.jpg").write_bytes(b"x")
+    assert "no identity sub-folders with images" in _one_line_error(folder.check_layout, tmp_path / "flat")
+    assert "folder not found" in _one_line_error(folder.check_layout, tmp_path / "absent")
+
+
+def test_validate_stops_at_a_pairs_csv_without_path2(tmp_path):
+    """`python -m pipeline validate` refuses the file in one line (exit 2), before any stage runs."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    write_image(tmp_path / "web" / "a.jpg", PIXELS)
+    (tmp_path / "web" / "pairs.csv").write_text("path1,same\na.jpg,1\n")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["tests"]["web"] = {"kind": "pairs_csv", "path": str(tmp_path / "web" / "pairs.csv")}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    run = lambda: subprocess.run([sys.executable, "-m", "pipeline", "validate", "-p", "params.yaml"],  # noqa: E731
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                                 env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"})
+    result = run()
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: params.yaml: data.tests.web: ")
+    assert "missing column(s) path2" in result.stderr
+    assert str(tmp_path / "web" / "pairs.csv") in result.stderr
+    (tmp_path / "web" / "pairs.csv").write_text("path1,path2,same\na.jpg,a.jpg,1\n")
+    result = run()
+    assert result.returncode == 0, result.stderr

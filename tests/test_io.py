@@ -47,3 +47,27 @@ def test_leftovers_of_a_sigkilled_write_are_removed_by_the_next_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".metrics.json.backup.tmp", ".metrics.jsonl.abcdefgh.tmp", "metrics.json", "shards",
     ]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o077, 0o027])
+def test_written_files_and_folders_follow_the_umask(tmp_path, mask):
+    """The final file / folder gets the mode plain open() / mkdir() give under the umask (not mkstemp's 0600)."""
+    import os
+    import stat
+
+    from pipeline.io import current_umask, write_text
+
+    previous = os.umask(mask)
+    try:
+        assert current_umask() == mask
+        write_text(tmp_path / "predictions.txt", "a\n")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "x.txt").write_text("x")
+        (tmp_path / "plain.txt").write_text("a\n")  # what the umask gives an ordinary file and folder
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(previous)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "predictions.txt") == 0o666 & ~mask == mode(tmp_path / "plain.txt")
+    assert mode(tmp_path / "folder") == 0o777 & ~mask == mode(tmp_path / "plain")
+    assert mode(tmp_path / "folder" / "x.txt") == 0o666 & ~mask

@@ -12,11 +12,15 @@ import os
 import statistics
 import subprocess
 import sys
+import weakref
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from pipeline.mtcnn_torch import (
     Detection,
@@ -199,7 +203,8 @@ def test_same_boxes_and_landmarks_as_package_on_real_faces(package, detector, lf
         for g, r, d in zip(got, ref, dets):  # both sorted by descending confidence
             ious.append(_iou(g["box"], r["box"]))
             assert abs(g["confidence"] - float(r["confidence"])) <= 1e-3, f"image {k}"
-            ref_lm = np.array([r["keypoints"][n] for n in ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")])
+            names = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")
+            ref_lm = np.array([r["keypoints"][n] for n in names])
             assert np.abs(d.landmarks - ref_lm).max() <= 1.0, f"image {k}: landmarks {d.landmarks} vs {ref_lm}"
         exact += got == [{**r, "confidence": g["confidence"]} for g, r in zip(got, ref)]
     assert sum(len(d) for d in ours) >= 30, "LFW images should each show at least one face"
@@ -391,17 +396,93 @@ def test_nms_blocking_and_min_score_leave_the_result_unchanged():
 
 
 # ------------------------------------------------------------------ device and host syncs
+class _HostArrays(TorchFunctionMode):
+    """Host arrays (``torch.from_numpy``) that a computation uses before they are moved to the
+    device (``.to``, ``pin_memory``): ``unmoved`` counts ``(function, caller)``.
+
+    On a GPU such a tensor stays on the CPU (a stray, or a device-mismatch error); on the CPU
+    ``.to("cpu")`` returns the very same tensor, so nothing is ever off the device, yet the path
+    of each host array can be followed: this is the device check that can fail on the CPU.
+    Entered before (outside) :class:`TorchAudit`, it sees each call after the audit did.
+    (``from_numpy`` bypasses torch-function modes, so it is wrapped while the mode is on.)"""
+
+    _MOVES = {"to", "pin_memory", "cuda"}
+    _METADATA = {"__get__", "dim", "size", "numel", "stride", "is_contiguous", "element_size"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unmoved: Counter[tuple[str, str]] = Counter()
+        self._host: dict[int, weakref.ref] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if self._host and name not in self._MOVES | self._METADATA:
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor) and (ref := self._host.get(id(t))) is not None and ref() is t:
+                    self.unmoved[(name, _code_caller())] += 1
+        out = func(*args, **kwargs)
+        if name in self._MOVES and args and isinstance(args[0], torch.Tensor):
+            self._host.pop(id(args[0]), None)  # moved (on the CPU, `out` is this same tensor)
+        return out
+
+    def __enter__(self):
+        real = self._real_from_numpy = torch.from_numpy
+
+        def from_numpy(array):
+            out = real(array)
+            self._host[id(out)] = weakref.ref(out)
+            return out
+
+        torch.from_numpy = from_numpy
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.from_numpy = self._real_from_numpy
+        return super().__exit__(*exc)
+
+
+def _code_caller() -> str:
+    """``file:line`` of the first frame outside torch, pipeline/torch_audit.py and this mode."""
+    import pipeline.torch_audit
+
+    skip = {os.path.abspath(pipeline.torch_audit.__file__), os.path.abspath(__file__)}
+    frame = sys._getframe(1)
+    while frame is not None:
+        name = os.path.abspath(frame.f_code.co_filename)
+        if not name.startswith(os.path.dirname(torch.__file__)) and name not in skip:
+            return f"{os.path.relpath(name)}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "?"
+
+
+def test_a_host_array_the_detector_forgets_to_move_is_found_on_the_cpu(monkeypatch):
+    """The host-array check fails where it should, on the CPU: with an upload that forgets the
+    device, the very computation that would break on a GPU is named."""
+    from pipeline import mtcnn_torch
+    from tests.conftest import synthetic_face
+
+    detector = TorchMTCNN(device="cpu", num_threads=1)
+    monkeypatch.setattr(mtcnn_torch, "_upload", lambda array, device: torch.from_numpy(array))
+    with _HostArrays() as flow:
+        detector.detect([synthetic_face(0)])
+    assert flow.unmoved and all(caller.startswith("pipeline/mtcnn_torch.py:") for _, caller in flow.unmoved)
+
+
 @pytest.mark.parametrize("device", [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
 ])
 def test_tensors_stay_on_the_chosen_device_and_host_syncs_are_few(device):
-    """Every operator's output is on the detector's device (copies to the host excepted),
-    no tensor is made without ``device=``, and the calls that would make the host wait
-    for a GPU are a fixed few per ``detect`` call, not a few per image or pyramid level.
+    """No tensor is made without ``device=``, every host array is moved to the device before a
+    computation uses it (:class:`_HostArrays`), every operator's output is on the detector's
+    device (copies to the host excepted), and the calls that would make the host wait for a
+    GPU are a fixed few per ``detect`` call, not a few per image or pyramid level.
 
-    On the CPU the first check cannot fail (everything is on the CPU); the other two can,
-    and they are what would put a tensor on the wrong device or stall a GPU."""
+    The output-device check and the comparison with the CPU detector can only fail on a GPU
+    (on the CPU everything is on the CPU, and the comparison would be the detector with
+    itself), so they run there only; the first two checks are what would put a tensor on the
+    wrong device, and they fail on the CPU too."""
     from pipeline.torch_audit import TorchAudit
     from tests.conftest import synthetic_face
 
@@ -411,7 +492,7 @@ def test_tensors_stay_on_the_chosen_device_and_host_syncs_are_few(device):
     checker = np.repeat(checker[..., None], 3, axis=2)  # PNet proposals, none survives RNet
     big = np.kron(faces[3], np.ones((3, 3, 1), np.uint8))  # 480 x 480: three more pyramid levels
     detector = TorchMTCNN(device=device, num_threads=1)  # one thread: the watches see the calling thread only
-    reference = TorchMTCNN(device="cpu", num_threads=1)
+    reference = TorchMTCNN(device="cpu", num_threads=1) if device != "cpu" else None
     tiny = np.zeros((10, 10, 3), np.uint8)
     batches = {  # name: (images, which are faces, most host syncs allowed)
         "one face": ([faces[0]], [True], 10),
@@ -421,14 +502,17 @@ def test_tensors_stay_on_the_chosen_device_and_host_syncs_are_few(device):
                         [True, False, True, True, False, False], 12),
     }
     for name, (images, is_face, most) in batches.items():
-        with TorchAudit(device) as audit:
+        with _HostArrays() as flow, TorchAudit(device) as audit:
             found = detector.detect(images)
         assert audit.calls > 100, name  # the audit saw the work
-        assert not audit.strays, f"{name}: tensors off {device}: {dict(audit.strays)}"
         assert not audit.undeviced, f"{name}: tensors made without device=: {dict(audit.undeviced)}"
+        assert not flow.unmoved, f"{name}: host arrays used before moving them to {device}: {dict(flow.unmoved)}"
         assert audit.syncs <= most, f"{name}: {audit.syncs} host syncs: {dict(audit.sites)}"
         assert [len(d) > 0 for d in found] == is_face, name
-        for got, ref in zip(found, reference.detect(images)):  # on the CPU: the same detector twice
+        if device == "cpu":
+            continue
+        assert not audit.strays, f"{name}: tensors off {device}: {dict(audit.strays)}"
+        for got, ref in zip(found, reference.detect(images)):
             assert len(got) == len(ref), name
             for a, b in zip(got, ref):
                 np.testing.assert_allclose(a.box, b.box, atol=1e-2)

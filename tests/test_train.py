@@ -144,10 +144,12 @@ def test_prefetched_batches_hold_the_right_images_in_order(tmp_path, mode, depth
 def test_auto_decodes_upfront_only_when_the_set_fits(tmp_path, monkeypatch):
     data = read_shards(_shards(tmp_path, n_ids=3, per=4) / "train")
     decoded_bytes = len(data) * 112 * 112 * 3
-    monkeypatch.setattr(train_module, "_available_memory", lambda: 4 * decoded_bytes)
+    from pipeline.training import data as data_module
+
+    monkeypatch.setattr(data_module, "_available_memory", lambda: 4 * decoded_bytes)
     assert batch_source(data, "auto")[0] == "upfront"
     assert batch_source(data, "auto", processes_per_machine=2)[0] == "per_batch"  # each rank holds a copy
-    monkeypatch.setattr(train_module, "_available_memory", lambda: 4 * decoded_bytes - 4)
+    monkeypatch.setattr(data_module, "_available_memory", lambda: 4 * decoded_bytes - 4)
     assert batch_source(data, "auto")[0] == "per_batch"
     with pytest.raises(ValueError, match="train.decode = 'lazy'"):
         batch_source(data, "lazy")
@@ -664,11 +666,14 @@ def test_reading_the_loss_less_often_trains_the_same_model(tmp_path):
         metrics = train(_setup(epochs=2, nan_check_every=every), shards, out / "model", out / "ckpt", out / "report",
                         progress=False)
         results[every] = (metrics, pd.read_csv(out / "report" / "history.csv"),
-                          torch.load(out / "model" / "model.pt", weights_only=False)["model"])
+                          torch.load(out / "model" / "model.pt", weights_only=False)["model"],
+                          (out / "model" / "model.pt").read_bytes(), (out / "ckpt" / "last.pt").read_bytes())
     assert results[1][0] == results[3][0]
     pd.testing.assert_frame_equal(results[1][1], results[3][1], check_exact=True)
     for name, tensor in results[1][2].items():
         assert torch.equal(tensor, results[3][2][name]), name
+    # the same model gives the same file, so a forced rerun leaves dvc.lock as it was
+    assert results[1][3] == results[3][3] and results[1][4] == results[3][4]
 
 
 def _free_port() -> int:
@@ -709,3 +714,119 @@ def test_every_process_stops_when_process_0_fails_while_checkpointing(tmp_path):
     lines = [ln for ln in results[1][1].splitlines() if ln.strip()]
     assert lines == ["error: process 1 stops: process 0 failed while validating or checkpointing epoch 1 "
                      "(process 0 prints why)"], results[1][1]
+
+
+# ----------------------------------------------------------------- files and processes
+
+
+def test_equal_models_are_saved_as_equal_bytes_and_old_files_still_load(tmp_path):
+    """torch.save names the zip archive's folder after the file it writes; written through a
+    randomly named temporary, the same model gave other bytes on every save."""
+    from pipeline.train import save_model
+
+    data = read_shards(_shards(tmp_path, n_ids=3, per=4) / "train")
+    setup = _setup()
+    torch.manual_seed(0)
+    model, criterion = train_module.build_modules(setup, num_classes=3)
+    first, second = tmp_path / "a" / "model.pt", tmp_path / "b" / "best.pt"
+    save_model(first, model, setup, data, 2, 0.75, criterion)
+    save_model(second, model, setup, data, 2, 0.75, criterion)
+    assert first.read_bytes() == second.read_bytes()
+    save_model(second, model, setup, data, 3, 0.75, criterion)  # other content, other bytes
+    assert first.read_bytes() != second.read_bytes()
+    # a model.pt written as before (torch.save to its path) loads as it did
+    old = tmp_path / "old" / "model.pt"
+    old.parent.mkdir()
+    torch.save(torch.load(first, weights_only=False), old)
+    loaded, saved = load_model(old)
+    assert saved["epoch"] == 2 and saved["identity_names"] == list(data.identity_names)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_an_unreadable_checkpoint_stops_the_run_in_one_line_naming_it(tmp_path):
+    shards = _shards(tmp_path)
+    checkpoint = tmp_path / "ckpt" / "last.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(TrainingError) as err:
+        train(_setup(epochs=1), shards, tmp_path / "model", tmp_path / "ckpt", tmp_path / "report", progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{checkpoint}: not a readable checkpoint (") and "delete it" in message
+    assert "\n" not in message and not (tmp_path / "model").exists()
+
+
+def test_decode_threads_are_shared_by_the_processes_of_a_machine():
+    from pipeline.train import decode_threads, local_processes
+
+    assert decode_threads(0, 1, threads=16) == 16  # one process: every thread, as before
+    assert decode_threads(0, 8, threads=16) == 2  # 8 processes share 16 threads (not 8 x 16)
+    assert decode_threads(0, 3, threads=16) == 5 and decode_threads(0, 3, threads=2) == 1  # at least one
+    assert decode_threads(6, 8, threads=16) == 6  # train.workers set: per process, as given
+    assert local_processes({"LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}) == 4  # torchrun: 2 machines x 4
+    assert local_processes({"WORLD_SIZE": "2"}) == 2 and local_processes({}) == 1
+
+
+def _launch_rank(project: Path, rank: int, port: str, threads: int = 1) -> subprocess.Popen:
+    """Process ``rank`` of 2, started as a cluster scheduler starts it (no torchrun agent), in ``project``."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", FACEPIPE_THREADS=str(threads), WORLD_SIZE="2",
+               RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=port)
+    env.pop("FACEPIPE_NPROC", None)
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "train", "arcface", "--seed", "0", "--no-progress"],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_every_process_resumes_from_process_0s_checkpoint(tmp_path):
+    """Node-local checkpoint folders: only process 0's holds last.pt (after epoch 1 of 2). Process 0
+    decides and sends its checkpoint, so both processes train epoch 2 from the same state and the
+    run ends as an uninterrupted one. Before, process 1 started again at epoch 1 while process 0
+    trained epoch 2: their collectives no longer matched.
+
+    As in test_two_gloo_processes_match_one, the backbone is frozen and the head has no BN, so two
+    processes train what one does, to rounding; one process trains the reference and the
+    checkpoint (a run stopped in epoch 2's validation, which leaves epoch 1's checkpoint)."""
+    from pipeline.recipes import read_recipe
+
+    setting = {"model": {"head": "pool_fc"}, "train": {"freeze_backbone": True, "device": "cpu"}}
+    first, second = _project(tmp_path / "rank0", 2, **setting), _project(tmp_path / "rank1", 2, **setting)
+    setup = TrainSetup.from_recipe(read_recipe(first / "data" / "recipes" / "arcface.json"), 0)
+    clean = train(setup, first / "data" / "shards", tmp_path / "clean" / "model", tmp_path / "clean" / "ckpt",
+                  tmp_path / "clean" / "report", progress=False)
+    real, calls = train_module.validation_auc, {"n": 0}
+
+    def stop_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("stopped before epoch 2's checkpoint")
+        return real(*args, **kwargs)
+
+    checkpoints = first / "data" / "checkpoints" / "arcface-0"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "validation_auc", stop_in_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            train(setup, first / "data" / "shards", tmp_path / "stopped" / "model", checkpoints,
+                  tmp_path / "stopped" / "report", progress=False)
+    assert torch.load(checkpoints / "last.pt", weights_only=False)["epoch"] == 1
+    assert not (second / "data" / "checkpoints").exists()
+    port = str(_free_port())
+    procs = [_launch_rank(project, rank, port, threads=4) for rank, project in enumerate((first, second))]
+    try:
+        results = [p.communicate(timeout=240) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the processes were still running after 240 s (waiting for each other?)")
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert "resuming from data/checkpoints/arcface-0/last.pt after epoch 1" in results[0][0]
+    report = first / "reports" / "train" / "arcface-0"
+    history = pd.read_csv(report / "history.csv")
+    reference = pd.read_csv(tmp_path / "clean" / "report" / "history.csv")
+    assert history["epoch"].tolist() == [1, 2] and history["step"].tolist() == reference["step"].tolist()
+    assert history["train_loss"].iloc[0] == reference["train_loss"].iloc[0]  # epoch 1: from the checkpoint
+    np.testing.assert_allclose(history["train_loss"], reference["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(history["val_auc"], reference["val_auc"], atol=1e-4)
+    assert json.loads((report / "metrics.json").read_text())["steps"] == clean["steps"]
+    timing = json.loads((report / "timing.json").read_text())
+    assert timing["processes"] == 2 and timing["decode_threads_per_process"] == 2  # FACEPIPE_THREADS=4 shared
+    assert not (second / "reports").exists()  # only process 0 writes

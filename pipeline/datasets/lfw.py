@@ -10,6 +10,10 @@ Layout::
 Any number of folds is accepted (the official file has 10, View 1 has 1). A
 header-less file is read as a single fold. Users with internet can set
 ``download: true`` to fetch the official archive and pairs file.
+
+:func:`check_layout` checks the image folder and the whole pairs file (header, every line,
+the counts, the folds asked for) without touching the images beyond finding one that
+exists (config validation).
 """
 
 from __future__ import annotations
@@ -78,18 +82,41 @@ def parse_pairs(pairs_file: str | Path) -> pd.DataFrame:
     return frame
 
 
+def default_pairs_file(root: str | Path) -> Path:
+    """Where the pairs file is when none is named: ``pairs.txt`` beside the image folder."""
+    return Path(root).parent / "pairs.txt"
+
+
+def _selected(pairs: pd.DataFrame, pairs_file: Path, folds: list[int] | None) -> pd.DataFrame:
+    if not folds:
+        return pairs
+    unknown = sorted(set(folds) - set(pairs["fold"]))
+    if unknown:
+        raise DatasetError(f"{pairs_file}: no fold {unknown[0]} (the file has {pairs['fold'].max()})")
+    return pairs[pairs["fold"].isin(folds)].reset_index(drop=True)
+
+
+def check_layout(root: str | Path, pairs_file: str | Path | None = None, *, folds: list[int] | None = None) -> None:
+    """Cheap check (``python -m pipeline validate``): the image folder exists, the pairs file
+    parses (:func:`parse_pairs`), the folds asked for are in it, and at least one image it
+    names exists (stops at the first). :class:`DatasetError` (one line) otherwise."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: LFW image folder not found; expected {LAYOUT}")
+    pairs_file = Path(pairs_file) if pairs_file else default_pairs_file(root)
+    pairs = _selected(parse_pairs(pairs_file), pairs_file, folds)
+    names = pd.unique(pairs[["image_id1", "image_id2"]].to_numpy().ravel())
+    if not any((root / name).is_file() for name in names):
+        raise DatasetError(f"{root}: none of the images named in {pairs_file} exist; expected {LAYOUT}")
+
+
 def load_lfw(root: str | Path, pairs_file: str | Path | None = None, *, folds: list[int] | None = None) -> ImageSet:
     """Resolve LFW pairs (optionally only ``folds``, numbered from 1) to image paths."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: LFW image folder not found; expected {LAYOUT}")
-    pairs_file = Path(pairs_file) if pairs_file else root.parent / "pairs.txt"
-    pairs = parse_pairs(pairs_file)
-    if folds:
-        unknown = sorted(set(folds) - set(pairs["fold"]))
-        if unknown:
-            raise DatasetError(f"{pairs_file}: no fold {unknown[0]} (the file has {pairs['fold'].max()})")
-        pairs = pairs[pairs["fold"].isin(folds)].reset_index(drop=True)
+    pairs_file = Path(pairs_file) if pairs_file else default_pairs_file(root)
+    pairs = _selected(parse_pairs(pairs_file), pairs_file, folds)
     ids = sorted(set(pairs["image_id1"]).union(pairs["image_id2"]))
     paths = [root / i for i in ids]
     absent = [p for p in paths if not p.is_file()]

@@ -18,6 +18,9 @@ at most one pair, whatever order the file lists them in (a file sorted by label 
 otherwise give single-class folds, and per-fold thresholds would mean nothing). The
 returned set's ``folds_assigned`` says which happened: ``"from file"`` or
 ``"stratified by label, seed S"``.
+
+:func:`check_header` checks a pairs CSV cheaply, from its header and first row (config
+validation), with the same one-line messages as :func:`load_pairs_csv`.
 """
 
 from __future__ import annotations
@@ -65,23 +68,39 @@ def has_labels(csv_path: str | Path) -> bool:
     return "same" in {str(c).strip().lower() for c in header.columns}
 
 
-def load_pairs_csv(
-    csv_path: str | Path, *, root: str | Path | None = None, default_folds: int = 10, seed: int = 0
-) -> ImageSet:
-    """Read a pairs CSV; ``seed`` drives the fold assignment when the file has no ``fold`` column."""
-    csv_path = Path(csv_path)
+def _read(csv_path: Path, nrows: int | None = None) -> pd.DataFrame:
+    """The CSV as text columns (names stripped, lower case), checked for ``path1``/``path2``."""
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path}: pairs CSV not found; expected {LAYOUT}")
     try:
-        table = pd.read_csv(csv_path, dtype=str, skipinitialspace=True)
+        table = pd.read_csv(csv_path, dtype=str, skipinitialspace=True, nrows=nrows)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DatasetError(f"{csv_path}: cannot be read as CSV ({str(err).splitlines()[0]}); expected {LAYOUT}") from None
-    table.columns = [c.strip().lower() for c in table.columns]
+        reason = str(err).splitlines()[0]
+        raise DatasetError(f"{csv_path}: cannot be read as CSV ({reason}); expected {LAYOUT}") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
     missing = {"path1", "path2"} - set(table.columns)
     if missing:
         raise DatasetError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; expected {LAYOUT}")
     if table.empty:
         raise DatasetError(f"{csv_path}: no pairs")
+    return table
+
+
+def check_header(csv_path: str | Path, *, root: str | Path | None = None) -> None:
+    """Cheap check (``python -m pipeline validate``): the file exists and reads as CSV, its header
+    has ``path1`` and ``path2``, it lists at least one pair, and ``root`` (when given) is a folder.
+    Reads the header and first row only. :class:`DatasetError` (one line) otherwise."""
+    _read(Path(csv_path), nrows=1)
+    if root is not None and not Path(root).is_dir():
+        raise DatasetError(f"{csv_path}: root {str(root)!r}: folder not found (relative image paths start there)")
+
+
+def load_pairs_csv(
+    csv_path: str | Path, *, root: str | Path | None = None, default_folds: int = 10, seed: int = 0
+) -> ImageSet:
+    """Read a pairs CSV; ``seed`` drives the fold assignment when the file has no ``fold`` column."""
+    csv_path = Path(csv_path)
+    table = _read(csv_path)
     base = Path(root) if root else csv_path.parent
     labelled = "same" in table.columns
     labels: list = []
