@@ -428,11 +428,13 @@ def run_grid(grid: Grid, workspace: Path, *, jobs: int = 1, poll: float = 5.0, r
     if uncacheable:
         echo(f"  note: DVC keeps no run-cache for {', '.join(_short(uncacheable))} (an output with cache: false that "
              "is not a metric or plot), so a cell whose params or code differ from HEAD's dvc.lock reruns them")
+    before = {t.rev for t in exps.queue_tasks(workspace)}
     for cell in todo:
         _dvc(cell_command(cell, queue=True)[1:], workspace)
         echo(f"  queued {cell.name}")
+    # the new tasks (a worker still alive from an earlier run may have started one already)
     revs.update({t.rev: t.name for t in exps.queue_tasks(workspace)
-                 if t.status == "Queued" and t.name in {c.name for c in todo}})
+                 if t.rev not in before and t.name in {c.name for c in todo}})
     if revs:
         exps.start_queue(workspace, jobs)
         try:
