@@ -349,6 +349,7 @@ class ReportParams(_Strict):
     log_fpr: bool = True
     alpha: float = Field(0.05, gt=0.0, lt=0.5)  # family-wise error rate of each table's verdicts (Holm)
     bootstrap: int = Field(1000, ge=100)       # pair resamples for the EER and TPR@FPR intervals
+    pairing: Literal["independent", "seed"] = "independent"  # verdicts' run variance: independent or per seed
 
 
 class SeedParams(_Strict):

@@ -34,7 +34,7 @@ refuses a working copy whose tracked files differ from HEAD, naming them. A fail
 is reported with its own error line and stays failed (it is not queued again) until its
 inputs change or ``--retry-failed``; ``grid run`` then exits non-zero.
 
-The report (``python -m pipeline grid report FILE``) reads the finished experiments
+The report (``python -m pipeline grid report FILE``, :mod:`pipeline.grid_report`) reads the finished experiments
 through DVC: their params from the experiment commits, the per-pair score files from
 the DVC cache (``dvc.api``). It never trains. Each *model* is one loss in one cell, its
 runs are the cell's training seeds, and the statistics are those of the single-pipeline
@@ -54,22 +54,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
 from pipeline import experiments as exps
-from pipeline.config import Params, run_name
 from pipeline.experiments import GridError
-from pipeline.io import atomic_dir, write_csv, write_json, write_text
 
 PSEUDO_DIMENSIONS = ("loss", "variant", "test_set")
 METRICS = {
@@ -565,308 +560,10 @@ class ExperimentRuns:
 
 
 # ---------------------------------------------------------------------------- report
-def _metric_interval(st, metric: str):
-    from pipeline.metrics import DEFAULT_FPRS, fpr_key
-
-    if metric in ("auc", "accuracy", "eer"):
-        return getattr(st, metric)
-    if metric.startswith("tpr@"):
-        for f in DEFAULT_FPRS:
-            if metric == f"tpr@{fpr_key(f)}":
-                return st.tpr[f]
-    if metric == "rank1":
-        return st.rank1
-    return None
-
-
-def _metric_value(st, metric: str) -> tuple[float, float, float]:
-    """(mean, low, high) of ``metric`` for one model's stats (low/high NaN where none)."""
-    if metric in ("fp", "fn"):
-        return getattr(st, metric), math.nan, math.nan
-    iv = _metric_interval(st, metric)
-    if iv is None:
-        return math.nan, math.nan, math.nan
-    return iv.mean, iv.low, iv.high
-
-
 def build_report(grid: Grid, workspace: Path, out_root: Path, *, states: list[CellState] | None = None,
                  echo=print) -> Path:
-    """Write ``out_root/<grid>/``: index.md, cells.csv, results.csv, verdicts.csv, pivot CSVs, figures."""
-    from pipeline.config import load_params
-    from pipeline.repeats import METHOD, VERDICT_METHOD
-    from pipeline.report import load_tables, markdown_table, model_stats, verdict_table
-    from pipeline.score import variant_name
+    """Write ``out_root/<grid>/``: index.md, cells.csv, results.csv, verdicts.csv, pivot CSVs, figures
+    (:func:`pipeline.grid_report.write_grid_report`; ``states``: the cells' states, read when not given)."""
+    from pipeline.grid_report import write_grid_report
 
-    states = states or cell_states(grid, workspace)
-    finished = [s for s in states if s.rev]
-    if not finished:
-        raise GridError(f"grid {grid.name}: no cell has finished yet; run `python -m pipeline grid run {grid.path}`")
-    # every model: (cell, loss) with the runs of the cell's training seeds
-    models: dict[str, dict[str, Any]] = {}
-    sources: dict[str, ExperimentRuns] = {}
-    cell_params: dict[str, Params] = {}
-    for state in finished:
-        source = ExperimentRuns(workspace, state.rev)
-        raw = source.params()
-        params_path = out_root / f".{grid.name}.params.yaml"
-        params_path.parent.mkdir(parents=True, exist_ok=True)
-        params_path.write_text(yaml.safe_dump(raw))
-        try:
-            params = load_params(params_path, check_paths=False, check_models=False)
-        finally:
-            params_path.unlink()
-        cell_params[state.cell.name] = params
-        sources[state.cell.name] = source
-        for loss in params.train_losses:
-            key = f"{state.cell.name}/{loss}"
-            models[key] = {"cell": state.cell, "loss": loss, "runs": [run_name(loss, s) for s in params.seeds.train],
-                           "rev": state.rev}
-    first = cell_params[finished[0].cell.name]
-    primary = variant_name(first.report.primary_distance, first.report.primary_normalize)
-    variants = grid.variants or [primary]
-    alpha, n_boot, seed = first.report.alpha, first.report.bootstrap, first.seeds.data
-
-    # read every model's runs through DVC, one table per test set and variant
-    class _Combined:
-        def __init__(self):
-            self.by_run = {}
-
-        def test_sets(self, run):
-            model = self.by_run[run]
-            return sources[models[model]["cell"].name].test_sets(run.split("::")[1])
-
-        def scores(self, run, test_set, variant):
-            model = self.by_run[run]
-            return sources[models[model]["cell"].name].scores(run.split("::")[1], test_set, variant)
-
-        def thresholds(self, run):
-            model = self.by_run[run]
-            return sources[models[model]["cell"].name].thresholds(run.split("::")[1])
-
-    combined = _Combined()
-    runs = {}
-    for key, m in models.items():
-        runs[key] = [f"{key}::{r}" for r in m["runs"]]
-        for r in runs[key]:
-            combined.by_run[r] = key
-    echo(f"reading {sum(len(r) for r in runs.values())} runs of {len(models)} models from {len(finished)} experiments")
-    tables = load_tables(runs, variants, combined)
-    if grid.test_sets:
-        missing = set(grid.test_sets) - {t.test_set for t in tables}
-        if missing:
-            raise GridError(f"{grid.path}: table.test_sets {', '.join(sorted(missing))} not scored by the cells")
-        tables = [t for t in tables if t.test_set in grid.test_sets]
-    rows, verdict_frames = [], []
-    per_table_stats = {}
-    for table in tables:
-        stats = {}
-        for key, m in models.items():
-            metrics = [sources[m["cell"].name].metrics(r) for r in m["runs"]]
-            stats[key] = model_stats(table, key, runs[key], alpha=alpha, seed=seed,
-                                     n_boot=n_boot if table.variant == primary else 0,
-                                     run_metrics=metrics)
-        per_table_stats[(table.test_set, table.variant)] = stats
-        verdict_frames.append(verdict_table(table, alpha=alpha))
-        for key, st in stats.items():
-            m = models[key]
-            row = {"model": key, "cell": m["cell"].name, "experiment_rev": m["rev"], "loss": m["loss"],
-                   **m["cell"].labels, "test_set": table.test_set, "variant": table.variant, "runs": len(st.runs)}
-            for metric in METRICS:
-                mean, low, high = _metric_value(st, metric)
-                row[metric], row[f"{metric}_low"], row[f"{metric}_high"] = mean, low, high
-            row["auc_per_run"] = " / ".join(f"{v:.4f}" for v in st.auc.per_run)
-            rows.append(row)
-    results = pd.DataFrame(rows)
-    verdicts = pd.concat(verdict_frames, ignore_index=True) if verdict_frames else pd.DataFrame()
-
-    out_dir = out_root / grid.name
-    with atomic_dir(out_dir) as tmp:
-        tmp = Path(tmp)
-        write_csv(tmp / "results.csv", results)
-        write_csv(tmp / "verdicts.csv", verdicts)
-        cells = pd.DataFrame([{"cell": s.cell.name, **s.cell.labels, "status": s.status,
-                               "experiment_rev": s.rev or "", "error": s.error,
-                               "overrides": json.dumps(s.cell.overrides, sort_keys=True)} for s in states])
-        write_csv(tmp / "cells.csv", cells)
-        summary = {}
-        # "margin=CM1 combined" for the model key "combined-margins-marginCM1-f5d974/combined"
-        readable = {key: " ".join([", ".join(f"{d}={v}" for d, v in m["cell"].labels.items()), m["loss"]]).strip()
-                    for key, m in models.items()}.get
-        sections = [f"# Grid `{grid.name}`", "", grid.description, "",
-                    f"Grid file: `{grid.path}`; {len(states)} cells ({sum(s.rev is not None for s in states)} finished"
-                    f", {sum(s.status == 'failed' for s in states)} failed). Each cell is one DVC experiment; this report "
-                    "reads their per-pair score files from the DVC cache and never trains. Regenerate with "
-                    f"`python -m pipeline grid report {grid.path}`.", "",
-                    _scale_line(first), "",
-                    f"Intervals: {METHOD}.", "", f"Verdicts: {VERDICT_METHOD}.", ""]
-        # one pivot per test set and variant; when the grid lays variants out as rows or columns, one per
-        # test set with the variants side by side (the loss study's four distance / norm columns)
-        variant_is_a_dimension = "variant" in grid.rows + grid.columns
-        groups: dict[tuple[str, str | None], list] = {}
-        for table in tables:
-            groups.setdefault((table.test_set, None if variant_is_a_dimension else table.variant), []).append(table)
-        for (test_set, variant), group in groups.items():
-            names = [t.variant for t in group]
-            view = results[(results["test_set"] == test_set) & (results["variant"].isin(names))]
-            for metric in grid.metrics:
-                pivot = _flat(_pivot(view, grid, metric))
-                write_csv(tmp / f"pivot_{metric}_{test_set}{'_' + variant if variant else ''}.csv", pivot)
-                sections += [f"## {METRICS[metric]}: {test_set} ({', '.join(names)}; {group[0].labels.size} pairs)",
-                             "", markdown_table(pivot), ""]
-                for name in names:
-                    summary.setdefault(test_set, {}).setdefault(name, {})[metric] = {
-                        k: None if math.isnan(v) else round(float(v), 6)
-                        for k, v in view[view["variant"] == name].set_index("model")[metric].items()}
-            for name in names:
-                v = verdicts[(verdicts["test_set"] == test_set) & (verdicts["variant"] == name)]
-                beats = v[v["verdict"] != "not distinguishable"].assign(a=lambda d: d["a"].map(readable),
-                                                                        b=lambda d: d["b"].map(readable))
-                sections += [f"**Verdicts on {test_set} ({name})**: "
-                             + (f"{len(beats)} of {len(v)} pairs of models differ (Holm, family-wise α = {alpha:g}): "
-                                + "; ".join(f"{r.a} beats {r.b} (ΔAUC {r.auc_diff:+.4f} [{r.diff_low:+.4f}, "
-                                            f"{r.diff_high:+.4f}])" for r in beats.itertuples())
-                                if len(beats) else f"none of the {len(v)} pairs of models is distinguishable "
-                                                  f"(Holm, family-wise α = {alpha:g})") + ".", ""]
-        xd = _cross_domain(first, tables, per_table_stats, list(models), alpha)
-        if not xd.empty:
-            write_csv(tmp / "cross_domain.csv", xd)
-            view = pd.DataFrame({
-                "model": xd["model"].map(lambda k: readable(k, k)), "runs": xd["runs"],
-                "from → to": xd["in_domain"] + " → " + xd["cross_domain"],
-                "AUC in": xd["auc_in"].map(lambda v: f"{v:.4f}"), "AUC cross": xd["auc_cross"].map(lambda v: f"{v:.4f}"),
-                "drop [95%]": [f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-                               for d, lo, hi in zip(xd["drop"], xd["drop_low"], xd["drop_high"])],
-                "Holm p": [f"{p:.2g}" for p in xd["p_holm"]], "reading": xd["reading"]})
-            sections += [f"## Cross-domain drop ({primary}; Holm over the models)", "", markdown_table(view), ""]
-        figures = _plots(grid, results, tables, per_table_stats, models, tmp)
-        sections += [f"![{f.stem}]({f.relative_to(tmp).as_posix()})" for f in figures] + [""]
-        sections += ["## Cells", "", markdown_table(cells.drop(columns=["overrides"]).assign(
-            overrides=[", ".join(f"{k}={v}" for k, v in json.loads(o).items()) for o in cells["overrides"]])), ""]
-        write_json(tmp / "summary.json", summary)
-        write_text(tmp / "index.md", "\n".join(sections) + "\n")
-    echo(f"wrote {out_dir}/index.md")
-    return out_dir
-
-
-def _cross_domain(params: Params, tables, per_table_stats, models: list[str], alpha: float) -> pd.DataFrame:
-    """The single-pipeline report's cross-domain drop table, over the grid's models."""
-    from pipeline.report import cross_domain
-
-    sets = {t.test_set for t in tables}
-    report = params.report
-    if not report.in_domain or report.in_domain not in sets or not set(report.cross_domain) & sets:
-        return pd.DataFrame()
-    narrowed = params.model_copy(update={"report": report.model_copy(
-        update={"cross_domain": [c for c in report.cross_domain if c in sets]})})
-    return cross_domain(narrowed, tables, per_table_stats, alpha=alpha, models=models)
-
-
-def _scale_line(params: Params) -> str:
-    synth = params.data.synthetic
-    data = ("built-in synthetic faces: " f"{synth.train_identities} training identities x "
-            f"{synth.train_images_per_identity} images" if params.data.train.kind == "synthetic"
-            else f"training data: {params.data.train.kind} {params.data.train.path}")
-    return (f"Scale of the base params: {data}; {params.model.backbone}, {params.model.embedding_size}-D, "
-            f"{params.align.size} px faces, {params.train.epochs} epochs, seeds {params.seeds.train}. The same grid "
-            "file runs at CASIA scale by pointing its base params at the real data and a larger backbone.")
-
-
-def _pivot(view: pd.DataFrame, grid: Grid, metric: str) -> pd.DataFrame:
-    def text(r):
-        mean, low, high = r[metric], r[f"{metric}_low"], r[f"{metric}_high"]
-        if math.isnan(mean):
-            return "–"
-        digits = 1 if metric in ("fp", "fn") else 4
-        return f"{mean:.{digits}f}" + ("" if math.isnan(low) else f" [{low:.{digits}f}, {high:.{digits}f}]")
-
-    frame = view.assign(value=[text(r) for _, r in view.iterrows()])
-    rows = grid.rows or ["loss"]
-    columns = grid.columns
-    if not columns:
-        return frame.set_index(rows)[["value"]].rename(columns={"value": METRICS[metric]})
-    return frame.pivot_table(index=rows, columns=columns, values="value", aggfunc="first")
-
-
-def _flat(pivot: pd.DataFrame) -> pd.DataFrame:
-    """The pivot with its row labels as columns and multi-level column labels joined: "off / cosine_norm"."""
-    frame = pivot.reset_index()
-    if isinstance(frame.columns, pd.MultiIndex):
-        frame.columns = [" / ".join(str(p) for p in c if str(p) != "") for c in frame.columns]
-    return frame
-
-
-def _finish_roc(fig, ax, labels: np.ndarray, title: str, target: Path, written: list[Path]) -> None:
-    """Log-FPR axes down to the smallest FPR the set's negative pairs can show, legend, save, close."""
-    import matplotlib.pyplot as plt  # already loaded by the caller (report._pyplot)
-
-    ax.set_xscale("log")
-    ax.set_xlim(left=max(1e-4, 0.5 / max(1, int((labels == 0).sum()))), right=1.0)
-    ax.set_xlabel("false positive rate (log)")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=100)
-    plt.close(fig)
-    written.append(target)
-
-
-def _plots(grid: Grid, results: pd.DataFrame, tables, per_table_stats, models, out: Path) -> list[Path]:
-    from pipeline.report import ROC_GRID, _pyplot, _run_roc
-
-    written = []
-    if not grid.plot and not grid.roc and not grid.roc_by:
-        return written
-    plt, sns = _pyplot()
-    x, hue = grid.plot.get("x"), grid.plot.get("hue")
-    for table in tables:
-        view = results[(results["test_set"] == table.test_set) & (results["variant"] == table.variant)]
-        if x:
-            metric = grid.metrics[0] if grid.metrics[0] not in ("fp", "fn") else "auc"
-            fig, ax = plt.subplots(figsize=(6, 4))
-            groups = view.groupby(hue, sort=False) if hue else [("", view)]
-            for k, (label, group) in enumerate(groups):
-                xs = pd.to_numeric(group[x], errors="coerce")
-                order = np.argsort(xs.to_numpy())
-                g = group.iloc[order]
-                xv = xs.to_numpy()[order] + (k - 0.5 * (len(list(groups)) - 1)) * 0.004 * (np.nanmax(xs) or 1)
-                yerr = np.vstack([g[metric] - g[f"{metric}_low"], g[f"{metric}_high"] - g[metric]])
-                ax.errorbar(xv, g[metric], yerr=np.nan_to_num(yerr), fmt="o-", capsize=4,
-                            label=f"{hue} = {label}" if hue else None)
-            ax.set_xlabel(x)
-            ax.set_ylabel(METRICS[metric])
-            ax.set_title(f"{grid.name}: {table.test_set} ({table.variant}), mean and 95% interval", fontsize=9)
-            if hue:
-                ax.legend(fontsize=8)
-            fig.tight_layout()
-            target = out / "figures" / f"{metric}_vs_{x.split('.')[-1]}_{table.test_set}_{table.variant}.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(target, dpi=100)
-            plt.close(fig)
-            written.append(target)
-        for value in (grid.dimensions[grid.roc_by] if grid.roc_by else []):
-            chosen = {k: m for k, m in models.items() if m["cell"].labels.get(grid.roc_by) == value}
-            fig, ax = plt.subplots(figsize=(6.4, 5))
-            for key, m in chosen.items():
-                tpr = np.mean([_run_roc(s, table.labels) for s in table.scores[key]], axis=0)
-                auc = per_table_stats[(table.test_set, table.variant)][key].auc.mean
-                others = ", ".join(f"{d}={v}" for d, v in m["cell"].labels.items() if d != grid.roc_by)
-                ax.plot(ROC_GRID, tpr, lw=1.5, label=f"{m['loss']} {others} (AUC {auc:.3f})")
-            distance, norm = table.variant.split("_")
-            _finish_roc(fig, ax, table.labels,
-                        f"{table.test_set}: {value}, {distance}, test-time norm {'on' if norm == 'norm' else 'off'}"
-                        " (runs averaged)",
-                        out / "figures" / "roc" / table.test_set / f"{value}_{table.variant}.png", written)
-        if grid.roc:
-            fig, ax = plt.subplots(figsize=(6, 5))
-            for choice in grid.roc:
-                for key, m in models.items():
-                    if all(m["cell"].labels.get(d) == v for d, v in choice.items()):
-                        tpr = np.mean([_run_roc(s, table.labels) for s in table.scores[key]], axis=0)
-                        auc = per_table_stats[(table.test_set, table.variant)][key].auc.mean
-                        label = ", ".join(f"{d}={v}" for d, v in m["cell"].labels.items())
-                        ax.plot(ROC_GRID, tpr, lw=1.6, label=f"{label} {m['loss']} (AUC {auc:.3f})")
-            _finish_roc(fig, ax, table.labels, f"{grid.name}: {table.test_set} ({table.variant}), runs averaged",
-                        out / "figures" / f"roc_{table.test_set}_{table.variant}.png", written)
-    return written
+    return write_grid_report(grid, workspace, out_root, states=states or cell_states(grid, workspace), echo=echo)

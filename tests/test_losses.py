@@ -759,6 +759,210 @@ def test_class_scores_and_centres_of_the_trained_head() -> None:
         assert build(name, 5, 8).class_scores(x) is None and build(name, 5, 8).class_centres() is None
 
 
+# ---------------------------------------------------------------- scale: auto (AdaCos' fixed scale)
+# sqrt(2) * ln(C - 1) by hand: 1.41421356 * ln 2 = 0.98025814, * ln 4 = 1.96051629, * ln 79 = 6.17933241
+AUTO_SCALE_BY_HAND = {3: 0.98025814, 5: 1.96051629, 80: 6.17933241, 10001: 13.02538827}
+
+AUTO_CASES = [
+    ("normface", {}),
+    ("cosface", {}),
+    ("arcface", {}),
+    ("combined", {"m1": 1.0, "m2": 0.3, "m3": 0.2}),
+    ("subcenter", {}),
+    ("intra", {}),
+    ("inter", {}),
+]
+
+
+def test_auto_scale_by_hand() -> None:
+    for classes, value in AUTO_SCALE_BY_HAND.items():
+        assert losses.auto_scale(classes) == pytest.approx(value, abs=1e-7)
+        assert build("arcface", classes, 4, scale="auto").scale == pytest.approx(value, abs=1e-7)
+
+
+@pytest.mark.parametrize(("name", "params"), AUTO_CASES)
+def test_auto_scale_logits_and_loss_match_numpy(name: str, params: dict) -> None:
+    """scale: auto gives the logits of the formula with s = sqrt(2) ln(5 - 1) for 5 classes."""
+    torch.manual_seed(2)
+    loss = build(name, num_classes=5, embedding_size=8, scale="auto", **params)
+    assert loss.hparams["scale"] == "auto"
+    x, y = batch(loss=loss)
+    p = {**losses.validate_params(name, params), "scale": AUTO_SCALE_BY_HAND[5]}
+    w = loss.weight.detach().double().numpy()
+    ref_logits = np_logits(name, x.double().numpy(), w, y.numpy(), p)
+    np.testing.assert_allclose(loss.logits(x, y).detach().double().numpy(), ref_logits, rtol=1e-5, atol=1e-5)
+    ref_loss = np_ce(ref_logits, y.numpy()) + np_regularizer(name, x.double().numpy(), w, y.numpy())
+    assert float(loss(x, y).detach()) == pytest.approx(ref_loss, rel=1e-5, abs=1e-5)
+    assert loss.state_summary() == {"scale": pytest.approx(AUTO_SCALE_BY_HAND[5])}
+    assert build(name, 5, 8, **params).state_summary() == {}  # a numeric scale needs no summary
+
+
+def test_auto_scale_of_softmax_and_sphereface_normalisation_switches_by_hand() -> None:
+    s = AUTO_SCALE_BY_HAND[3]  # known_angle_logits: 3 classes at 0, 2 and 4 rad
+    soft = known_angle_logits("softmax", THETAS, radius=3.0, normalize=True, scale="auto")
+    for i, t in enumerate(THETAS):
+        for j, a in enumerate([0.0, 2.0, 4.0]):
+            assert float(soft[i, j]) == pytest.approx(s * math.cos(t - a), abs=1e-5)
+    # SphereFace with lambda = 0 and features normalised: s * psi(theta) = s * cos(4 theta) for theta < pi/4
+    sphere = known_angle_logits("sphereface", [0.3], radius=2.0, lambda_base=0.0, lambda_min=0.0,
+                                normalize_features=True, scale="auto")
+    assert float(sphere[0, 0]) == pytest.approx(s * math.cos(1.2), abs=1e-5)
+    assert float(sphere[0, 1]) == pytest.approx(s * math.cos(0.3 - 2.0), abs=1e-5)
+    assert build("softmax", 3, 2, normalize=True, scale="auto").state_summary() == {"scale": pytest.approx(s)}
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "needle"),
+    [
+        ("arcface", {"scale": "big"}, "expected a number in (0, inf) or 'auto'"),
+        ("cosface", {"scale": "Auto"}, "'scale' = 'Auto'"),
+        ("softmax", {"scale": "auto"}, "needs normalize: true"),
+        ("sphereface", {"scale": "auto"}, "needs normalize_features: true"),
+    ],
+)
+def test_auto_scale_bad_values_name_the_param(name: str, params: dict, needle: str) -> None:
+    for attempt in (lambda: losses.validate_params(name, params), lambda: build(name, 5, 8, **params)):
+        with pytest.raises(ValueError) as err:
+            attempt()
+        assert "\n" not in str(err.value) and str(err.value).startswith(f"{name}: ") and needle in str(err.value)
+
+
+def test_auto_scale_needs_three_classes() -> None:
+    losses.validate_params("arcface", {"scale": "auto"})  # the class count is only known when built
+    for name, params in (("arcface", {}), ("softmax", {"normalize": True})):
+        with pytest.raises(ValueError) as err:
+            build(name, 2, 8, scale="auto", **params)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith(f"{name}: scale: auto needs at least 3 classes")
+
+
+# ---------------------------------------------------------------- margin warm-up
+def warm_loss(name: str, iteration: int, total_steps: int = 100, **params) -> losses.LossBase:
+    """Loss ``name`` with the 2-D known-angle weights, told ``total_steps`` and trained ``iteration`` steps
+    (training-mode forwards on a dummy batch, so the counter is advanced the way the trainer does it)."""
+    loss = build(name, num_classes=3, embedding_size=2, **params)
+    loss.begin_training(total_steps)
+    angles = torch.tensor([0.0, 2.0, 4.0])
+    with torch.no_grad():
+        loss.weight.copy_(torch.stack([angles.cos(), angles.sin()], dim=1) * 5.0)
+    loss.train()
+    for _ in range(iteration):
+        loss(torch.tensor([[1.0, 0.3]]), torch.tensor([0]))
+    return loss
+
+
+def target_logits(loss: losses.LossBase, thetas: list[float]) -> list[float]:
+    t = torch.tensor(thetas, dtype=torch.float64)
+    x = torch.stack([t.cos(), t.sin()], dim=1).float()
+    return loss.logits(x, torch.zeros(len(thetas), dtype=torch.int64))[:, 0].detach().double().tolist()
+
+
+def test_cosface_margin_warmup_by_hand() -> None:
+    """margin_warmup 0.2 of 100 steps: the margin is 0.35 * t / 20 at step t, then 0.35."""
+    for steps, margin in ((0, 0.0), (1, 0.35 / 20), (5, 0.0875), (19, 0.3325), (20, 0.35), (37, 0.35)):
+        loss = warm_loss("cosface", steps, margin_warmup=0.2)
+        assert int(loss.iteration) == steps
+        expected = [64.0 * (math.cos(t) - margin) for t in THETAS]
+        assert target_logits(loss, THETAS) == pytest.approx(expected, abs=1e-4)
+
+
+def test_arcface_margin_warmup_by_hand_including_the_fallback() -> None:
+    """Half-way through a 0.5-warm-up of 40 steps (t = 10 of 20) the margin is 0.25: s*cos(theta + 0.25),
+    and past theta = pi - 0.25 = 2.8916 the fallback of that margin, s*(cos(theta) - 0.25*sin(0.25))."""
+    loss = warm_loss("arcface", 10, total_steps=40, margin_warmup=0.5)
+    expected = [64 * math.cos(0.55), 64 * math.cos(1.45), 64 * (math.cos(2.9) - 0.25 * math.sin(0.25))]
+    assert target_logits(loss, THETAS) == pytest.approx(expected, abs=1e-4)
+    assert loss.state_summary() == {"margin_fraction": 0.5}
+    # at the full margin pi - 0.5 = 2.6416 < 2.9: the known-angle values of the default ArcFace
+    full = warm_loss("arcface", 20, total_steps=40, margin_warmup=0.5)
+    assert target_logits(full, THETAS) == pytest.approx([44.589229398, -8.246047635, -77.482939805], abs=1e-4)
+    easy = warm_loss("arcface", 10, total_steps=40, margin_warmup=0.5, easy_margin=True)
+    assert target_logits(easy, THETAS) == pytest.approx([64 * math.cos(0.55), 64 * math.cos(1.45),
+                                                         64 * math.cos(2.9)], abs=1e-4)
+
+
+def test_combined_margin_warmup_by_hand() -> None:
+    """(m1, m2, m3) move linearly from (1, 0, 0): half-way (1.35, 0.1, 0.05) is (1.175, 0.05, 0.025), whose
+    fallback starts at theta* = (pi - 0.05)/1.175 = 2.63114 with penalty (pi - theta*)*sin(theta*)."""
+    loss = warm_loss("combined", 10, total_steps=20, margin_warmup=1.0, m1=1.35, m2=0.1, m3=0.05)
+    theta_star = (PI - 0.05) / 1.175
+    penalty = (PI - theta_star) * math.sin(theta_star)
+    expected = [64 * (math.cos(1.175 * 0.3 + 0.05) - 0.025), 64 * (math.cos(1.175 * 1.2 + 0.05) - 0.025),
+                64 * (math.cos(2.9) - penalty - 0.025)]
+    assert target_logits(loss, THETAS) == pytest.approx(expected, abs=1e-4)
+    cm2 = warm_loss("combined", 5, total_steps=20, margin_warmup=0.5, m1=0.9, m2=0.4, m3=0.15)  # f = 0.5
+    assert target_logits(cm2, [1.2]) == pytest.approx([64 * (math.cos(0.95 * 1.2 + 0.2) - 0.075)], abs=1e-4)
+
+
+@pytest.mark.parametrize(("name", "params"), [("cosface", {}), ("arcface", {}), ("arcface", {"margin": 0.8}),
+                                              ("combined", {"m1": 0.9, "m2": 0.4, "m3": 0.15}),
+                                              ("subcenter", {})])
+def test_margin_warmup_starts_at_normface_and_ends_at_the_full_loss(name: str, params: dict) -> None:
+    torch.manual_seed(4)
+    warm = build(name, 5, 8, margin_warmup=0.3, **params)
+    plain, normface = build(name, 5, 8, **params), build("normface", 5, 8)
+    with torch.no_grad():
+        plain.weight.copy_(warm.weight)
+        if name != "subcenter":
+            normface.weight.copy_(warm.weight)
+    x, y = batch(loss=warm, seed=6)
+    if name != "subcenter":  # no margin before the first step
+        torch.testing.assert_close(warm.logits(x, y), normface.logits(x, y))
+    warm.begin_training(50)  # warm-up over 15 steps
+    warm.train()
+    for _ in range(15):
+        warm(x, y)
+    torch.testing.assert_close(warm.logits(x, y), plain.logits(x, y), atol=1e-4, rtol=1e-5)
+    warm.eval()
+    torch.testing.assert_close(warm(x, y), plain(x, y), atol=1e-4, rtol=1e-5)
+    assert int(warm.iteration) == 15  # eval forwards do not count
+
+
+def test_margin_warmup_survives_a_checkpoint_and_old_state_dicts_still_load() -> None:
+    loss = warm_loss("arcface", 6, total_steps=40, margin_warmup=0.5)  # f = 6/20
+    resumed = build("arcface", 3, 2, margin_warmup=0.5)  # no begin_training: the checkpoint carries the run length
+    resumed.load_state_dict(loss.state_dict())
+    assert int(resumed.iteration) == 6 and int(resumed.total_steps) == 40
+    assert target_logits(resumed, [1.2]) == pytest.approx([64 * math.cos(1.2 + 0.15)], abs=1e-4)
+    resumed.train()
+    resumed(torch.tensor([[1.0, 0.3]]), torch.tensor([0]))
+    assert target_logits(resumed, [1.2]) == pytest.approx([64 * math.cos(1.2 + 0.175)], abs=1e-4)
+    # without a warm-up the state_dict is the weight alone, as before margin_warmup existed
+    assert set(build("arcface", 3, 2).state_dict()) == {"weight"}
+    assert set(loss.state_dict()) == {"weight", "iteration", "total_steps"}
+
+
+def test_margin_warmup_needs_the_run_length() -> None:
+    loss = build("cosface", 3, 4, margin_warmup=0.1)
+    x, y = torch.randn(2, 4), torch.tensor([0, 1])
+    with pytest.raises(ValueError) as err:
+        loss.train()(x, y)
+    assert str(err.value).startswith("cosface: margin_warmup = 0.1 needs the number of training steps")
+    assert int(loss.iteration) == 0
+    with pytest.raises(ValueError, match="total_steps = 0"):
+        loss.begin_training(0)
+    build("cosface", 3, 4).train()(x, y)  # no warm-up: no run length needed
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "needle"),
+    [
+        ("arcface", {"margin_warmup": -0.1}, "'margin_warmup' = -0.1 is not allowed; expected a number in [0, 1]"),
+        ("cosface", {"margin_warmup": 1.5}, "'margin_warmup' = 1.5"),
+        ("subcenter", {"margin_warmup": "0.2"}, "'margin_warmup' = '0.2'"),
+        ("normface", {"margin_warmup": 0.2}, "unknown param 'margin_warmup'"),
+        ("combined", {"m1": 0.95, "m2": 0.1, "m3": 0.2, "margin_warmup": 0.2}, "margin_warmup = 0.2 needs m1 >= 1"),
+    ],
+)
+def test_margin_warmup_bad_values_name_the_param(name: str, params: dict, needle: str) -> None:
+    for attempt in (lambda: losses.validate_params(name, params), lambda: build(name, 5, 8, **params)):
+        with pytest.raises(ValueError) as err:
+            attempt()
+        assert "\n" not in str(err.value) and str(err.value).startswith(f"{name}: ") and needle in str(err.value)
+    if name == "combined":  # the same margins without a warm-up are allowed
+        losses.validate_params(name, {**params, "margin_warmup": 0.0})
+
+
 # ---------------------------------------------------------------- registry and validation
 def test_registry_api() -> None:
     names = losses.available()
@@ -767,8 +971,9 @@ def test_registry_api() -> None:
         assert required in names and losses.REGISTRY[required].name == required
     assert {n for n in names if losses.REGISTRY[n].needs_pk_batches} == {"triplet", "contrastive"}
     assert {n for n in names if not losses.REGISTRY[n].is_classifier} == {"triplet", "contrastive"}
-    assert losses.defaults("arcface") == {"scale": 64.0, "margin": 0.5, "easy_margin": False}
-    assert losses.defaults("cosface") == {"scale": 64.0, "margin": 0.35}
+    assert losses.defaults("arcface") == {"scale": 64.0, "margin": 0.5, "easy_margin": False, "margin_warmup": 0.0}
+    assert losses.defaults("cosface") == {"scale": 64.0, "margin": 0.35, "margin_warmup": 0.0}
+    assert losses.defaults("combined") == {"scale": 64.0, "m1": 1.0, "m2": 0.3, "m3": 0.2, "margin_warmup": 0.0}
     assert losses.defaults("sphereface") == {
         "margin": 4, "lambda_base": 1000.0, "lambda_gamma": 0.12, "lambda_power": 1.0, "lambda_min": 5.0,
         "lambda_schedule": "fraction", "lambda_warmup_fraction": 0.5, "normalize_features": False, "scale": 64.0,
@@ -778,7 +983,8 @@ def test_registry_api() -> None:
     assert losses.defaults("contrastive") == {"margin": 1.0}
     assert losses.defaults("center") == {"center_weight": 0.003, "center_lr": 0.5}
     assert losses.defaults("subcenter")["subcenters"] == 3
-    assert losses.validate_params("arcface", {"margin": 0.8}) == {"scale": 64.0, "margin": 0.8, "easy_margin": False}
+    assert losses.validate_params("arcface", {"margin": 0.8}) == {"scale": 64.0, "margin": 0.8, "easy_margin": False,
+                                                                  "margin_warmup": 0.0}
     assert losses.validate_params("sphereface", {"margin": 3.0})["margin"] == 3
     for name in names:
         module = build(name, 7, 5)
@@ -933,7 +1139,9 @@ def test_training_lowers_the_loss(name: str) -> None:
 TRACED = [("softmax", {}), ("softmax", {"normalize": True}), ("normface", {}), ("sphereface", {}),
           ("sphereface", {"normalize_features": True}), ("cosface", {}), ("arcface", {}), ("combined", {}),
           ("subcenter", {}), ("intra", {}), ("inter", {}), ("center", {}), ("triplet", {"mining": "batch_hard"}),
-          ("triplet", {"mining": "semi_hard"}), ("contrastive", {})]
+          ("triplet", {"mining": "semi_hard"}), ("contrastive", {}),
+          ("cosface", {"margin_warmup": 0.2}), ("arcface", {"margin_warmup": 0.2, "scale": "auto"}),
+          ("combined", {"margin_warmup": 0.5}), ("subcenter", {"margin_warmup": 0.2})]
 
 
 @pytest.mark.parametrize("name, params", TRACED)

@@ -10,6 +10,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 from pipeline import metrics as M
+from pipeline.metrics import identification
 
 
 def _random_pairs(seed: int, n: int, decimals: int | None = 1, shift: float = 0.8):
@@ -361,7 +362,7 @@ def test_rank1_chunking_matches_full_matrix(monkeypatch: pytest.MonkeyPatch) -> 
     has_twin = counts[np.unique(ids, return_inverse=True)[1]] >= 2
     expected = np.mean((ids[np.argmax(sim, 1)] == ids)[has_twin])
     assert 0.2 < expected < 1.0
-    monkeypatch.setattr(M, "_RANK1_CHUNK_ELEMENTS", 7 * 120)  # 7 probes per block
+    monkeypatch.setattr(identification, "_RANK1_CHUNK_ELEMENTS", 7 * 120)  # 7 probes per block
     assert M.rank1_identification(emb, list(ids)) == pytest.approx(expected, abs=0)
 
 
@@ -605,3 +606,22 @@ def test_threshold_report_counts_pair_by_pair() -> None:
         assert rep["n_pairs"] == 300
     assert M.threshold_report(s, y, math.inf)["threshold"] == "inf"
     np.testing.assert_array_equal(M.apply_threshold([0.5, 0.6, 0.4], 0.5), [False, True, False])
+
+
+# ------------------------------------------------------------ weighted ROC (resamples)
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_weighted_eer_and_tpr_equal_scikit_learn_on_the_materialised_resamples(decimals) -> None:
+    s, y = _random_pairs(21, 300, decimals=decimals)
+    rng = np.random.default_rng(5)
+    weights = np.stack([np.ones(300, dtype=np.int64)] + [np.bincount(rng.integers(0, 300, 300), minlength=300)
+                                                         for _ in range(4)])
+    fprs = [0.1, 0.02]
+    rates, tprs = M.weighted_eer_and_tpr(s, y, weights, fprs)
+    for b, w in enumerate(weights):
+        idx = np.repeat(np.arange(300), w)
+        fpr, tpr, _ = sk_roc_curve(y[idx], s[idx], drop_intermediate=False)
+        assert rates[b] == pytest.approx(_reference_eer(s[idx], y[idx])[0], abs=1e-12)
+        for f in fprs:
+            assert tprs[f][b] == pytest.approx(tpr[fpr <= f + 1e-12].max(), abs=1e-12)
+    none, empty = M.weighted_eer_and_tpr(s, y, weights, [])  # a set too small for any FPR target
+    assert empty == {} and none == pytest.approx(rates)

@@ -18,6 +18,7 @@ import pytest
 from pipeline import paths
 from pipeline.config import Params
 from pipeline.report import run_report
+from pipeline.report.tables import WorkspaceRuns
 from pipeline.score import run_score
 from tests.test_score import _embeddings, _pairs
 
@@ -154,3 +155,138 @@ def test_threshold_from_a_test_set_is_marked_on_that_set(tmp_path, monkeypatch):
     assert set(table.query("test_set == 'alpha'")["threshold_on_itself"]) == {False}
     assert set(table["threshold_rule"]) == {"FPR ≤ 0.1"}
     assert (table.query("test_set == 'beta'")["fixed_fpr"] <= 0.1).all()
+
+
+def _table_rows(markdown: str, first_column: str) -> list[dict[str, str]]:
+    """Every Markdown table whose first header cell is ``first_column``, as dicts."""
+    out, header = [], None
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells if cells[0] == first_column else []
+        elif header and not set(line) <= set("|-"):
+            out.append(dict(zip(header, cells)))
+    return out
+
+
+def test_printed_holm_intervals_agree_with_the_verdicts(reported):
+    import re
+
+    root, _ = reported
+    verdicts = pd.read_csv(root / "reports" / "verdicts.csv")
+    assert len(verdicts) == 2 * 4 * 3  # 2 sets x 4 variants x 3 pairs of models
+    for text in ((root / "reports" / name).read_text() for name in ("comparison.md", "index.md")):
+        rows = _table_rows(text, "A (higher mean AUC)")
+        assert rows and all("ΔAUC [unadjusted 95%]" in r and "Holm interval" in r for r in rows)
+        for r in rows:
+            low, high = re.search(r"\[([^,]+), ([^]]+)\]", r["Holm interval"]).groups()
+            assert (low[0] == high[0]) == (r["verdict"] != "not distinguishable"), r
+        drops = _table_rows(text, "model") if "## Cross-domain" in text else []
+        for r in [r for r in drops if "Holm interval" in r]:
+            low, high = re.search(r"\[([^,]+), ([^]]+)\]", r["Holm interval"]).groups()
+            assert (low[0] == high[0]) == (r["reading"] != "no clear change"), r
+    # verdicts.csv: the Holm interval at its level, around the difference, excludes 0 exactly with a verdict
+    from scipy import stats
+
+    half = stats.t.ppf(1 - verdicts["holm_level"] / 2, verdicts["df"]) * (verdicts["diff_high"] - verdicts[
+        "auc_diff"]) / stats.t.ppf(0.975, verdicts["df"])
+    np.testing.assert_allclose(verdicts["holm_high"], verdicts["auc_diff"] + half, rtol=1e-9)
+    excludes = (verdicts["holm_low"] > 0) | (verdicts["holm_high"] < 0)
+    assert (excludes == (verdicts["verdict"] != "not distinguishable")).all()
+    assert set(verdicts["pairing"]) == {"independent"}
+
+
+def test_pairing_by_seed_pairs_the_trained_losses_only(reported):
+    from pipeline.report.stage import compute
+
+    _, params = reported
+    paired = params.model_copy(update={"report": params.report.model_copy(update={"pairing": "seed"})})
+    stats, _ = compute(paired, WorkspaceRuns())
+    v = stats.verdicts.assign(pair=lambda d: [frozenset(p) for p in zip(d["a"], d["b"])])
+    assert set(v.loc[v["pair"] == frozenset({"softmax", "arcface"}), "pairing"]) == {"seed"}
+    assert set(v.loc[v["pair"] != frozenset({"softmax", "arcface"}), "pairing"]) == {"independent"}  # ext: no seeds
+
+
+class _CellSource(WorkspaceRuns):
+    """A finished cell read from this workspace: the cell's arcface runs are the runs of the loss `real` names."""
+
+    real: dict[str, str] = {}
+    tree: dict = {}
+
+    def __init__(self, workspace, rev):
+        self.loss = self.real[rev]
+
+    def params(self):
+        return self.tree
+
+    def _run(self, run):
+        return run.replace("arcface", self.loss)
+
+    def test_sets(self, run):
+        return super().test_sets(self._run(run))
+
+    def scores(self, run, test_set, variant):
+        return super().scores(self._run(run), test_set, variant)
+
+    def metrics(self, run):
+        return super().metrics(self._run(run))
+
+    def thresholds(self, run):
+        return super().thresholds(self._run(run))
+
+
+
+def test_grid_report_shares_the_statistics_and_prints_agreeing_intervals(reported):
+    """The grid report over two cells whose runs are this project's softmax and arcface runs (a stand-in
+    for the DVC experiments): the same statistics per table as the report, the same Holm intervals."""
+    import re
+
+    import yaml
+
+    from pipeline import grid as grids
+    from pipeline.grid_report import write_grid_report
+
+    root, params = reported
+    path = root / "g.yaml"
+    path.write_text(yaml.safe_dump({"name": "g", "set": {"train_losses": ["arcface"]},
+                                    "vary": {"loss.margin": [0.2, 0.5]},
+                                    "table": {"rows": ["loss.margin"], "metrics": ["auc", "rank1"]}}))
+    grid = grids.load_grid(path)
+    tree = yaml.safe_load(yaml.safe_dump(params.model_dump(mode="json"))) | {"train_losses": ["arcface"],
+                                                                              "pretrained": {}}
+    (root / "params.yaml").write_text(yaml.safe_dump(tree))  # the params the cells are resolved against
+    cells = grid.cells(root)
+    real = {cells[0].name: "softmax", cells[1].name: "arcface"}
+
+    _CellSource.real, _CellSource.tree = real, tree
+    saved = grids.ExperimentRuns
+    grids.ExperimentRuns = _CellSource
+    try:
+        out = write_grid_report(grid, root, root / "experiments",
+                                states=[grids.CellState(c, "done", c.name) for c in cells], echo=lambda *a: None)
+    finally:
+        grids.ExperimentRuns = saved
+    results = pd.read_csv(out / "results.csv")
+    comparison = pd.read_csv(root / "reports" / "comparison.csv").query("variant == 'cosine_norm'")
+    for row in results.itertuples():
+        same = comparison[(comparison["model"] == real[row.cell]) & (comparison["test_set"] == row.test_set)]
+        assert row.auc == same["auc"].item() and (row.auc_low, row.auc_high) == (same["auc_low"].item(),
+                                                                                  same["auc_high"].item())
+    verdicts = pd.read_csv(out / "verdicts.csv")
+    report_verdicts = pd.read_csv(root / "reports" / "verdicts.csv").query("variant == 'cosine_norm'")
+    for v in verdicts.itertuples():  # one pair per table: Holm over one comparison is the comparison itself
+        pair = report_verdicts[(report_verdicts["test_set"] == v.test_set)
+                               & (report_verdicts["a"].isin(["softmax", "arcface"]))
+                               & (report_verdicts["b"].isin(["softmax", "arcface"]))]
+        assert v.p == pytest.approx(pair["p"].item(), rel=1e-12) and v.p_holm == v.p and v.holm_level == 0.05
+    index = (out / "index.md").read_text()
+    assert "Holm within this table" in index or "(α = 0.05)" in index
+    for line in index.splitlines():
+        for low, high in re.findall(r"Holm interval \[([^,]+), ([^]]+)\]", line):
+            assert low[0] == high[0] and " beats " in line
+    drops = _table_rows(index, "model")
+    assert drops and all((r["Holm interval"][1] == r["Holm interval"].split(", ")[1][0])
+                         == (r["reading"] != "no clear change") for r in drops)

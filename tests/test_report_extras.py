@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -111,3 +113,146 @@ def test_angle_figures_pool_the_runs(project, tmp_path):
     assert shown["softmax"]["centre"] == "classifier weight" and shown["triplet"]["centre"] == "mean embedding"
     text = "\n".join(report.angles_markdown(shown))
     assert "softmax (train-norm)" in text and "(figures/angles/triplet.png)" in text
+
+
+# ------------------------------------------------------------ intervals beside verdicts
+def _graded_table(seed: int = 0, n_pairs: int = 400) -> report.Table:
+    """Six models of three runs each, their score gaps graded so that some pairs differ clearly, some not."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([1, 0], n_pairs // 2)
+    shifts = {"m0": 1.0, "m1": 1.12, "m2": 1.2, "m3": 1.35, "m4": 1.6, "m5": 2.2}
+    scores = {m: np.stack([labels * (s + rng.normal(0, 0.03)) + rng.normal(0, 1, n_pairs) for _ in range(3)])
+              for m, s in shifts.items()}
+    return report.Table("set", "cosine_norm", scores, labels, np.tile(np.arange(4), n_pairs // 4), n_pairs, 0)
+
+
+def _excludes_zero(text: str) -> bool:
+    """Whether a printed interval "[+0.0010, +0.0040]" excludes 0: both bounds on one side (the sign
+    survives rounding)."""
+    low, high = text.strip("[]").split(", ")
+    return low[0] == high[0] == "+" or low[0] == high[0] == "-"
+
+
+def test_every_printed_interval_agrees_with_its_verdict():
+    import re
+
+    from pipeline.report.render import cross_domain_markdown, verdict_sentences, verdicts_markdown
+
+    table = _graded_table()
+    v = report.verdict_table(table, alpha=0.05)
+    verdicts = set(v["verdict"])
+    assert "not distinguishable" in verdicts and len(verdicts) > 2  # both kinds of verdict are printed
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in verdicts_markdown(v).splitlines()]
+    header, body = rows[0], rows[2:]
+    holm, unadjusted, verdict = header.index("Holm interval"), header.index("ΔAUC [unadjusted 95%]"), header.index(
+        "verdict")
+    misleading = 0
+    for row in body:
+        interval = re.search(r"\[[^]]+\]", row[holm]).group(0)
+        assert _excludes_zero(interval) == (row[verdict] != "not distinguishable"), row
+        misleading += _excludes_zero(re.search(r"\[[^]]+\]", row[unadjusted]).group(0)) and row[
+            verdict] == "not distinguishable"
+    assert misleading > 0  # the unadjusted interval alone would have misled: hence the Holm column
+    order = sorted(table.scores, key=lambda m: -table.scores[m].mean())
+    text = " ".join(verdict_sentences(v, order, 0.05))
+    printed = re.findall(r"Holm interval (\[[^]]+\])", text)
+    assert len(printed) == (v["verdict"] != "not distinguishable").sum() and all(map(_excludes_zero, printed))
+    assert "Holm within this table, family-wise α = 0.05" in text
+
+    # the cross-domain drops: the same model on a second, harder set
+    harder = report.Table("hard", "cosine_norm", {m: s * np.where(table.labels == 1, 0.6 + 0.1 * k, 1.0)[None, :]
+                                                  for k, (m, s) in enumerate(table.scores.items())},
+                          table.labels, table.folds, table.pairs_total, 0)
+    stats = report.table_statistics([table, harder], {m: [f"{m}-{k}" for k in range(3)] for m in table.scores},
+                                    {m: [{}] * 3 for m in table.scores}, alpha=0.05, n_boot=0, seed=0,
+                                    primary="cosine_norm")
+    xd = report.cross_domain_drops(stats, in_domain="set", targets=["hard"], primary="cosine_norm",
+                                   models=list(table.scores), alpha=0.05)
+    assert {"drops", "no clear change"} <= set(xd["reading"])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in cross_domain_markdown(xd).splitlines()]
+    holm, reading = rows[0].index("Holm interval"), rows[0].index("reading")
+    for row in rows[2:]:
+        assert _excludes_zero(re.search(r"\[[^]]+\]", row[holm]).group(0)) == (row[reading] != "no clear change")
+
+
+def test_a_zero_drop_that_nothing_varies_is_no_clear_change():
+    from pipeline.repeats import Interval
+
+    def stats_of(per_run):
+        auc = Interval(float(np.mean(per_run)), 0, 1, 0.0, math.inf, tuple(per_run), 0.0, 0.0)
+        return report.ModelStats("m", ["m-0", "m-1"], auc, auc, np.zeros((2, 1)), auc, {}, {}, 0.0, 0.0, None)
+
+    stats = report.Statistics([], {("in", "cosine_norm"): {"m": stats_of([0.9, 0.9])},
+                                   ("out", "cosine_norm"): {"m": stats_of([0.9, 0.9])}}, None)
+    xd = report.cross_domain_drops(stats, in_domain="in", targets=["out"], primary="cosine_norm", models=["m"],
+                                   alpha=0.05)
+    assert xd["drop"].item() == 0 and xd["p"].item() == 1.0 and xd["reading"].item() == "no clear change"
+
+
+# ------------------------------------------------------------------- one run
+def test_one_run_prints_no_interval_for_rank1_and_n_way(project):
+    from pipeline.grid_report import _pivot
+    from pipeline.grid import Grid
+
+    _write_json("reports/metrics/ext.json", {"synth_closed": {"rank1": 0.8, "n_way_accuracy": 0.7}})
+    labels = np.repeat([0, 1], 50)
+    table = report.Table("synth_closed", "cosine_norm", {"ext": np.random.default_rng(0).normal(size=(1, 100))
+                                                         + labels}, labels, np.tile([1, 2], 50), 100, 0)
+    st = report.model_stats(table, "ext", ["ext"], alpha=0.05, n_boot=0, seed=0,
+                            run_metrics=[report.WorkspaceRuns().metrics("ext")])
+    for iv in (st.rank1, st.n_way):
+        assert iv.mean == pytest.approx(0.8 if iv is st.rank1 else 0.7) and math.isnan(iv.low) and math.isnan(
+            iv.high)
+    grid = Grid(Path("g.yaml"), "g", "", None, {}, {}, ["loss"], [], ["rank1"], None, None)
+    view = pd.DataFrame([{"loss": "ext", "rank1": st.rank1.mean, "rank1_low": st.rank1.low,
+                          "rank1_high": st.rank1.high}])
+    assert _pivot(view, grid, "rank1").iloc[0, 0] == "0.8000"  # the mean, no "[0.8000, 0.8000]"
+
+
+# ------------------------------------------------------------------- the data sets
+def test_index_says_how_each_set_was_split_prepared_and_rejected(project):
+    from pipeline.report import datasets
+
+    _write_json("data/datasets/summary.json", {
+        "train": {"kind": "synthetic", "images": 1600, "identities": 80, "pairs": None, "folds": None},
+        "synth_open": {"kind": "synthetic", "images": 700, "identities": 100, "pairs": 3000, "folds": 10},
+        "lfw": {"kind": "lfw", "images": 13233, "identities": 5749, "pairs": 6000, "folds": 10,
+                "folds_assigned": "from file"},
+        "apd": {"kind": "pairs_csv", "images": 40, "identities": 8, "pairs": 60, "folds": 10,
+                "folds_assigned": "stratified by label, seed 0"},
+        "web": {"kind": "pairs_csv", "images": 12, "identities": 4, "pairs": 30, "folds": 1, "labelled": False,
+                "folds_assigned": "none (no labels)"},
+        "cfp": {"kind": "lfw", "images": 97, "identities": 20, "pairs": 50, "folds": 1, "folds_assigned": "from file",
+                "precropped": True, "crop": "resize", "crop_fraction": 1.0}})
+    _write_json("reports/detection.json", {
+        "train": {"images": 1600, "faces": 1584, "dropped": 16, "reasons": {"no face found": 16}},
+        "synth_open": {"images": 700, "faces": 697, "dropped": 3, "reasons": {"no face found": 3}},
+        "cfp": {"images": 97, "faces": 97, "dropped": 0, "reasons": {}, "precropped": True,
+                "source_sizes": {"110x110": 97}}})
+    _write_json("reports/alignment.json", {
+        "synth_open": {"aligned": 697, "failed": 0, "residual_mean_px": 1.16, "residual_p95_px": 2.0},
+        "cfp": {"aligned": 97, "failed": 0, "residual_mean_px": None, "residual_p95_px": None, "precropped": True,
+                "crop": "resize", "crop_fraction": 1.0, "source_sizes": {"110x110": 97}, "output_size": 64}})
+    rejected = [("synth_open", f"synth_open/id{k}/img.jpg", "no face found") for k in range(5)]
+    Path("data/detect").mkdir(parents=True)
+    pd.DataFrame(rejected, columns=["set", "path", "reason"]).to_csv("data/detect/rejects.csv", index=False)
+    lines = datasets.test_sets_section(["synth_open", "lfw", "apd", "cfp", "web"], {"synth_open": (2975, 3000)})
+    by_set = {name: next(ln for ln in lines if ln.startswith(f"- **{name}**"))
+              for name in ("synth_open", "lfw", "apd", "cfp", "web")}
+    assert "10 folds, identity-disjoint" in by_set["synth_open"] and "2975 scored" in by_set["synth_open"]
+    assert "detected and aligned: 697 of 700 images kept a face" in by_set["synth_open"]
+    assert "folds assigned by stratified split (stratified by label, seed 0)" in by_set["apd"]
+    assert "not identity-disjoint" in by_set["apd"] and "as given in the pairs file" in by_set["lfw"]
+    assert "pre-cropped: not detected or aligned, scored at 64 px" in by_set["cfp"]
+    assert "detected and aligned" not in by_set["cfp"]
+    assert "no labels, so no folds are used (predicted only)" in by_set["web"]
+    sentence = datasets.folds_sentence(["synth_open", "apd", "lfw"])
+    assert "identity-disjoint for synth_open" in sentence and "label-stratified random for apd" in sentence
+    det = datasets.detection_table().set_index("set")
+    assert det.loc["cfp", "faces kept"] == "97 pre-cropped, not detected"
+    assert det.loc["cfp", "mean landmark residual (px)"] == "– (not aligned)"
+    assert det.loc["synth_open", "faces kept"] == 697
+    rejects = "\n".join(datasets.rejects_lines())
+    assert "`data/detect/rejects.csv`" in rejects
+    assert ("- synth_open: 5 rejected: `synth_open/id0/img.jpg` (no face found), `synth_open/id1/img.jpg` (no face "
+            "found), `synth_open/id2/img.jpg` (no face found) and 2 more") in rejects

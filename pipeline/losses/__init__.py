@@ -10,9 +10,11 @@ Every loss is an ``nn.Module`` with ``forward(embeddings [B, D], labels [B] int6
 (SphereFace's ``iteration`` and ``total_steps``, center loss's ``centers``) is a buffer.
 
 Two hooks for the trainer, no-ops by default: ``begin_training(total_steps)``, called
-once before the first step (SphereFace sizes its lambda schedule to the run), and
+once before the first step (SphereFace sizes its lambda schedule to the run, and a
+``margin_warmup`` of CosFace, ArcFace, combined and sub-center its margin ramp), and
 ``state_summary() -> dict[str, float]``, written to the run's metrics as ``loss_state``
-(SphereFace: the lambda reached). A loss that changes state inside ``forward`` (center
+(SphereFace: the lambda reached; a warm-up's ``margin_fraction``; ``scale`` when it is
+``auto``, i.e. sqrt(2)*ln(C - 1) for C classes). A loss that changes state inside ``forward`` (center
 loss's centres) must make the change from the global batch when several processes train
 (see ``CenterLoss``).
 
@@ -29,7 +31,7 @@ from pipeline.losses.base import LargeMarginSoftmax, LossBase, safe_angle
 from pipeline.losses.guard import NonFiniteLossError, check_finite
 from pipeline.losses.margin import ArcFace, Combined, CosFace, InterLoss, IntraLoss, NormFace, SubCenterArcFace
 from pipeline.losses.pairs import ContrastiveLoss, TripletLoss
-from pipeline.losses.params import MAX_MONOTONE_MARGIN, Param
+from pipeline.losses.params import MARGIN_WARMUP, MAX_MONOTONE_MARGIN, Param, auto_scale
 from pipeline.losses.softmax import CenterLoss, Softmax
 from pipeline.losses.sphereface import SphereFace, psi
 
@@ -86,6 +88,7 @@ def build(name: str, num_classes: int, embedding_size: int, **params: Any) -> Lo
 
 __all__ = [
     "REGISTRY",
+    "MARGIN_WARMUP",
     "MAX_MONOTONE_MARGIN",
     "ArcFace",
     "CenterLoss",
@@ -103,6 +106,7 @@ __all__ = [
     "SphereFace",
     "SubCenterArcFace",
     "TripletLoss",
+    "auto_scale",
     "available",
     "build",
     "check_finite",

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.losses.params import SCALE, Param
+from pipeline.losses.params import SCALE, Param, auto_scale
 
 #: Floor for 1 - cos^2 before a square root: keeps d/dcos finite at cos = +-1.
 SIN2_EPS = 1e-12
@@ -37,6 +37,24 @@ def safe_angle(cos: Tensor) -> Tensor:
     Values of ``cos`` slightly outside [-1, 1] from rounding map to 0 or pi.
     """
     return torch.atan2(safe_sin(cos), cos)
+
+
+def resolve_scale(loss: str, scale: float | str, num_classes: int) -> float:
+    """The logit scale to use: ``scale`` itself, or for ``"auto"`` the AdaCos fixed scale
+    sqrt(2) * ln(num_classes - 1) (:func:`pipeline.losses.params.auto_scale`)."""
+    if scale != "auto":
+        return float(scale)
+    try:
+        return auto_scale(num_classes)
+    except ValueError as err:
+        raise ValueError(f"{loss}: {err}; set a number instead") from None
+
+
+def check_total_steps(loss: str, total_steps: Any) -> int:
+    """``total_steps`` if it is an integer >= 1, else one-line ``ValueError`` naming the loss."""
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"{loss}: total_steps = {total_steps!r}; expected an integer >= 1")
+    return total_steps
 
 
 class LossBase(nn.Module):
@@ -151,6 +169,21 @@ class LargeMarginSoftmax(LossBase):
 
     Hooks (override one): ``target_logit`` (the margin), ``cosine``, ``scale_factor``,
     ``regularizer``.
+
+    ``scale``: a number, or ``"auto"``: sqrt(2) * ln(num_classes - 1), the fixed scale of
+    AdaCos (6.18 for 80 classes); the value in use is ``self.scale``.
+
+    Margin warm-up (losses whose PARAMS hold ``margin_warmup``, a fraction w in [0, 1]): the
+    margin rises linearly from 0 to its value over the first w * total_steps optimiser steps,
+    i.e. at training step t it is f * margin with f = min(1, t / (w * total_steps))
+    (:meth:`margin_fraction`; how each loss scales its margins by f is in its ``target_logit``).
+    As for SphereFace's lambda, the trainer passes the run length to :meth:`begin_training`,
+    and ``iteration`` and ``total_steps`` are int64 buffers (saved in ``state_dict``, so a
+    resumed run continues the ramp; they exist only when w > 0, so models trained without a
+    warm-up keep their state_dict). ``iteration`` is incremented at the start of each
+    training-mode forward (the first step uses t = 1); eval-mode forwards and ``logits`` use
+    the current value. Before ``begin_training`` (total_steps = 0) f is 0 at iteration 0 and
+    1 after; a training-mode forward without it raises ``ValueError`` while ``check_values``.
     """
 
     is_classifier = True
@@ -160,6 +193,33 @@ class LargeMarginSoftmax(LossBase):
         super().__init__(num_classes, embedding_size, **params)
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.xavier_uniform_(self.weight)
+        self.scale = resolve_scale(self.name, self.hparams["scale"], num_classes)
+        self.warmup = float(self.hparams.get("margin_warmup", 0.0))
+        if self.warmup > 0.0:
+            self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("total_steps", torch.zeros((), dtype=torch.int64))
+
+    # ---- margin warm-up ----------------------------------------------------------
+    def begin_training(self, total_steps: int) -> None:
+        """Record the run length (optimiser steps) that the margin warm-up is a fraction of."""
+        steps = check_total_steps(self.name, total_steps)
+        if self.warmup > 0.0:
+            self.total_steps.fill_(steps)
+
+    def margin_fraction(self) -> Tensor | float:
+        """f in [0, 1], the share of the margin applied now: float64 scalar tensor on the buffers'
+        device (no host sync) with a warm-up, else the float 1.0."""
+        if self.warmup == 0.0:
+            return 1.0
+        end = self.total_steps.to(torch.float64) * self.warmup
+        return (self.iteration.to(torch.float64) / end.clamp_min(1e-12)).clamp(0.0, 1.0)
+
+    def state_summary(self) -> dict[str, float]:
+        """``scale`` when it was ``auto`` (the value it resolved to); ``margin_fraction`` with a warm-up."""
+        out = {"scale": self.scale} if self.hparams["scale"] == "auto" else {}
+        if self.warmup > 0.0:
+            out["margin_fraction"] = float(self.margin_fraction())
+        return out
 
     # ---- hooks -------------------------------------------------------------------
     def target_logit(self, cos_target: Tensor) -> Tensor:
@@ -172,7 +232,7 @@ class LargeMarginSoftmax(LossBase):
 
     def scale_factor(self, embeddings: Tensor) -> Tensor | float:
         """Multiplier of the logits: the constant ``scale`` s (or [B, 1])."""
-        return self.hparams["scale"]
+        return self.scale
 
     def regularizer(self, cos: Tensor, labels: Tensor) -> Tensor | float:
         """Extra scalar added to the cross-entropy (0 for plain margin losses)."""
@@ -194,6 +254,13 @@ class LargeMarginSoftmax(LossBase):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Mean cross-entropy over the batch (+ regularizer): scalar tensor."""
         self.check_inputs(embeddings, labels)
+        if self.warmup > 0.0 and self.training:
+            if self.check_values and int(self.total_steps) < 1:
+                raise ValueError(
+                    f"{self.name}: margin_warmup = {self.warmup} needs the number of training steps; call "
+                    "begin_training(total_steps) before training (the trainer does), or set margin_warmup: 0"
+                )
+            self.iteration += 1
         cos, logits = self._cos_and_logits(embeddings, labels)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             return F.cross_entropy(logits, labels) + self.regularizer(cos, labels)

@@ -1,6 +1,9 @@
 """Additive / multiplicative angular-margin softmax losses (all angles in radians).
 
-Each class overrides one hook of :class:`LargeMarginSoftmax`:
+Each class overrides one hook of :class:`LargeMarginSoftmax`. ``scale`` is a number or
+``auto`` (sqrt(2) * ln(C - 1)); cosface, arcface, combined and subcenter take a
+``margin_warmup`` (see :class:`LargeMarginSoftmax`: at training step t the margin is f times
+its value, f = min(1, t / (margin_warmup * total_steps))).
 
 * normface   s * cos(theta)
 * cosface    s * (cos(theta) - m)
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.losses.base import LargeMarginSoftmax, angle_limit_message, safe_angle, safe_sin
-from pipeline.losses.params import MAX_MONOTONE_MARGIN, SCALE, Param
+from pipeline.losses.params import MARGIN_WARMUP, MAX_MONOTONE_MARGIN, SCALE, Param
 
 
 class NormFace(LargeMarginSoftmax):
@@ -30,16 +33,19 @@ class NormFace(LargeMarginSoftmax):
 
 
 class CosFace(LargeMarginSoftmax):
-    """CosFace / AM-Softmax: true-class logit s*(cos(theta) - m)."""
+    """CosFace / AM-Softmax: true-class logit s*(cos(theta) - m); during a warm-up s*(cos(theta) - f*m)."""
 
     name = "cosface"
     PARAMS: ClassVar[dict[str, Param]] = {
         "scale": SCALE,
         "margin": Param(0.35, float, low=0.0, high=2.0, high_open=True, help="cosine margin m"),
+        "margin_warmup": MARGIN_WARMUP,
     }
 
     def target_logit(self, cos_target: Tensor) -> Tensor:
-        return cos_target - self.hparams["margin"]
+        if self.warmup == 0.0:
+            return cos_target - self.hparams["margin"]
+        return cos_target - (self.margin_fraction() * self.hparams["margin"]).to(cos_target.dtype)
 
 
 class ArcFace(LargeMarginSoftmax):
@@ -48,6 +54,7 @@ class ArcFace(LargeMarginSoftmax):
     ``margin`` m in radians, limited to [0, MAX_MONOTONE_MARGIN] (about 2.3311) so that
     the fallback below keeps the target logit decreasing in theta.
     ``easy_margin``: apply the margin only where cos(theta) > 0, else plain cos(theta).
+    ``margin_warmup``: the margin in use is f*m (see the module doc), with the fallback of f*m.
     """
 
     name = "arcface"
@@ -62,6 +69,7 @@ class ArcFace(LargeMarginSoftmax):
             note="radians; beyond this the theta + m > pi fallback is no longer monotone",
         ),
         "easy_margin": Param(False, bool, help="margin only where cos(theta) > 0"),
+        "margin_warmup": MARGIN_WARMUP,
     }
 
     def __init__(self, num_classes: int, embedding_size: int, **params: Any) -> None:
@@ -79,12 +87,22 @@ class ArcFace(LargeMarginSoftmax):
         self.th = math.cos(math.pi - m)
         self.mm = math.sin(math.pi - m) * m
 
+    def margin_terms(self) -> tuple[Tensor | float, Tensor | float, Tensor | float, Tensor | float]:
+        """(cos m, sin m, th, mm) of the margin in use now: floats, or float64 scalar tensors during a
+        warm-up (m = f * margin; th = cos(pi - m) = -cos m, mm = sin(pi - m) * m = sin(m) * m)."""
+        if self.warmup == 0.0:
+            return self.cos_m, self.sin_m, self.th, self.mm
+        m = self.margin_fraction() * self.hparams["margin"]
+        cos_m, sin_m = torch.cos(m), torch.sin(m)
+        return cos_m, sin_m, -cos_m, sin_m * m
+
     def target_logit(self, cos_target: Tensor) -> Tensor:
+        cos_m, sin_m, th, mm = (t.to(cos_target.dtype) if isinstance(t, Tensor) else t for t in self.margin_terms())
         # cos(theta + m) by the addition formula: no acos, finite gradient at cos = +-1.
-        phi = cos_target * self.cos_m - safe_sin(cos_target) * self.sin_m
+        phi = cos_target * cos_m - safe_sin(cos_target) * sin_m
         if self.hparams["easy_margin"]:
             return torch.where(cos_target > 0, phi, cos_target)
-        return torch.where(cos_target > self.th, phi, cos_target - self.mm)
+        return torch.where(cos_target > th, phi, cos_target - mm)
 
 
 class Combined(LargeMarginSoftmax):
@@ -115,6 +133,13 @@ class Combined(LargeMarginSoftmax):
       theta_c = m2 / (1 - m1) the angle is shrunk; the setting is accepted only if m3
       covers the largest excess cos(m1*theta + m2) - cos(theta) on [theta_c, pi]
       (found numerically, see :meth:`negative_margin`).
+
+    ``margin_warmup``: the margins in use move linearly from (1, 0, 0) (NormFace) to
+    (m1, m2, m3): (1 + f*(m1 - 1), f*m2, f*m3), f as in the module doc. Along that path the
+    fallback shift u only grows with f (so it stays within the monotone limit) and, in the first
+    case above, the shifted angle is never below theta; in the second case (m3 covering an
+    excess found numerically) the intermediate settings can have a negative margin (e.g. (0.22,
+    0.033, 1.77) at f = 0.89), so a warm-up is rejected there with ValueError.
     """
 
     name = "combined"
@@ -123,6 +148,7 @@ class Combined(LargeMarginSoftmax):
         "m1": Param(1.0, float, low=0.0, low_open=True, help="multiplicative angular margin"),
         "m2": Param(0.3, float, low=0.0, high=math.pi, high_open=True, help="additive angular margin (rad)"),
         "m3": Param(0.2, float, low=0.0, high=2.0, high_open=True, help="additive cosine margin"),
+        "margin_warmup": MARGIN_WARMUP,
     }
 
     #: Excess of the target logit over cos(theta) tolerated as rounding by the
@@ -141,6 +167,12 @@ class Combined(LargeMarginSoftmax):
                 + "; lower m1 or m2 (use sphereface for integer multiplicative margins)"
             )
         worst = cls.negative_margin(m1, m2, m3)
+        if worst is not None and params["margin_warmup"] > 0.0:
+            raise ValueError(
+                f"{cls.name}: margin_warmup = {params['margin_warmup']} needs m1 >= 1 or m2 >= (1 - m1)*pi = "
+                f"{(1.0 - m1) * math.pi:.4f}: with (m1, m2, m3) = ({m1}, {m2}, {m3}) the settings on the way from "
+                "(1, 0, 0) can have a negative margin; set margin_warmup: 0 or raise m2 or m1"
+            )
         if worst is not None and worst[0] > cls.NEGATIVE_MARGIN_TOL:
             excess, theta = worst
 
@@ -204,11 +236,18 @@ class Combined(LargeMarginSoftmax):
 
     def target_logit(self, cos_target: Tensor) -> Tensor:
         m1, m2, m3 = self.hparams["m1"], self.hparams["m2"], self.hparams["m3"]
+        theta_star, penalty = self.theta_star, self.fallback_penalty
+        if self.warmup > 0.0:  # (1, 0, 0) -> (m1, m2, m3); the fallback exists for every f > 0 or for none
+            f = self.margin_fraction()
+            m1, m2, m3 = (v.to(cos_target.dtype) for v in (1.0 + f * (m1 - 1.0), f * m2, f * m3))
+            if theta_star is not None:
+                theta_star = (math.pi - m2) / m1
+                penalty = (math.pi - theta_star) * torch.sin(theta_star)
         theta = safe_angle(cos_target)
         phi = torch.cos(m1 * theta + m2) - m3
-        if self.theta_star is None:
+        if theta_star is None:
             return phi
-        return torch.where(theta <= self.theta_star, phi, cos_target - self.fallback_penalty - m3)
+        return torch.where(theta <= theta_star, phi, cos_target - penalty - m3)
 
 
 class SubCenterArcFace(ArcFace):

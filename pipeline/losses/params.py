@@ -19,7 +19,8 @@ class Param:
 
     ``kind`` is ``float``, ``int``, ``bool`` or ``str``. Numeric bounds are
     inclusive unless ``low_open`` / ``high_open``; ``None`` means unbounded.
-    ``choices`` restricts a ``str`` parameter.
+    ``choices`` restricts a ``str`` parameter; ``words`` are strings a numeric parameter also
+    accepts (e.g. ``"auto"`` for the logit scale), returned unchanged.
     """
 
     default: Any
@@ -29,6 +30,7 @@ class Param:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] | None = None
+    words: tuple[str, ...] = ()
     help: str = ""
     note: str = ""  # why the range is what it is; appended to the error message
 
@@ -45,7 +47,8 @@ class Param:
         left = "(" if self.low is None or self.low_open else "["
         right = ")" if self.high is None or self.high_open else "]"
         what = "an integer" if self.kind is int else "a number"
-        return f"{what} in {left}{lo}, {hi}{right}"
+        words = "".join(f" or {word!r}" for word in self.words)
+        return f"{what} in {left}{lo}, {hi}{right}{words}"
 
     def check(self, loss: str, name: str, value: Any) -> Any:
         """Return ``value`` coerced to ``kind``; raise ``ValueError`` if not allowed."""
@@ -61,6 +64,8 @@ class Param:
         if self.kind is str:
             if not isinstance(value, str) or (self.choices is not None and value not in self.choices):
                 raise bad()
+            return value
+        if isinstance(value, str) and value in self.words:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
@@ -102,4 +107,22 @@ def _monotone_shift_limit() -> float:
 #: logit monotonically decreasing in theta.
 MAX_MONOTONE_MARGIN: float = _monotone_shift_limit()
 
-SCALE = Param(64.0, float, low=0.0, low_open=True, help="logit scale s")
+def auto_scale(num_classes: int) -> float:
+    """The fixed logit scale of AdaCos (Zhang et al., 2019) for ``num_classes`` classes: sqrt(2) * ln(C - 1).
+
+    Chosen there so that a sample whose target cosine is at the decision boundary still has a
+    useful target probability; 6.18 for C = 80, 13.02 for C = 10,000. Needs C >= 3 (0 for C = 2).
+    """
+    if num_classes < 3:
+        raise ValueError(f"scale: auto needs at least 3 classes (sqrt(2)*ln(C - 1) = 0 for C = {num_classes})")
+    return math.sqrt(2.0) * math.log(num_classes - 1)
+
+
+#: The logit scale of the normalised losses: a number, or ``"auto"`` = :func:`auto_scale` of the class count.
+SCALE = Param(64.0, float, low=0.0, low_open=True, words=("auto",),
+              help="logit scale s, or auto = sqrt(2)*ln(C - 1) for C classes (AdaCos' fixed scale)")
+
+#: Margin warm-up of the additive-margin losses: the share of the training steps over which
+#: the margin rises linearly from 0 to its value (0 = the full margin from the first step).
+MARGIN_WARMUP = Param(0.0, float, low=0.0, high=1.0,
+                      help="fraction of the training steps over which the margin rises linearly from 0 to its value")

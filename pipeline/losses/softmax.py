@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.losses.base import LossBase
-from pipeline.losses.params import Param
+from pipeline.losses.base import LossBase, resolve_scale
+from pipeline.losses.params import SCALE, Param
 
 
 #: Logit scale of ``softmax`` with ``normalize: true``: the spec's NormFace default (s = 64), so
@@ -30,14 +30,15 @@ class Softmax(LossBase):
     per-class constant to bounded cosines and make the logits no longer a function of the
     angle alone (NormFace drops it for that reason), so the module has no ``bias`` parameter.
     ``scale`` only applies with ``normalize: true``; a non-default ``scale`` without it is an error.
+    ``scale: auto`` is sqrt(2) * ln(num_classes - 1), AdaCos' fixed scale (``self.scale``).
     """
 
     name = "softmax"
     is_classifier = True
     PARAMS: ClassVar[dict[str, Param]] = {
         "normalize": Param(False, bool, help="L2-normalise features and class weights, logits scale * cos, no bias"),
-        "scale": Param(NORMALIZED_SCALE, float, low=0.0, low_open=True,
-                       help="logit scale s, only with normalize: true"),
+        "scale": Param(NORMALIZED_SCALE, float, low=0.0, low_open=True, words=SCALE.words,
+                       help="logit scale s (a number, or auto = sqrt(2)*ln(C - 1)), only with normalize: true"),
     }
 
     @classmethod
@@ -49,6 +50,8 @@ class Softmax(LossBase):
     def __init__(self, num_classes: int, embedding_size: int, **params: Any) -> None:
         super().__init__(num_classes, embedding_size, **params)
         self.normalize = bool(self.hparams.get("normalize", False))
+        if self.normalize:
+            self.scale = resolve_scale(self.name, self.hparams["scale"], num_classes)
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.normalize:
@@ -63,8 +66,12 @@ class Softmax(LossBase):
         if self.normalize:
             with torch.autocast(device_type=embeddings.device.type, enabled=False):
                 cos = F.linear(F.normalize(embeddings.float(), dim=1), F.normalize(self.weight.float(), dim=1))
-                return self.hparams["scale"] * cos
+                return self.scale * cos
         return F.linear(embeddings, self.weight, self.bias)
+
+    def state_summary(self) -> dict[str, float]:
+        """``scale`` when ``normalize`` and ``scale: auto`` (the value it resolved to)."""
+        return {"scale": self.scale} if self.normalize and self.hparams["scale"] == "auto" else {}
 
     def class_scores(self, embeddings: Tensor) -> Tensor:
         """[B, C] the logits (argmax = the N-way prediction of the trained head)."""

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from pipeline.losses.base import LargeMarginSoftmax, safe_angle
-from pipeline.losses.params import Param
+from pipeline.losses.base import LargeMarginSoftmax, check_total_steps, safe_angle
+from pipeline.losses.params import SCALE, Param
 
 
 def chebyshev_cos(cos: Tensor, m: int) -> Tensor:
@@ -86,7 +86,8 @@ class SphereFace(LargeMarginSoftmax):
         "lambda_warmup_fraction": Param(0.5, float, low=0.0, low_open=True, high=1.0,
                                         help="share of the training steps over which lambda decays to lambda_min"),
         "normalize_features": Param(False, bool, help="L2-normalise the features; logits scaled by scale, not ||x||"),
-        "scale": Param(64.0, float, low=0.0, low_open=True, help="fixed logit scale, only with normalize_features"),
+        "scale": Param(64.0, float, low=0.0, low_open=True, words=SCALE.words,
+                       help="fixed logit scale (a number, or auto = sqrt(2)*ln(C - 1)), only with normalize_features"),
     }
 
     @classmethod
@@ -118,12 +119,10 @@ class SphereFace(LargeMarginSoftmax):
 
     def begin_training(self, total_steps: int) -> None:
         """Record the run length (optimiser steps) that the fraction schedule spreads lambda's decay over."""
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"{self.name}: total_steps = {total_steps!r}; expected an integer >= 1")
-        self.total_steps.fill_(total_steps)
+        self.total_steps.fill_(check_total_steps(self.name, total_steps))
 
     def state_summary(self) -> dict[str, float]:
-        return {"lambda": self.current_lambda()}
+        return {**super().state_summary(), "lambda": self.current_lambda()}
 
     def lambda_tensor(self) -> Tensor:
         """lambda at the current ``iteration``: float64 scalar tensor on the buffers' device (no host sync)."""
@@ -143,7 +142,7 @@ class SphereFace(LargeMarginSoftmax):
 
     def scale_factor(self, embeddings: Tensor) -> Tensor | float:
         if self.hparams["normalize_features"]:
-            return self.hparams["scale"]
+            return self.scale
         return embeddings.norm(dim=1, keepdim=True)
 
     def target_logit(self, cos_target: Tensor) -> Tensor:

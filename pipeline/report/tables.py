@@ -1,0 +1,127 @@
+"""The report's input tables: every run's per-pair scores on one test set and variant, on common pairs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Protocol
+
+import numpy as np
+import pandas as pd
+
+from pipeline import paths
+from pipeline.config import RESERVED_SET_NAMES, Params
+from pipeline.score import variant_name
+
+
+@dataclass
+class Table:
+    """The scores of every run of every model on one test set and variant, on common pairs.
+
+    ``scores[model]``: [R, N] (runs in seed order); ``labels``, ``folds``: [N];
+    ``pairs_total``: pairs in the set; ``pairs_missing``: pairs some run could not score;
+    ``thresholds[model]``: each run's entry of its ``thresholds.json`` for this variant.
+    """
+
+    test_set: str
+    variant: str
+    scores: dict[str, np.ndarray]
+    labels: np.ndarray
+    folds: np.ndarray
+    pairs_total: int
+    pairs_missing: int
+    thresholds: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+class RunSource(Protocol):
+    """Where runs' files are read: this workspace (:class:`WorkspaceRuns`) or finished DVC
+    experiments (the grid report). A run is any hashable key the source understands."""
+
+    def test_sets(self, run: Hashable) -> list[str]: ...
+
+    def scores(self, run: Hashable, test_set: str, variant: str) -> pd.DataFrame: ...
+
+    def metrics(self, run: Hashable) -> dict: ...
+
+    def thresholds(self, run: Hashable) -> dict[str, Any]: ...
+
+
+class WorkspaceRuns:
+    """Reads a run's outputs from this workspace (the stages' files under data/ and reports/)."""
+
+    def test_sets(self, run: str) -> list[str]:
+        folder = paths.scores_dir(run)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder}: missing; run `dvc repro` (the score stage of {run})")
+        # the score stage also writes validation/ and predict/ beside the test sets
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in RESERVED_SET_NAMES)
+
+    def scores(self, run: str, test_set: str, variant: str) -> pd.DataFrame:
+        path = paths.scores_dir(run) / test_set / f"{variant}.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; run `dvc repro` (the score stage of {run})")
+        return pd.read_csv(path, dtype={"image_id1": str, "image_id2": str})
+
+    def metrics(self, run: str) -> dict:
+        path = paths.metrics_file(run)
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def thresholds(self, run: str) -> dict[str, Any]:
+        path = paths.thresholds_file(run)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; rerun the score stage of {run} (dvc repro)")
+        return json.loads(path.read_text())
+
+
+def _table(test_set: str, variant: str, runs: dict[str, list], source: RunSource,
+           thresholds: dict[Hashable, dict]) -> Table:
+    """One :class:`Table`: the pairs every run scored; the runs must list the same pairs."""
+    frames = {run: source.scores(run, test_set, variant) for model in runs for run in runs[model]}
+    first_run = next(iter(frames))
+    base = frames[first_run]
+    keys = base[["image_id1", "image_id2"]]
+    scored = np.ones(len(base), dtype=bool)
+    for run, frame in frames.items():
+        if len(frame) != len(base) or not frame[["image_id1", "image_id2"]].equals(keys):
+            raise ValueError(f"{test_set}: the pairs scored by {run} differ from those of {first_run}; "
+                             "models are compared on the same pairs (rerun the score stages)")
+        scored &= (frame["status"] == "scored").to_numpy()
+    scores = {model: np.stack([frames[run]["score"].to_numpy(dtype=np.float64)[scored] for run in runs[model]])
+              for model in runs}
+    return Table(test_set, variant, scores, base["same"].to_numpy()[scored].astype(int),
+                 base["fold"].to_numpy()[scored], len(base), int((~scored).sum()),
+                 {model: [thresholds[run].get(variant, {}) for run in runs[model]] for model in runs})
+
+
+def load_tables(runs: dict[str, list], variants: list[str], source: RunSource | None = None) -> list[Table]:
+    """One :class:`Table` per labelled test set and scoring variant.
+
+    ``runs``: model -> its runs; ``variants``: e.g. ``["cosine_norm", "l2_raw"]``;
+    ``source``: where the runs' files are read (:class:`WorkspaceRuns` by default; the
+    grid report reads finished DVC experiments). The pairs every run could score are kept.
+    Sets without labels (see :func:`predicted_only_sets`) have no table.
+    """
+    source = source or WorkspaceRuns()
+    first_run = next(iter(runs.values()))[0]
+    unlabelled = predicted_only_sets(runs, variants, source)
+    thresholds = {run: source.thresholds(run) for model in runs for run in runs[model]}
+    return [_table(test_set, variant, runs, source, thresholds)
+            for test_set in source.test_sets(first_run) if test_set not in unlabelled for variant in variants]
+
+
+def predicted_only_sets(runs: dict[str, list], variants: list[str],
+                        source: RunSource | None = None) -> dict[str, dict[str, int]]:
+    """Test sets without labels: ``{set: {"pairs", "missing"}}`` (from the first run's per-pair file)."""
+    source = source or WorkspaceRuns()
+    first_run = next(iter(runs.values()))[0]
+    out = {}
+    for test_set in source.test_sets(first_run):
+        frame = source.scores(first_run, test_set, variants[0])
+        if frame["same"].isna().all():
+            out[test_set] = {"pairs": int(len(frame)), "missing": int((frame["status"] != "scored").sum())}
+    return out
+
+
+def params_variants(params: Params) -> list[str]:
+    """The scoring variants params.yaml asks for: ``<distance>_<norm|raw>``."""
+    return [variant_name(d, n) for d in params.score.distances for n in params.score.normalize]
