@@ -415,7 +415,9 @@ def test_edited_base_set_block_and_code_rerun_the_cells_never_reuse_them(project
     edited = _grid(project, "run", str(grid))
     [new_cell] = _queued(edited.stdout)
     assert new_cell != cell
-    assert "family-wise α = 0.1" in (project / "reports" / "experiments" / "stale" / "index.md").read_text()
+    rev = pd.read_csv(project / "reports" / "experiments" / "stale" / "cells.csv")["experiment_rev"].item()
+    ran_with = yaml.safe_load(_run(["git", "show", f"{rev}:params.yaml"], project).stdout)
+    assert ran_with["report"]["alpha"] == 0.1  # the reported experiment ran with the edited base
 
     # an edited set block: a new cell, run
     grid = _grid_file(project, "stale", {"report.bootstrap": [100]}, base="configs/grids/base-alpha.yaml",
@@ -425,11 +427,11 @@ def test_edited_base_set_block_and_code_rerun_the_cells_never_reuse_them(project
     assert set_cell not in (cell, new_cell)
 
     # an uncommitted code change: refused, naming the file; nothing queued
-    report_py = project / "pipeline" / "report.py"
-    committed = report_py.read_text()
-    report_py.write_text(committed + "# an edit\n")
+    repeats_py = project / "pipeline" / "repeats.py"
+    committed = repeats_py.read_text()
+    repeats_py.write_text(committed + "# an edit\n")
     refused = _grid(project, "run", str(grid), check=False)
-    assert refused.returncode == 2 and "pipeline/report.py" in refused.stderr and _queued(refused.stdout) == []
+    assert refused.returncode == 2 and "pipeline/repeats.py" in refused.stderr and _queued(refused.stdout) == []
     assert len(refused.stderr.strip().splitlines()) == 1
 
     # an experiment that ran on that uncommitted code (as `dvc exp run --queue` captures it): stale, so
@@ -439,23 +441,23 @@ def test_edited_base_set_block_and_code_rerun_the_cells_never_reuse_them(project
     [dirty_cell] = load_grid(project / grid).cells(project)
     _run(["dvc", "exp", "run", "--temp", "-n", dirty_cell.name, *[a for s in dirty_cell.set_args for a in ("-S", s)]],
          project)
-    report_py.write_text(committed)
+    repeats_py.write_text(committed)
     report = _grid(project, "report", str(grid), check=False)
     assert report.returncode == 2 and "no cell has finished" in report.stderr
     rerun = _grid(project, "run", str(grid))
     assert _queued(rerun.stdout) == [dirty_cell.name]
-    assert "is stale (pipeline/report.py differs" in rerun.stdout
+    assert "is stale (pipeline/repeats.py differs" in rerun.stdout
     assert f"kept as {dirty_cell.name}-stale-" in rerun.stdout
     cells = pd.read_csv(project / "reports" / "experiments" / "stale" / "cells.csv")
     assert cells["status"].tolist() == ["ran"]
 
     # a committed code change: the cell's experiment no longer stands for HEAD
-    report_py.write_text(committed + "# a committed edit\n")
-    _commit(project, "edit report.py")
+    repeats_py.write_text(committed + "# a committed edit\n")
+    _commit(project, "edit repeats.py")
     after = _grid(project, "run", str(grid))
-    assert _queued(after.stdout) == [dirty_cell.name] and "pipeline/report.py differs" in after.stdout
-    report_py.write_text(committed)
-    _commit(project, "undo the edit of report.py")
+    assert _queued(after.stdout) == [dirty_cell.name] and "pipeline/repeats.py differs" in after.stdout
+    repeats_py.write_text(committed)
+    _commit(project, "undo the edit of repeats.py")
 
 
 def _failed_tasks(project: Path, name: str) -> int:
