@@ -529,16 +529,23 @@ def _grid(func: Callable[..., Any]) -> Callable[..., Any]:
 @grid_app.command("run")
 @_grid
 def grid_run(grid_file: Path = GridFile, jobs: int = typer.Option(1, "--jobs", "-j", help="Cells run side by side."),
-             out: Path = GridOut) -> None:
-    """Queue every cell that has not run yet (dvc exp run --queue), run the queue, write the report."""
+             out: Path = GridOut,
+             retry_failed: bool = typer.Option(False, "--retry-failed", help="Queue again the cells that failed "
+                                               "on their current inputs (else they are reported, not rerun).")) -> None:
+    """Queue every cell without a current experiment (dvc exp run --queue), run the queue, write the report."""
     from pipeline.grid import build_report, load_grid, run_grid
 
     grid = load_grid(grid_file)
-    states = run_grid(grid, Path.cwd(), jobs=jobs, echo=typer.echo)
-    for state in states:
-        if state.status == "failed":
-            typer.echo(f"cell {state.cell.name} failed: {state.error}", err=True)
-    build_report(grid, Path.cwd(), out, states=states, echo=typer.echo)
+    states = run_grid(grid, Path.cwd(), jobs=jobs, retry_failed=retry_failed, out_root=out, echo=typer.echo)
+    failed = [s for s in states if s.status == "failed"]
+    for state in failed:
+        typer.echo(f"cell {state.cell.name} failed: {state.error}", err=True)
+    if any(s.rev for s in states) or not failed:  # with no finished cell, build_report says so
+        build_report(grid, Path.cwd(), out, states=states, echo=typer.echo)
+    if failed:
+        typer.echo(f"error: {len(failed)} of {len(states)} cells failed (errors above); fix the cause and run "
+                   f"`python -m pipeline grid run {grid_file} --retry-failed`", err=True)
+        raise typer.Exit(1)
 
 
 @grid_app.command("report")
@@ -550,25 +557,30 @@ def grid_report(grid_file: Path = GridFile, out: Path = GridOut) -> None:
     build_report(load_grid(grid_file), Path.cwd(), out, echo=typer.echo)
 
 
+DvcRemote = typer.Option(None, "--dvc-remote", help="DVC remote for the experiments' data "
+                                                   "(default: the default DVC remote).")
+
+
 @grid_app.command("commands")
 @_grid
 def grid_commands(grid_file: Path = GridFile,
-                  remote: str = typer.Option("origin", "--remote", help="Git remote the experiments are pushed to "
-                                                                       "(with its DVC remote for the cache).")) -> None:
-    """Print one shell line per cell (run it anywhere, then dvc exp push), e.g. for a Slurm job array."""
+                  remote: str = typer.Option("origin", "--remote", help="Git remote the experiments are pushed to."),
+                  dvc_remote: str = DvcRemote) -> None:
+    """Print one shell line per cell (dvc exp run --temp, then dvc exp push with the data), e.g. for a job array."""
     from pipeline.grid import cluster_commands, load_grid
 
-    for line in cluster_commands(load_grid(grid_file), Path.cwd(), remote):
+    for line in cluster_commands(load_grid(grid_file), Path.cwd(), remote, dvc_remote):
         typer.echo(line)
 
 
 @grid_app.command("pull")
 @_grid
-def grid_pull(grid_file: Path = GridFile, remote: str = typer.Option("origin", "--remote")) -> None:
-    """Fetch the grid's experiments (git refs and DVC cache) from a shared remote (dvc exp pull)."""
+def grid_pull(grid_file: Path = GridFile, remote: str = typer.Option("origin", "--remote"),
+              dvc_remote: str = DvcRemote) -> None:
+    """Fetch the grid's experiments (git refs and DVC data) from a shared remote (dvc exp pull)."""
     from pipeline.grid import load_grid, pull
 
-    pull(load_grid(grid_file), Path.cwd(), remote, echo=typer.echo)
+    pull(load_grid(grid_file), Path.cwd(), remote, dvc_remote, echo=typer.echo)
 
 
 #: Options whose value is a path (made absolute before moving to the project root).

@@ -23,39 +23,48 @@ A grid is a YAML file (``configs/grids/<name>.yaml``)::
 
 ``python -m pipeline grid run FILE -j N`` queues one experiment per cell that has not
 run yet (``dvc exp run --queue -n NAME -S key=value ...``: every unchanged stage is
-restored from the DVC cache), runs the queue with N workers and writes the report.
-Cells are named from their values, with a short hash of their overrides, so a cell that
-already ran (an experiment of that name on the current commit) is never run again, and
-adding a value to the grid runs only the new cells. A failed cell is reported with the
-end of its log; the others still report.
+restored from the DVC cache), runs the queue with N workers, shows each cell's stages,
+finishes and failures as they happen, and writes the report. A cell's params are
+*resolved* (HEAD's params.yaml, the base file, ``set`` and the cell's values) and its
+name ends in a hash of them, so an edited base file or ``set`` block makes new cells,
+and adding a value to the grid runs only the new cells. A cell counts as done only when
+its experiment ran on exactly what HEAD would run (:mod:`pipeline.experiments`: the
+experiment's own dvc.lock against HEAD's code and the resolved params); ``grid run``
+refuses a working copy whose tracked files differ from HEAD, naming them. A failed cell
+is reported with its own error line and stays failed (it is not queued again) until its
+inputs change or ``--retry-failed``; ``grid run`` then exits non-zero.
 
 The report (``python -m pipeline grid report FILE``, :mod:`pipeline.grid_report`) reads the finished experiments
 through DVC: their params from the experiment commits, the per-pair score files from
 the DVC cache (``dvc.api``). It never trains. Each *model* is one loss in one cell, its
 runs are the cell's training seeds, and the statistics are those of the single-pipeline
 report (:mod:`pipeline.repeats`): mean and 95% interval over runs and test pairs, and
-Holm-corrected verdicts over every pair of models in a table (same test pairs).
+Holm-corrected verdicts over every pair of models in a table (same test pairs). The
+table must show every dimension that varies (``table.rows`` / ``columns``, with
+``loss`` where a cell trains several losses), else a slot would hold several cells.
 
-Across machines (``grid commands FILE --remote R``): one shell line per cell,
-``dvc exp run -n NAME -S ... && dvc exp push R NAME``, to run anywhere (a cluster job
-array); the report machine then runs ``grid pull FILE --remote R`` (``dvc exp pull``)
-and ``grid report FILE``.
+Across machines (``grid commands FILE --remote R``, with a DVC remote configured): one
+shell line per cell, ``dvc exp run --temp -n NAME -S ... && dvc exp push -r DVCREMOTE R
+NAME``, to run anywhere (a cluster job array; the working copy stays clean); the report
+machine then runs ``grid pull FILE --remote R`` (``dvc exp pull``, refs and data) and
+``grid report FILE``, which names any cell whose data is not in the local cache.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import re
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import yaml
+
+from pipeline import experiments as exps
+from pipeline.experiments import GridError
 
 PSEUDO_DIMENSIONS = ("loss", "variant", "test_set")
 METRICS = {
@@ -65,18 +74,17 @@ METRICS = {
 }
 
 
-class GridError(ValueError):
-    """A grid file that cannot be used, or a grid that cannot run; one line for the user."""
-
-
 # --------------------------------------------------------------------------- grid file
 @dataclass(frozen=True)
 class Cell:
-    """One experiment: its name, the label of each dimension, and its params overrides."""
+    """One experiment: its name, the label of each dimension, its params overrides (``set`` and the
+    cell's values), the ``-S`` arguments that make HEAD's params.yaml its params, and those params."""
 
     name: str
     labels: dict[str, str]
     overrides: dict[str, Any]
+    set_args: tuple[str, ...] = ()
+    params: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -96,7 +104,16 @@ class Grid:
     roc: list[dict[str, str]] = field(default_factory=list)
     roc_by: str | None = None   # one ROC figure per value of this dimension: <value>_<distance>_<norm>.png
 
-    def cells(self) -> list[Cell]:
+    def cells(self, workspace: Path) -> list[Cell]:
+        """Every cell, its params resolved against HEAD's params.yaml in ``workspace`` (the file itself
+        where the folder has no commit yet) by DVC's own ``-S`` code, and named from them."""
+        head_text = exps.show(workspace, "HEAD", "params.yaml")
+        if head_text is None:
+            if not (workspace / "params.yaml").is_file():
+                raise GridError(f"{workspace}: no params.yaml")
+            head_text = (workspace / "params.yaml").read_text()
+        head_tree = yaml.safe_load(head_text) or {}
+        base = self._base_tree(workspace)
         out = []
         labels = [list(values) for values in self.dimensions.values()]
         for combo in itertools.product(*labels):
@@ -104,8 +121,37 @@ class Grid:
             overrides = dict(self.fixed)
             for dim, label in chosen.items():
                 overrides.update(self.dimensions[dim][label])
-            out.append(Cell(_cell_name(self.name, chosen, overrides), chosen, overrides))
+            args = tuple(_set_args(head_tree, base, overrides))
+            try:
+                params = exps.resolve_params(head_text, list(args))
+            except GridError as err:
+                raise GridError(f"{self.path}: cell {chosen}: {err}") from None
+            out.append(Cell(_cell_name(self.name, chosen, params), chosen, overrides, args, params))
         return out
+
+    def _base_tree(self, workspace: Path) -> dict[str, Any]:
+        if self.base is None:
+            return {}
+        path = self.base if self.base.is_absolute() else workspace / self.base
+        if not path.is_file():
+            raise GridError(f"{self.path}: base {self.base} not found")
+        try:
+            tree = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise GridError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise GridError(f"{path}: base params must be a mapping")
+        return tree
+
+    def check_table(self, cells: list[Cell]) -> None:
+        """Refuse a table with a slot that would hold several cells' models: a loss pseudo-dimension that
+        is not laid out while a cell trains several losses (varied dimensions are checked on loading)."""
+        shown = set(self.rows or ["loss"]) | set(self.columns)
+        several = [c for c in cells if len(c.params.get("train_losses") or []) > 1]
+        if "loss" not in shown and several:
+            raise GridError(f"{self.path}: table: dimension 'loss' is not shown but cell {several[0].name} trains "
+                            f"{len(several[0].params['train_losses'])} losses; add 'loss' to table.rows or "
+                            "table.columns")
 
 
 def _label(value: Any) -> str:
@@ -114,9 +160,9 @@ def _label(value: Any) -> str:
     return str(value)
 
 
-def _cell_name(grid: str, labels: dict[str, str], overrides: dict[str, Any]) -> str:
-    """``<grid>-<label>-<label>-<hash>``: readable, a valid git ref name, unique per overrides."""
-    digest = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:6]
+def _cell_name(grid: str, labels: dict[str, str], params: dict[str, Any]) -> str:
+    """``<grid>-<label>-<label>-<hash>``: readable, a valid git ref name, unique per resolved params."""
+    digest = exps.params_digest(params)[:6]
     parts = [re.sub(r"[^A-Za-z0-9_.]+", "_", f"{dim.split('.')[-1]}{label}") for dim, label in labels.items()]
     name = "-".join([grid, *parts, digest])
     return name.replace("..", "_")
@@ -168,6 +214,10 @@ def load_grid(path: str | Path) -> Grid:
     for metric in metrics:
         if metric not in METRICS:
             raise GridError(f"{path}: table.metrics: {metric!r} unknown (known: {', '.join(METRICS)})")
+    for dim, values in dimensions.items():
+        if len(values) > 1 and dim not in rows + columns:
+            raise GridError(f"{path}: table: dimension {dim!r} varies ({len(values)} values) but is in neither "
+                            "table.rows nor table.columns, so its cells would share one slot; add it to one")
     plot = raw.get("plot") or {}
     if plot and plot.get("x") not in dimensions:
         raise GridError(f"{path}: plot.x: {plot.get('x')!r} is not a varied dimension")
@@ -188,6 +238,9 @@ def load_grid(path: str | Path) -> Grid:
 
 
 # ----------------------------------------------------------------------- DVC commands
+GRID_OUTPUT = Path("reports/experiments")
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in tree.items():
@@ -225,26 +278,20 @@ def _exists(tree: dict[str, Any], dotted: str) -> bool:
     return True
 
 
-def set_params(grid: Grid, cell: Cell, workspace: Path) -> list[str]:
-    """``key=value`` overrides that turn the workspace's params.yaml into this cell's params
-    (``+key=value`` for a key params.yaml does not have yet, as DVC's ``-S`` requires)."""
-    current_tree = yaml.safe_load((workspace / "params.yaml").read_text())
-    overrides: dict[str, Any] = {}
-    if grid.base is not None:
-        base_path = grid.base if grid.base.is_absolute() else workspace / grid.base
-        if not base_path.is_file():
-            raise GridError(f"{grid.path}: base {grid.base} not found")
-        current = _flatten(current_tree)
-        for key, value in _flatten(yaml.safe_load(base_path.read_text())).items():
-            if current.get(key, object()) != value:
-                overrides[key] = value
-    overrides.update(cell.overrides)
-    return [f"{'' if _exists(current_tree, key) else '+'}{key}={_value(value)}" for key, value in overrides.items()]
+def _set_args(head: dict[str, Any], base: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+    """``key=value`` overrides that turn HEAD's params tree ``head`` into a cell's params: the keys where
+    the base params differ from it, then the cell's overrides (``+key=value`` for a key params.yaml does
+    not have yet, as DVC's ``-S`` requires)."""
+    current = _flatten(head)
+    wanted = {key: value for key, value in _flatten(base).items() if current.get(key, object()) != value}
+    wanted.update(overrides)
+    return [f"{'' if _exists(head, key) else '+'}{key}={_value(value)}" for key, value in wanted.items()]
 
 
-def cell_command(grid: Grid, cell: Cell, workspace: Path, *, queue: bool = False, remote: str | None = None) -> list[str]:
-    args = ["dvc", "exp", "run"] + (["--queue"] if queue else []) + ["-n", cell.name]
-    for item in set_params(grid, cell, workspace):
+def cell_command(cell: Cell, *, queue: bool = False, temp: bool = False) -> list[str]:
+    """``dvc exp run [--queue | --temp] -n NAME -S ...`` for one cell."""
+    args = ["dvc", "exp", "run"] + (["--queue"] if queue else []) + (["--temp"] if temp else []) + ["-n", cell.name]
+    for item in cell.set_args:
         args += ["-S", item]
     return args
 
@@ -263,124 +310,205 @@ def _dvc(args: list[str], workspace: Path, *, check: bool = True) -> subprocess.
     return result
 
 
-def _code_paths(repo) -> list[str]:
-    """The git-tracked files and folders the stages depend on, with dvc.yaml and params.yaml:
-    what decides an experiment's results besides its params overrides."""
-    paths = {"dvc.yaml", "params.yaml"}
-    for stage in repo.index.stages:
-        for dep in stage.deps:
-            path = str(getattr(dep, "def_path", ""))
-            if path and not path.startswith(("data/", "reports/", "/", "..")) and "://" not in path:
-                paths.add(path)
-    return sorted(paths)
-
-
-def _tree(workspace: Path, commit: str, paths: list[str]) -> tuple[str, ...]:
-    def rev(path: str) -> str:
-        out = subprocess.run(["git", "rev-parse", f"{commit}:{path}"], cwd=workspace, capture_output=True, text=True)
-        return out.stdout.strip()
-
-    return tuple(rev(p) for p in paths)
-
-
-def finished_experiments(workspace: Path) -> dict[str, str]:
-    """Name -> commit of the experiments that stand for the current commit (HEAD).
-
-    An experiment counts when its baseline commit is HEAD, or another commit where every
-    file the stages depend on (code listed in dvc.yaml's deps, ``dvc.yaml``, ``params.yaml``)
-    is the same as at HEAD, so committing a report or a docs change does not make the cells
-    run again, while a change to a stage's code does. HEAD's own experiment wins.
-    """
-    from dvc.repo import Repo
-
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True,
-                          check=True).stdout.strip()
-    with Repo(str(workspace)) as repo:
-        by_baseline = repo.experiments.ls(all_commits=True)
-        code = _code_paths(repo)
-    wanted = _tree(workspace, head, code)
-    out: dict[str, str] = {}
-    for baseline in sorted(by_baseline, key=lambda b: b != head):  # HEAD first
-        if baseline != head and _tree(workspace, baseline, code) != wanted:
-            continue
-        for name, sha in by_baseline[baseline]:
-            if name and sha and name not in out:
-                out[name] = sha
-    return out
-
-
-def queue_status(workspace: Path) -> dict[str, str]:
-    """Name -> status (Queued, Running, Success, Failed) of the DVC queue's tasks."""
-    out = _dvc(["queue", "status"], workspace, check=False).stdout
-    status = {}
-    for line in out.splitlines():
-        m = re.match(r"^\S+\s+(\S+)\s+.*\b(Queued|Running|Success|Failed)\b", line.strip())
-        if m:
-            status[m.group(1)] = m.group(2)
-    return status
-
-
 @dataclass
 class CellState:
     cell: Cell
-    status: str          # done | ran | failed | missing
+    status: str          # done | ran | failed | stale | queued | running | missing
     rev: str | None = None
     error: str = ""
 
 
-def run_grid(grid: Grid, workspace: Path, *, jobs: int = 1, poll: float = 5.0, echo=print) -> list[CellState]:
-    """Queue the cells that have not run, run the queue with ``jobs`` workers, wait; returns each cell's state."""
-    done = finished_experiments(workspace)
-    cells = grid.cells()
-    todo = [c for c in cells if c.name not in done]
-    echo(f"grid {grid.name}: {len(cells)} cells, {len(cells) - len(todo)} already ran, {len(todo)} to run")
+@dataclass
+class Survey:
+    """What exists for each cell now: its experiments, judged against HEAD, and its tasks in DVC's queue."""
+
+    cells: list[Cell]
+    experiments: dict[str, list[exps.Experiment]]
+    tasks: dict[str, list[exps.Task]]
+    head: str
+    code: list[str]      # dvc.yaml and the source dependencies of every cell's stages
+    stages: dict[str, dict[str, dict[str, Any]]]   # cell name -> its expected stages
+
+    def current(self, cell: Cell) -> exps.Experiment | None:
+        """The experiment that stands for the cell (HEAD's own first), or None."""
+        fresh = [e for e in self.experiments.get(cell.name, []) if not e.stale]
+        return min(fresh, key=lambda e: e.baseline != self.head, default=None)
+
+    def stale(self, cell: Cell) -> list[exps.Experiment]:
+        return [e for e in self.experiments.get(cell.name, []) if e.stale]
+
+    def tasks_of(self, cell: Cell, *status: str) -> list[exps.Task]:
+        return [t for t in self.tasks.get(cell.name, []) if t.status in status]
+
+
+def survey(grid: Grid, workspace: Path) -> Survey:
+    cells = grid.cells(workspace)
+    grid.check_table(cells)
+    names = {c.name for c in cells}
+    dvc_yaml = exps.head_dvc_yaml(workspace)
+    stages = {c.name: exps.expected_stages(dvc_yaml, c.params) for c in cells}
+    found = exps.list_experiments(workspace, names)
+    exps.judge(workspace, found, stages, {c.name: c.params for c in cells})
+    experiments: dict[str, list[exps.Experiment]] = {}
+    for exp in found:
+        experiments.setdefault(exp.name, []).append(exp)
+    tasks: dict[str, list[exps.Task]] = {}
+    for task in exps.queue_tasks(workspace):
+        if task.name in names:
+            tasks.setdefault(task.name, []).append(task)
+    return Survey(cells, experiments, tasks, exps.head_rev(workspace), exps.code_paths(list(stages.values())), stages)
+
+
+def _short(stages: list[str]) -> list[str]:
+    """Stage names with matrix / foreach items folded: ['train@*', 'score@*', 'report']."""
+    return list(dict.fromkeys(name.split("@")[0] + ("@*" if "@" in name else "") for name in stages))
+
+
+def _failures(survey_: Survey, cell: Cell, workspace: Path) -> tuple[exps.Task | None, list[str]]:
+    """The cell's failed task that failed on the inputs the cell has now (its newest), and the revs of its
+    other failed tasks (older duplicates, or failures on other code or params), to remove."""
+    failed = sorted(survey_.tasks_of(cell, "Failed"), key=lambda t: exps.git(workspace, "log", "-1", "--format=%ct",
+                                                                              t.rev, check=False).strip())
+    current = [t for t in failed if exps.same_inputs(workspace, t.rev, survey_.code)
+               and exps.resolve_params(exps.show(workspace, t.rev, "params.yaml") or "", []) == cell.params]
+    keep = current[-1] if current else None
+    return keep, [t.rev for t in failed if t is not keep]
+
+
+def _refuse_changes(grid: Grid, workspace: Path, code: list[str], out_root: Path) -> None:
+    allowed = [str(out_root), "configs/grids", str(grid.path)] + ([str(grid.base)] if grid.base else [])
+    folders = {p.split("/")[0] for p in code if "/" in p}
+    changed = exps.working_copy_changes(workspace, folders, allowed)
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise GridError(f"the working copy differs from HEAD in {shown}: a queued cell would run on these changes "
+                        "while its result is reported for HEAD; commit them (or `git stash`) and run again")
+
+
+def run_grid(grid: Grid, workspace: Path, *, jobs: int = 1, poll: float = 5.0, retry_failed: bool = False,
+             out_root: Path = GRID_OUTPUT, echo=print) -> list[CellState]:
+    """Queue the cells that have no current experiment, run the queue with ``jobs`` workers and follow it;
+    returns each cell's state. Cells that failed on their current inputs are not queued again unless
+    ``retry_failed``; stale experiments of a cell's name on HEAD's commit are renamed out of the way."""
+    now = survey(grid, workspace)
+    _refuse_changes(grid, workspace, now.code, out_root)
+    todo, waiting, remove, kept = [], [], [], []
+    for cell in now.cells:
+        if now.current(cell):
+            continue
+        active = now.tasks_of(cell, "Queued", "Running")
+        failed, others = _failures(now, cell, workspace)
+        remove += others
+        if active:
+            waiting += active
+        elif failed and not retry_failed:
+            kept.append((cell, failed))
+        else:
+            remove += [failed.rev] if failed else []
+            todo.append(cell)
+    done = sum(now.current(c) is not None for c in now.cells)
+    echo(f"grid {grid.name}: {len(now.cells)} cells, {done} already ran, {len(todo)} to run"
+         + (f", {len(waiting)} already queued" if waiting else "")
+         + (f", {len(kept)} failed before (not run again)" if kept else ""))
+    for cell, task in kept:
+        echo(f"  {cell.name} failed: {exps.task_error(task)} (retry with --retry-failed once fixed)")
+    exps.remove_tasks(workspace, remove)
     for cell in todo:
-        _dvc(cell_command(grid, cell, workspace, queue=True)[1:], workspace)
+        for exp in now.stale(cell):
+            echo(f"  {cell.name}: experiment {exp.rev[:7]} is stale ({exps.describe_stale(exp.stale)}); running again")
+            if exp.baseline == now.head:
+                echo(f"    (kept as {exps.rename_stale(workspace, exp)})")
+    revs = {t.rev: t.name for t in waiting}
+    uncacheable = exps.without_run_cache(now.stages[todo[0].name]) if todo else []
+    if uncacheable:
+        echo(f"  note: DVC keeps no run-cache for {', '.join(_short(uncacheable))} (an output with cache: false that "
+             "is not a metric or plot), so a cell whose params or code differ from HEAD's dvc.lock reruns them")
+    before = {t.rev for t in exps.queue_tasks(workspace)}
+    for cell in todo:
+        _dvc(cell_command(cell, queue=True)[1:], workspace)
         echo(f"  queued {cell.name}")
-    if todo:
-        _dvc(["queue", "start", "-j", str(jobs)], workspace)
-        names = {c.name for c in todo}
-        started = time.perf_counter()
-        while True:
-            status = {n: s for n, s in queue_status(workspace).items() if n in names}
-            active = [n for n, s in status.items() if s in ("Queued", "Running")]
-            if not active:
-                break
-            echo(f"  {len(names) - len(active)}/{len(names)} cells finished, {time.perf_counter() - started:.0f} s")
-            time.sleep(poll)
+    # the new tasks (a worker still alive from an earlier run may have started one already)
+    revs.update({t.rev: t.name for t in exps.queue_tasks(workspace)
+                 if t.rev not in before and t.name in {c.name for c in todo}})
+    if revs:
+        exps.start_queue(workspace, jobs)
+        try:
+            exps.watch(workspace, revs, jobs=jobs, poll=poll, echo=echo)
+        except KeyboardInterrupt:
+            echo(f"stopped following: the queued cells go on in the background (`dvc queue status`, `dvc queue kill "
+                 f"NAME`); `python -m pipeline grid run {grid.path}` follows them again and writes the report")
+            raise
     return cell_states(grid, workspace, ran={c.name for c in todo})
 
 
 def cell_states(grid: Grid, workspace: Path, ran: set[str] | None = None) -> list[CellState]:
-    done = finished_experiments(workspace)
-    status = queue_status(workspace)
+    """Each cell's state now; GridError naming the cell (and how to fetch it) where a finished cell's
+    score files are not in the local DVC cache."""
+    now = survey(grid, workspace)
     states = []
-    for cell in grid.cells():
-        if cell.name in done:
-            states.append(CellState(cell, "ran" if ran and cell.name in ran else "done", done[cell.name]))
-        elif status.get(cell.name) == "Failed":
-            log = _dvc(["queue", "logs", cell.name], workspace, check=False).stdout.strip().splitlines()
-            errors = [ln for ln in log if "ERROR" in ln or "error:" in ln]
-            states.append(CellState(cell, "failed", error=(errors or log or ["(no log)"])[-1].strip()))
+    for cell in now.cells:
+        exp = now.current(cell)
+        if exp:
+            states.append(CellState(cell, "ran" if ran and cell.name in ran else "done", exp.rev))
+            continue
+        active = now.tasks_of(cell, "Running", "Queued")
+        failed, _ = _failures(now, cell, workspace) if now.tasks_of(cell, "Failed") else (None, [])
+        stale = now.stale(cell)
+        if active:
+            states.append(CellState(cell, active[0].status.lower()))
+        elif failed:
+            states.append(CellState(cell, "failed", error=exps.task_error(failed)))
+        elif stale:
+            states.append(CellState(cell, "stale", error=f"experiment {stale[0].rev[:7]}: "
+                                                         + exps.describe_stale(stale[0].stale)))
         else:
             states.append(CellState(cell, "missing"))
+    locks = {s.cell.name: next(e.lock for e in now.experiments[s.cell.name] if e.rev == s.rev)
+             for s in states if s.rev}
+    for name, missing in exps.missing_outputs(workspace, locks).items():
+        if missing:
+            raise GridError(f"cell {name}: its score files ({', '.join(missing[:2])}"
+                            f"{' ...' if len(missing) > 2 else ''}) are not in the local DVC cache; fetch them with "
+                            f"`python -m pipeline grid pull {grid.path} --remote <git remote>`")
     return states
 
 
-def cluster_commands(grid: Grid, workspace: Path, remote: str) -> list[str]:
-    """One shell line per cell: run it anywhere, then push the experiment (git + DVC cache) to ``remote``."""
-    return [f"{_shell(cell_command(grid, cell, workspace))} && dvc exp push {remote} {cell.name}"
-            for cell in grid.cells()]
+def _require_git_remote(workspace: Path, remote: str) -> None:
+    if not exps.git(workspace, "remote", "get-url", remote, check=False).strip():
+        raise GridError(f"no git remote named {remote!r}; add it with `git remote add {remote} URL`")
 
 
-def pull(grid: Grid, workspace: Path, remote: str, echo=print) -> None:
-    names = [c.name for c in grid.cells()]
-    result = _dvc(["exp", "pull", remote, *names], workspace, check=False)
-    if result.returncode != 0:
-        echo((result.stderr or result.stdout).strip().splitlines()[-1] if (result.stderr or result.stdout).strip()
-             else "dvc exp pull failed")
-    else:
-        echo(f"pulled {len(names)} experiment(s) from {remote}")
+def cluster_commands(grid: Grid, workspace: Path, remote: str, dvc_remote: str | None = None) -> list[str]:
+    """One shell line per cell: run it in a temporary workspace (the working copy stays as it is), then push
+    the experiment's git ref to the git remote ``remote`` and its data to the DVC remote (explicitly)."""
+    _require_git_remote(workspace, remote)
+    store = exps.require_dvc_remote(workspace, dvc_remote)
+    return [f"{_shell(cell_command(cell, temp=True))} && dvc exp push -r {store} {remote} {cell.name}"
+            for cell in grid.cells(workspace)]
+
+
+def pull(grid: Grid, workspace: Path, remote: str, dvc_remote: str | None = None, echo=print) -> int:
+    """Fetch the grid's experiments that ``remote`` has (git refs, and their data from the DVC remote);
+    GridError naming a pulled cell whose score files did not come with it. Returns how many were pulled."""
+    _require_git_remote(workspace, remote)
+    store = exps.require_dvc_remote(workspace, dvc_remote)
+    names = {c.name for c in grid.cells(workspace)}
+    listed = exps.git(workspace, "ls-remote", remote, "refs/exps/*").split()
+    there = sorted({ref.rsplit("/", 1)[-1] for ref in listed if ref.startswith("refs/exps/")} & names)
+    if not there:
+        echo(f"no experiment of grid {grid.name} on {remote} yet ({len(names)} cells)")
+        return 0
+    _dvc(["exp", "pull", "-r", store, remote, *there], workspace)
+    now = survey(grid, workspace)
+    locks = {c.name: exp.lock for c in now.cells if c.name in there and (exp := now.current(c))}
+    for name, missing in exps.missing_outputs(workspace, locks).items():
+        if missing:
+            raise GridError(f"cell {name}: pulled from {remote}, but its score files ({missing[0]}"
+                            f"{' ...' if len(missing) > 1 else ''}) are not on DVC remote {store!r}; push them from "
+                            f"the machine that ran it: `dvc exp push -r {store} {remote} {name}`")
+    echo(f"pulled {len(there)} of {len(names)} experiment(s) of grid {grid.name} from {remote} "
+         f"(data from DVC remote {store})")
+    return len(there)
 
 
 # --------------------------------------------------------------------------- reading

@@ -260,10 +260,11 @@ def test_grid_report_shares_the_statistics_and_prints_agreeing_intervals(reporte
                                     "vary": {"loss.margin": [0.2, 0.5]},
                                     "table": {"rows": ["loss.margin"], "metrics": ["auc", "rank1"]}}))
     grid = grids.load_grid(path)
-    cells = grid.cells()
-    real = {cells[0].name: "softmax", cells[1].name: "arcface"}
     tree = yaml.safe_load(yaml.safe_dump(params.model_dump(mode="json"))) | {"train_losses": ["arcface"],
                                                                               "pretrained": {}}
+    (root / "params.yaml").write_text(yaml.safe_dump(tree))  # the params the cells are resolved against
+    cells = grid.cells(root)
+    real = {cells[0].name: "softmax", cells[1].name: "arcface"}
 
     _CellSource.real, _CellSource.tree = real, tree
     saved = grids.ExperimentRuns
