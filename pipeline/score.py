@@ -49,6 +49,7 @@ import pandas as pd
 
 from pipeline import paths
 from pipeline.config import VALIDATION_SOURCE, ConfigError, Params, ScoreParams, ThresholdParams
+from pipeline.datasets import DatasetError
 from pipeline.distances import PairDistance
 from pipeline.io import atomic_dir, write_csv, write_json
 from pipeline.metrics import (_json_float, apply_threshold, choose_threshold, min_negatives_for_fpr,
@@ -111,9 +112,8 @@ def score_set(pairs: pd.DataFrame, embeddings: dict[str, np.ndarray], params: Sc
         "labelled": labelled,
     }
     if labelled and with_metrics and (complete.sum() < 2 or len(np.unique(labels)) < 2):
-        raise ValueError(
-            f"only {int(complete.sum())} pairs have both images after detection; cannot score this test set"
-        )
+        raise DatasetError(f"only {int(complete.sum())} pairs have both images after detection (and both labels "
+                           "among them); cannot score this test set: look at its detection counts and rejects.csv")
     if labelled and with_metrics:
         metrics["rank1"] = rank1_identification(emb, list(embeddings["identities"]))
     out = ScoredSet(labelled, complete, {}, metrics, {}, labels)
