@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-METRIC_GLOBS = ["reports/metrics/*.json", "reports/train/*/metrics.json", "reports/detection.json", "reports/summary.json",
-                "reports/alignment.json", "reports/comparison.csv"]
+METRIC_GLOBS = ["reports/metrics/*/*.json", "reports/train/*/metrics.json", "reports/detection/*.json",
+                "reports/summary.json", "reports/alignment/*.json", "reports/comparison.csv"]
 
 
 def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> tuple[float, str]:

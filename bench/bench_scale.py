@@ -48,6 +48,7 @@ TAIL_EXPONENT = 0.5
 # Two losses: the report compares models and stops with a single one (KeyError 'test_set' in
 # report.py when there is no pair of models to compare).
 LOSSES = ("arcface", "softmax")
+TEST_SET = "heldout"
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -188,7 +189,7 @@ def make_project(work: Path, label: str, train: Path, test: Path, pairs_csv: Pat
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"]["train"] = {"kind": "folder", "path": str(train)}
-    params["data"]["tests"] = {"heldout": {"kind": "pairs_csv", "path": str(pairs_csv), "root": str(test)}}
+    params["data"]["tests"] = {TEST_SET: {"kind": "pairs_csv", "path": str(pairs_csv), "root": str(test)}}
     params["seeds"]["train"] = [0]
     params["train_losses"] = list(LOSSES)
     params["train"]["epochs"] = 1
@@ -236,23 +237,29 @@ def tree_size(path: Path) -> tuple[int, int]:
 
 
 def stage_list(images_of: dict[str, int]) -> list[tuple[str, list[str], int, str, list[str]]]:
-    """(DVC stage, command, units processed, unit, outputs) in pipeline order."""
+    """(DVC stage, command, units processed, unit, outputs) in pipeline order: each data set's
+    data, detect, align and shard stages, then per loss its training run and the test set's
+    embed and score stages."""
     py = [sys.executable, "-m", "pipeline"]
-    stages = [
-        ("data", py + ["data", "--no-progress"], images_of["all"], "images", ["data/datasets"]),
-        ("detect", py + ["detect", "--no-progress"], images_of["all"], "images", ["data/detect"]),
-        ("align", py + ["align", "--no-progress"], images_of["faces"], "faces", ["data/aligned"]),
-        ("shard", py + ["shard", "--no-progress"], images_of["faces"], "faces", ["data/shards"]),
-        ("recipes", py + ["recipes"], 1, "recipes", ["data/recipes"]),
-    ]
+    stages = []
+    for kind, unit, outs in (("data", "images", "data/datasets"), ("detect", "images", "data/detect"),
+                             ("align", "faces", "data/aligned"), ("shard", "faces", "data/shards")):
+        units = "all" if unit == "images" else "faces"
+        for name, stage in (("train", f"{kind}_train"), (TEST_SET, f"{kind}@{TEST_SET}")):
+            share = images_of[f"{units}_{name}"]
+            stages.append((stage, py + [kind, name, "--no-progress"], share, unit, [f"{outs}/{name}"]))
+    stages.append(("recipes", py + ["recipes"], 1, "recipes", ["data/recipes"]))
     for loss in LOSSES:
+        run = f"{loss}-0"
         stages += [
-            (f"train@{loss}-0", py + ["train", loss, "--seed", "0", "--no-progress"], images_of["train"],
-             "training images (1 epoch)", [f"data/models/{loss}-0"]),
-            (f"embed@{loss}-0", py + ["embed", loss, "--seed", "0"], images_of["test"], "test images",
-             [f"data/embeddings/{loss}-0"]),
-            (f"score@{loss}-0", py + ["score", loss, "--seed", "0"], images_of["pairs"], "pairs",
-             [f"data/scores/{loss}-0"]),
+            (f"train@{run}", py + ["train", loss, "--seed", "0", "--no-progress"], images_of["train"],
+             "training images (1 epoch)", [f"data/models/{run}"]),
+            (f"embed_train@{run}", py + ["embed-train", loss, "--seed", "0"], images_of["train"],
+             "training images (validation, angles)", [f"data/embeddings/{run}/validation", f"data/embeddings/{run}/train"]),
+            (f"embed@{run}-{TEST_SET}", py + ["embed", loss, "--seed", "0", "--set", TEST_SET], images_of["test"],
+             "test images", [f"data/embeddings/{run}/{TEST_SET}"]),
+            (f"score@{run}-{TEST_SET}", py + ["score", loss, "--seed", "0", "--set", TEST_SET], images_of["pairs"],
+             "pairs", [f"data/scores/{run}/{TEST_SET}"]),
         ]
     return stages + [("report", py + ["report"], images_of["pairs"] * len(LOSSES), "pairs x models",
                       ["reports/index.md"])]
@@ -309,8 +316,8 @@ def main() -> None:
                                 text=True).stdout.strip() or "reflink,copy (default)"
     say(f"project: {project} (align.size 112, {' and '.join(LOSSES)}, 1 epoch, 1 seed, smallcnn; "
         f"dvc cache.type {cache_type})")
-    units = {"all": args.images + n_test, "faces": args.images + n_test, "train": args.images, "test": n_test,
-             "pairs": n_pairs}
+    units = {"all_train": args.images, f"all_{TEST_SET}": n_test, "faces_train": args.images,
+             f"faces_{TEST_SET}": n_test, "train": args.images, "test": n_test, "pairs": n_pairs}
     with open(project / "stages.log", "w") as log:
         startup = measured([sys.executable, "-m", "pipeline", "validate"], project, log)
     say(f"startup of one stage process (python -m pipeline validate: imports, params check): "
@@ -321,9 +328,9 @@ def main() -> None:
     results = []
     with open(project / "stages.log", "a") as log:
         for stage, cmd, n, unit, outs in stage_list(units):
-            if stage in ("align", "shard"):  # the faces that detection kept
-                detection = json.loads((project / "reports" / "detection.json").read_text())
-                n = units["faces"] = sum(v["faces"] for v in detection.values())
+            if stage.startswith(("align", "shard")):  # the faces that detection kept
+                name = cmd[-2]
+                n = json.loads((project / "reports" / "detection" / f"{name}.json").read_text())["faces"]
             log.write(f"\n===== {stage}: {' '.join(cmd)}\n")
             log.flush()
             usage = measured(cmd, project, log)

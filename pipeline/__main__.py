@@ -7,6 +7,7 @@ one line and exit status 2 before anything is written.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import cpu
+import time as _time
+
+_STARTED = _time.time()  # before any import that takes time: a command's wall time includes its imports
+
+from pipeline import cpu  # noqa: E402
 
 cpu.pin_instruction_set()  # before numpy / cv2 / torch load: same kernels on every x86-64 host
 
@@ -43,14 +48,24 @@ def stage(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pipeline.restore import after_failure
+
         try:
             return func(*args, **kwargs)
         except ConfigError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {err}{after_failure()}", err=True)
             raise typer.Exit(2) from None
         except _user_errors() as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {err}{after_failure()}", err=True)
             raise typer.Exit(1) from None
+        except typer.Exit as done:  # e.g. the exit status of a torchrun child
+            if done.exit_code:
+                after_failure()
+            raise
+        except BaseException:
+            # a crash or Ctrl-C under DVC: put the previous outputs back before the traceback
+            after_failure()
+            raise
 
     return wrapper
 
@@ -68,70 +83,82 @@ def validate(params_file: Path = ParamsOption) -> None:
     typer.echo(f"{params_file}: ok ({len(params.train_losses)} losses: {', '.join(params.train_losses)})")
 
 
+SetArgument = typer.Argument(None, help="A data set: train, or a test set named in data.tests "
+                                         "(omit for every set, one after the other).")
+
+
+def _sets(params: Params, name: str | None) -> list[str]:
+    if name is None:
+        return params.data_sets
+    params.data_spec(name)  # ConfigError naming the configured sets
+    return [name]
+
+
 @app.command()
 @stage
-def data(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Resolve the configured datasets (and generate the synthetic one) into index tables."""
+def data(name: str = SetArgument, params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Resolve one configured data set (synthetic faces generated, .bin faces unpacked) into index tables."""
     from pipeline.data import run_data
 
-    resolved = run_data(_params(params_file), paths.DATASETS, progress=progress)
-    for name, image_set in resolved.items():
+    params = _params(params_file, check_models=False)
+    for set_name in _sets(params, name):
+        image_set = run_data(params, set_name, progress=progress)
         pairs = "" if image_set.pairs is None else f", {len(image_set.pairs)} pairs"
         pairs += "" if image_set.labelled else " without labels (predicted only)"
-        typer.echo(f"{name}: {len(image_set.images)} images of {len(image_set.identities)} identities{pairs}")
+        typer.echo(f"{set_name}: {len(image_set.images)} images of {len(image_set.identities)} identities{pairs}")
 
 
 @app.command()
 @stage
-def detect(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Detect one face (MTCNN, 5 landmarks) per image of every set; count what is dropped."""
+def detect(name: str = SetArgument, params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Detect one face (MTCNN, 5 landmarks) per image of a data set; count what is dropped."""
     from pipeline.data import read_index, read_precropped
     from pipeline.detect import plan_detect, run_detect
 
-    params = _params(params_file)
-    plan = plan_detect(params.detect)  # detect.device: cuda without a GPU stops here, before any reading
-    sets = {name: read_index(paths.DATASETS, name).images for name in ["train", *params.data.tests]}
-    precropped = read_precropped(paths.DATASETS)
-    counts = run_detect(params.detect, sets, paths.DETECT, paths.DETECTION_COUNTS, progress=progress, plan=plan,
-                        precropped=set(precropped))
-    for name, c in counts.items():
+    params = _params(params_file, check_models=False)
+    for set_name in _sets(params, name):
+        detect_params = params.detect_for(set_name)
+        plan = plan_detect(detect_params)  # detect.device: cuda without a GPU stops here, before any reading
+        precropped = read_precropped(set_name) is not None
+        c = run_detect(detect_params, set_name, read_index(set_name).images, paths.detect_dir(set_name),
+                       paths.detection_counts(set_name), progress=progress, plan=plan, precropped=precropped)
         kept = "pre-cropped images, not detected" if c.get("precropped") else "faces"
-        typer.echo(f"{name}: {c['images']} -> {c['faces']} {kept} ({c['dropped']} dropped)")
+        typer.echo(f"{set_name}: {c['images']} -> {c['faces']} {kept} ({c['dropped']} dropped)")
 
 
 @app.command()
 @stage
-def align(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Warp every detected face onto the 5-point ArcFace template; write a contact sheet."""
-    import pandas as pd
-
+def align(name: str = SetArgument, params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Warp every detected face of a data set onto the 5-point ArcFace template; write its contact sheet."""
     from pipeline.align import Crop, run_align
     from pipeline.data import read_precropped
+    from pipeline.detect import read_detections
 
-    params = _params(params_file)
-    detections = {name: pd.read_parquet(paths.DETECT / f"{name}.parquet") for name in ["train", *params.data.tests]}
-    crops = {name: Crop(mode, fraction) for name, (mode, fraction) in read_precropped(paths.DATASETS).items()}
-    stats = run_align(params.align, detections, paths.ALIGNED, paths.CONTACT_SHEET, paths.ALIGNMENT_STATS,
-                      seed=params.seeds.data, progress=progress, crops=crops)
-    for name, s in stats.items():
+    params = _params(params_file, check_models=False)
+    for set_name in _sets(params, name):
+        crop = read_precropped(set_name)
+        s = run_align(params.align, set_name, read_detections(paths.detect_dir(set_name)),
+                      paths.aligned_dir(set_name), paths.contact_sheet(set_name), paths.alignment_stats(set_name),
+                      seed=params.seeds.data, progress=progress, crop=None if crop is None else Crop(*crop))
         if s.get("precropped"):
-            typer.echo(f"{name}: {s['aligned']} pre-cropped faces resized ({s['crop']}) to {s['output_size']} px")
+            typer.echo(f"{set_name}: {s['aligned']} pre-cropped faces resized ({s['crop']}) to {s['output_size']} px")
         else:
-            typer.echo(f"{name}: {s['aligned']} aligned, mean landmark residual {s['residual_mean_px'] or 0:.2f} px")
+            typer.echo(f"{set_name}: {s['aligned']} aligned, mean landmark residual {s['residual_mean_px'] or 0:.2f} px")
 
 
 @app.command()
 @stage
-def shard(params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Pack the aligned faces into Parquet / WebDataset shards with a manifest."""
+def shard(name: str = SetArgument, params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Pack the aligned faces of a data set into Parquet / WebDataset shards with a manifest."""
     from pipeline.data import read_index
     from pipeline.shards import run_shard
 
-    params = _params(params_file)
-    pairs = {name: _pairs_with_paths(read_index(paths.DATASETS, name)) for name in ["train", *params.data.tests]}
-    manifests = run_shard(params.shard, paths.ALIGNED, pairs, paths.SHARDS, progress=progress)
-    for name, m in manifests.items():
-        typer.echo(f"{name}: {m['images']} images, {m['identities']} identities, {len(m['files'])} shard file(s)")
+    params = _params(params_file, check_models=False)
+    for set_name in _sets(params, name):
+        pairs = _pairs_with_paths(read_index(set_name))
+        m = run_shard(params.shard, set_name, paths.aligned_dir(set_name), pairs, paths.shards_dir(set_name),
+                      progress=progress)
+        typer.echo(f"{set_name}: {m['images']} images, {m['identities']} identities, {len(m['files'])} shard file(s)")
 
 
 def _pairs_with_paths(image_set):
@@ -162,7 +189,7 @@ def augment_preview(params_file: Path = ParamsOption) -> None:
     from pipeline.augment import write_preview
 
     params = _params(params_file, check_models=False)
-    target = write_preview(params.train.augment, paths.SHARDS / "train", paths.AUGMENT_PREVIEW,
+    target = write_preview(params.train.augment, paths.shards_dir("train"), paths.AUGMENT_PREVIEW,
                            grayscale_model=params.model.grayscale)
     typer.echo(f"wrote {target}")
 
@@ -220,21 +247,48 @@ def _run_of(params: Params, model: str, seed: int | None) -> str:
     return run
 
 
+TestSetOption = typer.Option(..., "--set", help="A test set named in data.tests.")
+
+
+def _test_set(params: Params, name: str) -> str:
+    if name not in params.data.tests:
+        raise ConfigError(f"--set {name}: not a test set of data.tests ({', '.join(params.data.tests)})")
+    return name
+
+
 @app.command()
 @stage
 def embed(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
-          params_file: Path = ParamsOption) -> None:
-    """Embed every test image with the model of run LOSS-SEED (raw vectors, optional flip fusion), and the
-    run's validation pairs (the trainer's split, rebuilt from data/recipes/LOSS.json and the train shards)."""
+          test_set: str = TestSetOption, params_file: Path = ParamsOption) -> None:
+    """Embed one test set with the model of run LOSS-SEED (raw vectors, optional flip fusion) into
+    data/embeddings/RUN/SET."""
     from pipeline.embed import run_embed
-    from pipeline.recipes import read_recipe
 
     params = _params(params_file)
     run = _run_of(params, model, seed)
     if model in params.pretrained:
         raise ConfigError(f"{model} is a pretrained model; its stage is embed-pretrained {model}")
-    run_embed(params.embed, paths.model_dir(run) / "model.pt", paths.SHARDS, paths.embeddings_dir(run),
-              recipe=read_recipe(paths.recipe_file(model)))
+    name = _test_set(params, test_set)
+    run_embed(params.embed, paths.model_dir(run) / "model.pt", paths.shards_dir(name),
+              paths.set_embeddings(run, name), name=name)
+
+
+@app.command("embed-train")
+@stage
+def embed_train(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
+                params_file: Path = ParamsOption) -> None:
+    """Embed run LOSS-SEED's validation pairs (the trainer's split, rebuilt from data/recipes/LOSS.json and the
+    train shards) and the angle distributions of its training faces."""
+    from pipeline.embed import run_embed_train
+    from pipeline.recipes import read_recipe
+
+    params = _params(params_file)
+    run = _run_of(params, model, seed)
+    if model in params.pretrained:
+        raise ConfigError(f"{model} is a pretrained model: it has no training set")
+    run_embed_train(params.embed, paths.model_dir(run) / "model.pt", paths.shards_dir("train"),
+                    read_recipe(paths.recipe_file(model)), paths.set_embeddings(run, paths.VALIDATION),
+                    paths.set_embeddings(run, paths.TRAIN_ANGLES))
 
 
 @app.command("pretrained-model")
@@ -254,30 +308,34 @@ def pretrained_model(name: str = typer.Argument(..., help="A model named in para
 @app.command("embed-pretrained")
 @stage
 def embed_pretrained(name: str = typer.Argument(..., help="A model named in params.yaml pretrained."),
-                     params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
-    """Embed every test image with an off-the-shelf model: dlib's ResNet from the original images, or a facepipe
+                     test_set: str = TestSetOption, params_file: Path = ParamsOption,
+                     progress: bool = ProgressOption) -> None:
+    """Embed one test set with an off-the-shelf model: dlib's ResNet from the original images, or a facepipe
     model.pt from elsewhere (kind facepipe) from the shards, like a trained run."""
     from pipeline.embed import run_embed_pretrained
 
     params = _params(params_file)
     if name not in params.pretrained:
         raise ConfigError(f"{params_file}: pretrained.{name} is not configured")
-    run_embed_pretrained(name, params.pretrained[name], paths.DETECT, paths.SHARDS, paths.embeddings_dir(name),
-                         progress=progress, embed=params.embed)
+    set_name = _test_set(params, test_set)
+    run_embed_pretrained(name, params.pretrained[name], set_name, paths.detect_dir(set_name),
+                         paths.shards_dir(set_name), paths.set_embeddings(name, set_name), progress=progress,
+                         embed=params.embed)
 
 
 @app.command()
 @stage
 def score(model: str = typer.Argument(..., help="A loss in train_losses, or a pretrained model."),
-          seed: int = SeedOption, params_file: Path = ParamsOption) -> None:
-    """Score every test pair of one run: distance x test-time normalisation; per-pair files, metrics,
-    the fixed threshold (score.threshold) and the prediction files of the primary variant."""
-    from pipeline.score import run_score
+          seed: int = SeedOption, test_set: str = TestSetOption, params_file: Path = ParamsOption) -> None:
+    """Score one test set of one run: distance x test-time normalisation; per-pair files, metrics, the fixed
+    threshold (score.threshold) and the prediction file of the primary variant."""
+    from pipeline.score import run_score, threshold_source
 
     params = _params(params_file, check_models=False)  # no PyTorch: scoring starts in a fraction of the time
     run = _run_of(params, model, seed)
-    run_score(params.score, paths.embeddings_dir(run), paths.SHARDS, paths.scores_dir(run),
-              paths.metrics_file(run), seed=params.seeds.data, run=run,
+    name = _test_set(params, test_set)
+    run_score(params.score, name, paths.set_embeddings(run, name), threshold_source(params, model, run),
+              paths.set_scores(run, name), paths.metrics_file(run, name), seed=params.seeds.data, run=run,
               primary=(params.report.primary_distance, params.report.primary_normalize))
 
 
@@ -340,6 +398,98 @@ def export(fmt: str = typer.Argument(..., help="rec (any set) or bin (a test set
     from pipeline.export import run_export
 
     typer.echo(run_export(fmt, source, out))
+
+
+BenchOption = typer.Option(..., "--bench", help="A benchmark named in params.yaml benchmarks.")
+
+
+def _bench(params: Params, name: str):
+    if name not in params.benchmarks:
+        raise ConfigError(f"--bench {name}: not a benchmark of params.yaml benchmarks "
+                          f"({', '.join(params.benchmarks) or 'none configured'})")
+    return params.benchmarks[name]
+
+
+@app.command("bench-embed")
+@stage
+def bench_embed(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
+                bench: str = BenchOption, params_file: Path = ParamsOption,
+                progress: bool = ProgressOption) -> None:
+    """Embed every image of a benchmark (IJB: aligned with its landmarks; distractors: probes and
+    distractors) with the model of run LOSS-SEED into data/protocols/BENCH/RUN/features."""
+    from pipeline.protocols.stages import run_distractor_embed, run_ijb_embed
+
+    params = _params(params_file)
+    run = _run_of(params, model, seed)
+    spec = _bench(params, bench)
+    embed = run_ijb_embed if spec.kind == "ijb" else run_distractor_embed
+    info = embed(paths.model_dir(run) / "model.pt", spec.path, paths.protocol_dir(bench, run) / "features",
+                 params.protocol_params(), device=params.embed.device if params.embed.device != "auto" else "cpu",
+                 progress=progress)
+    typer.echo(f"{bench} ({spec.kind}) with {run}: {json.dumps(info)}")
+
+
+@app.command("bench-eval")
+@stage
+def bench_eval(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
+               bench: str = BenchOption, params_file: Path = ParamsOption, progress: bool = ProgressOption) -> None:
+    """Evaluate run LOSS-SEED on a benchmark from its features: IJB 1:1 (ROC, TPR@FPR) and 1:N (CMC, TPIR);
+    distractors: rank-1 and CMC as the gallery grows; with the subject resamples of the intervals."""
+    from pipeline.protocols.stages import run_distractor_eval, run_ijb_eval
+
+    params = _params(params_file, check_models=False)
+    run = _run_of(params, model, seed)
+    spec = _bench(params, bench)
+    evaluate = run_ijb_eval if spec.kind == "ijb" else run_distractor_eval
+    folder = paths.protocol_dir(bench, run)
+    metrics = evaluate(folder / "features", spec.path, folder / "eval", params.protocol_params(), progress=progress)
+    typer.echo(f"{bench} ({spec.kind}) with {run}: {json.dumps(metrics.get('values', metrics), default=str)[:400]}")
+
+
+@app.command("bench-report")
+@stage
+def bench_report(bench: str = typer.Argument(..., help="A benchmark named in params.yaml benchmarks."),
+                 params_file: Path = ParamsOption) -> None:
+    """Every model's intervals over its runs and the benchmark's subjects, and paired Holm verdicts, into
+    reports/protocols/BENCH (summary.md, summary.json)."""
+    from pipeline.protocols.stages import summarise
+
+    params = _params(params_file, check_models=False)
+    _bench(params, bench)
+    runs = {loss: [paths.protocol_dir(bench, run) / "eval" for run in params.runs[loss]]
+            for loss in params.train_losses}
+    summarise(runs, paths.protocol_report(bench), params.protocol_params())
+    typer.echo(f"wrote {paths.protocol_report(bench) / 'summary.md'}")
+
+
+@app.command()
+@stage
+def miniature(kind: str = typer.Argument(..., help="insightface, ijb or distractors."),
+              out: Path = typer.Argument(..., help="Folder to write it in, e.g. data/miniature/insightface."),
+              seed: int = typer.Option(0, "--seed", help="Seed of the synthetic faces.")) -> None:
+    """Write a small synthetic data set in a layout of the field (from the built-in synthetic faces), to try
+    the pipeline's readers end to end: insightface (a .rec training set and three .bin benchmarks, for
+    configs/insightface-synth.yaml), ijb (an IJB-C-shaped release folder) or distractors (MegaFace-style probes
+    and distractors), for configs/benchmarks-synth.yaml."""
+    if kind == "insightface":
+        from pipeline.datasets.insightface_synth import write_miniature
+
+        for name, count in write_miniature(out, seed=seed).items():
+            typer.echo(f"{name}: {count} {'images' if name == 'train' else 'pairs'}")
+    elif kind == "ijb":
+        from pipeline.datasets.ijb_synth import write_ijb_miniature
+
+        truth = write_ijb_miniature(out, seed=seed, subjects=24, probe_templates=2)
+        typer.echo(f"ijb: {len(truth.images)} images of {len(truth.template_subject)} templates, "
+                   f"{len(truth.pairs)} template pairs in {out}")
+    elif kind == "distractors":
+        from pipeline.datasets.ijb_synth import write_distractor_miniature
+
+        truth = write_distractor_miniature(out, seed=seed, identities=20, images_per_identity=4, distractors=400)
+        typer.echo(f"distractors: {len(truth.probes)} probe images of {len(set(truth.identities))} identities, "
+                   f"{len(truth.distractors)} distractors in {out}")
+    else:
+        raise ConfigError(f"miniature {kind!r}: unknown kind; expected insightface, ijb or distractors")
 
 
 @app.command()
@@ -433,8 +583,83 @@ def grid_pull(grid_file: Path = GridFile, remote: str = typer.Option("origin", "
     pull(load_grid(grid_file), Path.cwd(), remote, dvc_remote, echo=typer.echo)
 
 
+#: Options whose value is a path (made absolute before moving to the project root).
+PATH_OPTIONS = {"--params", "-p", "--pairs", "--model", "-m", "--out", "-o", "--root", "--shards"}
+
+
+def project_root(start: Path) -> Path | None:
+    """The nearest folder at or above ``start`` holding dvc.yaml and params.yaml, or None."""
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "params.yaml").is_file():
+            return folder
+    return None
+
+
+def _from_project_root(argv: list[str]) -> list[str]:
+    """Run from the project root when started in a folder inside it (the stages read and write
+    paths relative to the root): the arguments that name files are made absolute first."""
+    here = Path.cwd()
+    root = project_root(here)
+    if root is None or root == here:
+        return argv
+    out = []
+    for k, arg in enumerate(argv):
+        after_path_option = k > 0 and argv[k - 1] in PATH_OPTIONS and "://" not in arg and not arg.startswith("pipe:")
+        if after_path_option or (not arg.startswith("-") and (here / arg).exists()):
+            arg = str((here / arg).resolve())
+        out.append(arg)
+    os.chdir(root)
+    return out
+
+
+@app.command()
+@stage
+def claims(reports: Path = typer.Option(Path("reports"), "--reports", help="The reports folder to read."),
+           out: Path = typer.Option(None, "--out", help="Where to write (default REPORTS/claims.md).")) -> None:
+    """The studies' claims as a scoreboard (reports/claims.md), computed from the committed reports."""
+    from pipeline.claims import run_claims
+
+    for row in run_claims(reports, out):
+        typer.echo(f"{row.claim.key}: {row.verdict}")
+
+
+tune_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="Each loss's recipe from its tuning grid, selected on validation pairs only.")
+app.add_typer(tune_app, name="tune")
+
+
+@tune_app.command("select")
+@_grid
+def tune_select(grids: list[Path] = typer.Argument(..., help="Tuning grid files, e.g. configs/grids/tune-*.yaml."),
+                out: Path = typer.Option(Path("reports/experiments/tuning"), "--out", help="Report folder."),
+                apply: bool = typer.Option(False, "--apply", help="Write each selected recipe into params.yaml.")
+                ) -> None:
+    """Judge every configuration of each loss's tuning grid on its validation pairs, select one recipe per
+    loss by the same rule for all, write the tuning report (and, with --apply, the recipes into params.yaml)."""
+    from pipeline.tuning import run_select
+
+    run_select(grids, Path.cwd(), out, apply_to=Path("params.yaml") if apply else None, echo=typer.echo)
+
+
 def main() -> None:
-    app()
+    sys.argv[1:] = _from_project_root(sys.argv[1:])
+    log = os.environ.get("FACEPIPE_STAGE_TIMES")
+    if not log:
+        app()
+        return
+    # bench/bench_default_run.py: one JSON line per command (its wall time, from the interpreter's start)
+    import time
+
+    status = 0
+    try:
+        app()
+    except SystemExit as done:
+        status = done.code if isinstance(done.code, int) else 1
+        raise
+    finally:
+        with open(log, "a") as handle:
+            handle.write(json.dumps({"command": sys.argv[1:], "seconds": round(time.time() - _STARTED, 3),
+                                     "status": status}) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Stage ``align``: warp each detected face onto the ArcFace 5-point template.
+"""Stage ``align_train`` / ``align@SET``: warp each detected face of one data set onto the ArcFace
+5-point template.
 
 The transform is the least-squares *non-reflective similarity* (rotation, uniform
 scale, translation) that maps the 5 detected landmarks onto the template, solved in
@@ -13,15 +14,16 @@ square, ``crop_fraction`` of the shorter side, is cut out and resized (``crop: c
 (:func:`resize_crop`). Their residual is empty, and their entry in the statistics adds
 ``precropped``, ``crop``, ``crop_fraction``, ``source_sizes`` and ``output_size``.
 
-Output, per set (packed: a few large files instead of one file per face, so DVC hashes,
-caches and checks out ``data/aligned`` in seconds at CASIA scale)::
+Output of set SET (packed: a few large files instead of one file per face, so DVC hashes,
+caches and checks out ``data/aligned/SET`` in seconds at CASIA scale), with its statistics in
+``reports/alignment/SET.json`` and its contact sheet in ``reports/figures/contact_sheets/SET.png``::
 
-    OUT/<set>/_index.csv          image_id, identity, source_path, file, residual, error, part
-    OUT/<set>/part-00000.parquet  file (``<identity>/<name>.jpg``), image (JPEG bytes; null
-                                  where alignment failed), residual, error; one per chunk
+    data/aligned/SET/_index.csv          image_id, identity, source_path, file, residual, error, part
+    data/aligned/SET/part-00000.parquet  file (``<identity>/<name>.jpg``), image (JPEG bytes; null
+                                         where alignment failed), residual, error; one per chunk
 
 :func:`aligned_images` reads a set back in index order (also the earlier layout of one
-JPEG file per face, ``OUT/<set>/<identity>/<name>.jpg``, and :func:`unpack_aligned`
+JPEG file per face, ``<set>/<identity>/<name>.jpg``, and :func:`unpack_aligned`
 writes that layout from the packed one, for tools that want an ImageFolder).
 
 Work is spread over :func:`pipeline.cpu.thread_count` worker processes (:func:`worker_pool`):
@@ -30,7 +32,7 @@ spent in calls that release the GIL (JPEG decoding, the warp, encoding), which w
 threads at about 2x whatever the number of cores. The bytes do not depend on the number of
 workers. Resumable like
 detect (:mod:`pipeline.chunks`): each chunk of ``chunk_size`` faces is written to
-``data/.partial/aligned/`` when it is done, and a rerun after a crash reuses it; the parts
+``data/aligned/.partial/SET/`` when it is done, and a rerun after a crash reuses it; the parts
 of the output are hard links to those chunk files (no copy), and the staging folder is
 removed once the output is complete.
 """
@@ -56,7 +58,9 @@ from pipeline import cpu
 from pipeline.chunks import ChunkStore, chunk_ranges, digest, file_digests, library_versions, source_digest, staging_dir
 from pipeline.config import AlignParams
 from pipeline.detect import KEPT, PRECROPPED, landmarks_of, size_counts
-from pipeline.images import BadImage, load_rgb
+from pipeline.images import BadImage, decode_bytes, load_rgb, read_image_bytes
+
+JPEG_MAGIC = b"\xff\xd8\xff"
 from pipeline.io import atomic_dir, atomic_file, write_csv, write_json
 
 INDEX = "_index.csv"
@@ -172,10 +176,20 @@ def _file_names(rows: pd.DataFrame) -> list[str]:
 
 
 def _align_one(task: tuple[str, np.ndarray, int, int, Crop | None]) -> tuple[bytes | None, float, str]:
-    """One face: ``(JPEG bytes or None, residual, error)``."""
+    """One face: ``(JPEG bytes or None, residual, error)``.
+
+    A pre-cropped JPEG that is already ``size`` x ``size`` (an insightface set at ``align.size:
+    112``) keeps its bytes: decoded once to check it, never re-encoded (lossless, and the shards
+    then hold the very bytes of the source)."""
     path, points, size, quality, crop = task
     try:
-        image, _ = load_rgb(path)
+        if crop is not None and crop.mode == "resize":
+            data = read_image_bytes(path)
+            image, _ = decode_bytes(data, path)
+            if data.startswith(JPEG_MAGIC) and image.shape[:2] == (size, size):
+                return data, float("nan"), ""
+        else:
+            image, _ = load_rgb(path)
         if crop is None:
             face, residual = align_face(image, points, size)
         else:
@@ -216,6 +230,12 @@ class Workers:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _align_chunk(rows: pd.DataFrame, names: list[str], points: np.ndarray, params: AlignParams, crop: Crop | None,
@@ -386,77 +406,60 @@ def contact_sheet(crops: list[np.ndarray], captions: list[str], *, columns: int 
     return sheet
 
 
-def run_align(params: AlignParams, detections: dict[str, pd.DataFrame], out_dir: str | Path,
+def run_align(params: AlignParams, name: str, detections: pd.DataFrame, out_dir: str | Path,
               sheet_path: str | Path, stats_path: str | Path, *, seed: int = 0, progress: bool = True,
-              crops: dict[str, Crop] | None = None, threads: int | None = None,
-              staging: str | Path | None = None) -> dict:
-    """Align every set; write the packed crops, the contact sheet and residual statistics.
+              crop: Crop | None = None, threads: int | None = None, staging: str | Path | None = None) -> dict:
+    """Align data set ``name``; write its packed crops, its contact sheet and its residual statistics.
 
-    ``crops`` names the pre-cropped sets and how to crop them. Chunks are staged in
-    ``staging`` (default :func:`pipeline.chunks.staging_dir` of ``out_dir``:
-    ``data/.partial/aligned``), which is removed once the output is complete.
+    ``crop``: the set is pre-cropped, and how to crop it. Chunks are staged in ``staging``
+    (default :func:`pipeline.chunks.staging_dir` of ``out_dir``: ``data/aligned/.partial/NAME``),
+    which is removed once the output is complete.
     """
     out_dir = Path(out_dir)
-    crops = crops or {}
     store_root = staging_dir(out_dir) if staging is None else Path(staging)
-    key = stage_key(params)
-    stats: dict[str, dict] = {}
-    indexes: dict[str, pd.DataFrame] = {}
-    used: list[str] = []
-    workers = Workers(cpu.thread_count() if threads is None else threads)
-    with atomic_dir(out_dir) as tmp:
-        for name, table in detections.items():
-            crop = crops.get(name)
-            chunking: dict = {}
-            try:
-                index = align_set(table, Path(tmp) / name, params, desc=f"align {name}", progress=progress, crop=crop,
-                                  staging=store_root, key=key, used=used, stats=chunking, workers=workers)
-            except BaseException:
-                workers.close()
-                raise
-            print(f"align {name}: {chunking['chunks']} chunk(s) of up to {params.chunk_size} faces, "
-                  f"{chunking['reused']} reused from {store_root}", flush=True)
-            write_csv(Path(tmp) / name / INDEX, index)
-            indexes[name] = index
-            good = index[index["error"] == ""]
-            stats[name] = {
-                "aligned": int(len(good)),
-                "failed": int(len(index) - len(good)),
-                "residual_mean_px": float(good["residual"].mean()) if len(good) and crop is None else None,
-                "residual_p95_px": float(good["residual"].quantile(0.95)) if len(good) and crop is None else None,
-            }
-            if crop is not None:
-                sources = table[table["status"] == PRECROPPED]
-                sources = sources[sources["image_id"].isin(good["image_id"])]
-                stats[name].update(precropped=True, crop=crop.mode, crop_fraction=crop.fraction,
-                                   source_sizes=size_counts(sources), output_size=params.size)
-        workers.close()
+    chunking: dict = {}
+    with atomic_dir(out_dir) as tmp, Workers(cpu.thread_count() if threads is None else threads) as workers:
+        index = align_set(detections, Path(tmp), params, desc=f"align {name}", progress=progress, crop=crop,
+                          staging=store_root, key=stage_key(params), stats=chunking, workers=workers)
+        print(f"align {name}: {chunking['chunks']} chunk(s) of up to {params.chunk_size} faces, "
+              f"{chunking['reused']} reused from {store_root}", flush=True)
+        write_csv(Path(tmp) / INDEX, index)
+        good = index[index["error"] == ""]
+        stats = {
+            "aligned": int(len(good)),
+            "failed": int(len(index) - len(good)),
+            "residual_mean_px": float(good["residual"].mean()) if len(good) and crop is None else None,
+            "residual_p95_px": float(good["residual"].quantile(0.95)) if len(good) and crop is None else None,
+        }
+        if crop is not None:
+            sources = detections[detections["status"] == PRECROPPED]
+            sources = sources[sources["image_id"].isin(good["image_id"])]
+            stats.update(precropped=True, crop=crop.mode, crop_fraction=crop.fraction,
+                         source_sizes=size_counts(sources), output_size=params.size)
         if params.contact_sheet:
-            _write_sheet(indexes, Path(tmp), Path(sheet_path), params, seed)
+            _write_sheet(index, Path(tmp), Path(sheet_path), params, seed)
     write_json(stats_path, stats)
     ChunkStore(store_root, ".parquet").clear()
     return stats
 
 
-def _write_sheet(indexes: dict[str, pd.DataFrame], root: Path, sheet_path: Path, params: AlignParams, seed: int) -> None:
+def _write_sheet(index: pd.DataFrame, set_dir: Path, sheet_path: Path, params: AlignParams, seed: int) -> None:
+    """A contact sheet of the set: a seeded random draw of its aligned faces, then its 12 worst
+    landmark residuals."""
     rng = np.random.default_rng(seed)
-    frames = [ix[ix["error"] == ""].assign(set=name) for name, ix in indexes.items()]
-    every = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    every = index[index["error"] == ""].reset_index(drop=True)
     if every.empty:
         return
     n_random = min(len(every), max(1, params.contact_sheet - 12))
     picks = every.iloc[np.sort(rng.choice(len(every), n_random, replace=False))]
     worst = every.nlargest(min(12, len(every)), "residual")
-    wanted = pd.concat([picks, worst], ignore_index=True)
-    blobs: dict[tuple[str, str], bytes] = {}
-    for set_name, rows in wanted.groupby("set", sort=False):
-        rows = rows.drop_duplicates("file").sort_values("part", kind="stable") if "part" in rows else rows
-        for name, blob in aligned_images(root / set_name, rows):
-            blobs[(set_name, name)] = blob
+    wanted = pd.concat([picks, worst], ignore_index=True).drop_duplicates("file")
+    wanted = wanted.sort_values("part", kind="stable") if "part" in wanted else wanted
+    blobs = dict(aligned_images(set_dir, wanted))
     crops, captions = [], []
     for table, label in ((picks, None), (worst, "worst")):
         for row in table.itertuples(index=False):
-            array = cv2.imdecode(np.frombuffer(blobs[(row.set, row.file)], dtype=np.uint8), cv2.IMREAD_COLOR)
+            array = cv2.imdecode(np.frombuffer(blobs[row.file], dtype=np.uint8), cv2.IMREAD_COLOR)
             crops.append(cv2.cvtColor(array, cv2.COLOR_BGR2RGB))
             captions.append(f"{row.residual:.1f}px worst" if label else f"{row.identity}")
     sheet = contact_sheet(crops, captions, size=params.size if params.size <= 160 else 112)

@@ -31,6 +31,10 @@ from typing import Any
 STAGING = ".partial"
 
 
+#: Marks an image reference inside a RecordIO file: ``<file>.rec#<byte offset>`` (see pipeline.images).
+RECORD_REF = ".rec#"
+
+
 def staging_dir(out_dir: str | Path) -> Path:
     """Where the chunks of the stage writing ``out_dir`` live: ``<parent>/.partial/<name>``."""
     out_dir = Path(out_dir)
@@ -89,6 +93,14 @@ def library_versions(*names: str) -> dict[str, str]:
 
 def _file_digest(path: str) -> str:
     h = hashlib.blake2b(digest_size=20)
+    if RECORD_REF in path:  # an image inside a RecordIO file: hash that record, not the whole file
+        from pipeline.images import BadImage, read_image_bytes
+
+        try:
+            h.update(read_image_bytes(path))
+        except BadImage as err:
+            return f"unreadable:{err}"
+        return h.hexdigest()
     try:
         with open(path, "rb") as f:
             while block := f.read(1 << 20):

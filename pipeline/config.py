@@ -21,6 +21,10 @@ DEFAULT_PARAMS = Path("params.yaml")
 SPECIAL_SECTIONS = {"arcface": "loss"}
 
 
+#: Dataset kinds whose images are aligned faces already (never detected nor warped).
+PREALIGNED_KINDS = ("insightface_rec", "insightface_bin")
+
+
 class ConfigError(ValueError):
     """A params file that cannot be used; the message is one line for the user."""
 
@@ -53,6 +57,15 @@ class DatasetSpec(_Strict):
       pairs_csv  ``path`` is a CSV of (path1, path2, same[, fold]); relative image paths
                  are resolved against ``root`` (default: the CSV's folder); without a fold
                  column, folds are stratified by label, seeded by the top-level ``seed``
+      insightface_rec  ``path`` is a folder with insightface's ``train.rec``, ``train.idx`` and
+                 ``property`` (e.g. ``faces_webface_112x112``): pre-aligned 112 x 112 faces read
+                 straight from the RecordIO file (training sets)
+      insightface_bin  ``path`` is an insightface verification ``.bin`` (lfw.bin, cfp_fp.bin,
+                 agedb_30.bin, ...): pre-aligned faces, pairs 2i / 2i + 1, ten folds in order
+
+    The two insightface kinds are pre-aligned: ``precropped`` is implied (``crop: resize``).
+    ``detect``: overrides of the ``detect`` params for this set only (e.g. ``{min_face_size: 40}``);
+    changing them reruns this set's stages only.
 
     ``precropped: true`` (any kind): the images are face crops already; detect and align skip
     MTCNN and the 5-point warp and resize each image to ``align.size`` (``crop: resize``), or
@@ -60,7 +73,7 @@ class DatasetSpec(_Strict):
     (``crop: center``). The report's detection and alignment figures say so for the set.
     """
 
-    kind: Literal["synthetic", "folder", "lfw", "pairs_csv"]
+    kind: Literal["synthetic", "folder", "lfw", "pairs_csv", "insightface_rec", "insightface_bin"]
     set: str | None = None
     path: str | None = None
     pairs: str | None = None
@@ -75,6 +88,28 @@ class DatasetSpec(_Strict):
     precropped: bool = False
     crop: Literal["resize", "center"] = "resize"
     crop_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    detect: dict[str, Any] = Field(default_factory=dict)
+    # training set only: this fraction of its images given a wrong identity (seeded by seeds.data),
+    # as in the ArcFace study's noisy-label experiment
+    label_noise: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prealigned(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("kind") in PREALIGNED_KINDS:
+            if values.get("precropped") is False:
+                raise ValueError(f"a {values['kind']} set holds aligned faces already: `precropped` cannot be false")
+            values = {**values, "precropped": True}
+        return values
+
+    @field_validator("detect")
+    @classmethod
+    def _detect_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(value) - set(DetectParams.model_fields))
+        if unknown:
+            raise ValueError(f"detect.{unknown[0]}: unknown detect key (known: {', '.join(DetectParams.model_fields)})")
+        DetectParams.model_validate(value)  # each value checked as in the detect section
+        return value
 
     @model_validator(mode="after")
     def _fields_for_kind(self) -> "DatasetSpec":
@@ -87,6 +122,8 @@ class DatasetSpec(_Strict):
             raise ValueError("`crop` and `crop_fraction` apply to pre-cropped sets only; add `precropped: true`")
         if self.crop == "resize" and self.crop_fraction != 1.0:
             raise ValueError("`crop_fraction` applies to `crop: center` only")
+        if self.detect and self.precropped:
+            raise ValueError("`detect` overrides do not apply to a pre-cropped set (it is not detected)")
         return self
 
 
@@ -100,6 +137,9 @@ class DataParams(_Strict):
     def _names(cls, tests: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
         if not tests:
             raise ValueError("at least one test set is needed")
+        for name, spec in tests.items():
+            if spec.label_noise:
+                raise ValueError(f"{name}.label_noise: only the training set takes label noise")
         for name in tests:
             if (not name.replace("_", "").replace("-", "").isalnum() or name in RESERVED_SET_NAMES
                     or name.startswith("_")):
@@ -316,15 +356,19 @@ class ThresholdParams(_Strict):
     ``source`` is ``validation`` (the run's own validation pairs, split off the training
     set by the data seed as the trainer does) or a labelled test set in ``data.tests``;
     ``rule`` is ``best_accuracy`` (midpoint threshold of highest accuracy) or
-    ``target_fpr`` (lowest threshold with FPR <= ``target_fpr``). Models without
-    validation pairs (the pretrained ones) take it from ``fallback``, a labelled test set
-    (null: the first labelled test set in alphabetical order), and say so.
+    ``target_fpr`` (lowest threshold with FPR <= ``target_fpr``). A trained run without
+    validation pairs (``train.val_fraction: 0``) takes it from ``fallback``, a labelled test
+    set (null: ``report.in_domain``), and says so; pretrained models name theirs in
+    ``pretrained.NAME.threshold_source``. A source needs at least ``min_pairs`` scored pairs
+    with a fifth of them of each label (a threshold picked on a handful of pairs would silently
+    move every decision); fewer is an error naming the source.
     """
 
     source: str = VALIDATION_SOURCE
     rule: Literal["best_accuracy", "target_fpr"] = "best_accuracy"
     target_fpr: float = Field(0.001, gt=0.0, lt=1.0)
     fallback: str | None = None
+    min_pairs: int = Field(100, ge=2)
 
 
 class ScoreParams(_Strict):
@@ -390,6 +434,9 @@ class PretrainedParams(_Strict):
 
     kind: Literal["dlib", "facepipe"] | None = None
     path: str | None = None
+    # the labelled test set whose pairs choose this model's fixed threshold (it has no validation
+    # pairs of its own); default: score.threshold.source if that is a test set, else report.in_domain.
+    threshold_source: str | None = None
     upsample: int = Field(1, ge=0, le=3)
     jitter: int = Field(0, ge=0, le=100)
     mtcnn_fallback: bool = True
@@ -399,6 +446,21 @@ class PretrainedParams(_Strict):
 PRETRAINED_KEYS = {"dlib": ("upsample", "jitter", "mtcnn_fallback"), "facepipe": ("path",)}
 #: Pretrained backends (``pipeline.baselines``): name -> install hint.
 PRETRAINED_BACKENDS = {"dlib": "pip install -r requirements-dlib.txt", "facepipe": "(built in)"}
+
+
+class BenchmarkSpec(_Strict):
+    """A benchmark beyond image pairs (``benchmarks.<name>``, :mod:`pipeline.protocols`):
+
+      ijb          ``path`` is an IJB-B or IJB-C release folder (``meta/``, ``loose_crop/``): 1:1
+                   template verification and 1:N identification with the galleries
+      distractors  ``path`` is a MegaFace-style folder of probe identities and distractor images:
+                   identification as the number of distractors grows
+
+    Every trained run is embedded and evaluated on it; ``protocol`` holds the switches.
+    """
+
+    kind: Literal["ijb", "distractors"]
+    path: str
 
 
 class Params(_Strict):
@@ -416,6 +478,46 @@ class Params(_Strict):
     embed: EmbedParams = EmbedParams()
     score: ScoreParams = ScoreParams()
     report: ReportParams = ReportParams()
+    benchmarks: dict[str, BenchmarkSpec] = Field(default_factory=dict)
+    protocol: dict[str, Any] = Field(default_factory=dict)  # pipeline.protocols.params.ProtocolParams
+
+    def protocol_params(self):
+        """``protocol`` as a :class:`pipeline.protocols.params.ProtocolParams` (ConfigError when invalid)."""
+        from pipeline.protocols import ProtocolError
+        from pipeline.protocols.params import ProtocolParams
+
+        try:
+            return ProtocolParams.from_dict(self.protocol)
+        except ProtocolError as err:
+            raise ConfigError(str(err).replace("protocol params: ", "protocol.", 1)) from None
+        except TypeError as err:  # a value of the wrong shape
+            raise ConfigError(f"protocol: {err}") from None
+
+    @property
+    def data_sets(self) -> list[str]:
+        """Every data set: ``train`` then the test sets, in params order."""
+        return ["train", *self.data.tests]
+
+    def data_spec(self, name: str) -> DatasetSpec:
+        """The spec of data set ``name`` (``train`` or a test set); ConfigError naming the sets otherwise."""
+        if name == "train":
+            return self.data.train
+        if name not in self.data.tests:
+            raise ConfigError(f"data set {name!r} is not configured; the sets are {', '.join(self.data_sets)}")
+        return self.data.tests[name]
+
+    def detect_for(self, name: str) -> DetectParams:
+        """``detect`` with data set ``name``'s own overrides (``data.tests.NAME.detect``) applied."""
+        overrides = self.data_spec(name).detect
+        return DetectParams.model_validate(self.detect.model_dump() | overrides) if overrides else self.detect
+
+    def pretrained_threshold_source(self, name: str) -> str | None:
+        """The test set whose pairs choose pretrained model ``name``'s fixed threshold: its own
+        ``threshold_source``, else ``score.threshold.source`` when that names a test set, else
+        ``report.in_domain`` (a pretrained model has no validation pairs)."""
+        source = self.score.threshold.source
+        return (self.pretrained[name].threshold_source or (source if source != VALIDATION_SOURCE else None)
+                or self.report.in_domain)
 
     def pretrained_kind(self, name: str) -> str:
         """The backend of pretrained entry ``name``: its ``kind``, else the name itself."""
@@ -591,6 +693,21 @@ def _check_references(path: Path, params: Params) -> None:
                                   f"(this entry's kind is {kind})")
         if kind == "facepipe" and not entry.path:
             raise ConfigError(f"{path}: pretrained.{name}.path: required for kind facepipe (the model.pt to score)")
+        source = params.pretrained_threshold_source(name)
+        if source is None:
+            raise ConfigError(f"{path}: pretrained.{name}.threshold_source: required when report.in_domain is not "
+                              f"set (the labelled test set whose pairs choose this model's fixed threshold; one of "
+                              f"{', '.join(params.data.tests)})")
+        if source not in params.data.tests:
+            raise ConfigError(f"{path}: pretrained.{name}.threshold_source = {source!r}: not one of data.tests "
+                              f"({', '.join(params.data.tests)})")
+    for name in params.benchmarks:
+        if not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"{path}: benchmarks.{name}: a benchmark name is letters, digits, '_' or '-'")
+    try:
+        params.protocol_params()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
     threshold = params.score.threshold
     if threshold.source != VALIDATION_SOURCE and threshold.source not in params.data.tests:
         raise ConfigError(f"{path}: score.threshold.source = {threshold.source!r}: expected {VALIDATION_SOURCE} or "
@@ -705,10 +822,15 @@ def _check_dataset_paths(path: Path, params: Params) -> None:
         for name in spec.exclude_identities_of:
             if name not in params.data.tests:
                 raise ConfigError(f"{path}: {key}.exclude_identities_of: {name!r} is not one of data.tests")
+    for name, bench in params.benchmarks.items():
+        if not Path(bench.path).is_dir():
+            raise ConfigError(f"{path}: benchmarks.{name}.path = {bench.path!r}: no such folder")
     unlabelled = [name for name, spec in params.data.tests.items() if not is_labelled(spec)]
     threshold, report = params.score.threshold, params.report
     uses = [("score.threshold.source", threshold.source), ("score.threshold.fallback", threshold.fallback),
             ("report.in_domain", report.in_domain)] + [("report.cross_domain", name) for name in report.cross_domain]
+    uses += [(f"pretrained.{name}.threshold_source", params.pretrained_threshold_source(name))
+             for name in params.pretrained]
     for key, name in uses:
         if name in unlabelled:
             raise ConfigError(f"{path}: {key} = {name!r}: that test set has no labels (its pairs CSV has no `same` "

@@ -1,15 +1,16 @@
-"""Stage ``detect``: MTCNN face detection with 5 landmarks.
+"""Stage ``detect_train`` / ``detect@SET``: MTCNN face detection with 5 landmarks, one data set per stage.
 
-For every image of every configured set, run MTCNN (the ``mtcnn`` package's
+For every image of the set, run MTCNN (the ``mtcnn`` package's
 networks and bundled weights; by default through :mod:`pipeline.mtcnn_torch`, a
 batched PyTorch implementation shown by ``tests/test_mtcnn_torch.py`` to return the
 package's boxes and landmarks) and keep one face: among faces at least
 ``min_confidence`` confident, the one that best combines size and nearness to the
 image centre (:func:`choose_face`). Images that cannot be read or show no face are
-dropped, with the reason, and counted per set.
+dropped, with the reason, and counted.
 
-Writes ``OUT/<set>.parquet`` (one row per input image, kept or not),
-``OUT/rejects.csv``, and the before/after counts to ``counts_path`` (JSON).
+Writes ``data/detect/SET/detections.parquet`` (one row per input image, kept or not),
+``data/detect/SET/rejects.csv``, and the before/after counts to ``reports/detection/SET.json``.
+The params are ``detect`` with the set's own overrides (``data.tests.SET.detect``).
 
 Pre-cropped sets (``precropped: true`` in the set's dataset entry) are not detected: every
 readable image is kept whole, with status ``precropped`` (not counted as dropped), a box
@@ -19,10 +20,9 @@ true`` and ``"source_sizes"`` (``{"WxH": images}``).
 Resumable (:mod:`pipeline.chunks`): each set is processed in chunks of ``detect.chunk_size``
 images, rounded up to whole batches so that every batch holds the same images as in one
 pass over the set (the detections do not depend on the chunk size). Each finished chunk is
-written to ``data/.partial/detect/``; a rerun after a crash reuses the chunks whose inputs,
-params, code and thread plan match, and computes the rest. After the output is written, the
-staging folder keeps this run's chunks only (a later run that adds a test set re-detects that
-set alone).
+written to ``data/detect/.partial/SET/``; a rerun after a crash reuses the chunks whose
+inputs, params, code and thread plan match, and computes the rest. After the output is
+written, the set's staging folder keeps this run's chunks only.
 
 Device, threads and batches (:func:`plan_detect`, printed as one line when the stage
 starts): the torch backend runs on ``detect.device`` (``auto``: ``cuda`` when PyTorch sees
@@ -58,6 +58,8 @@ LANDMARK_COLUMNS = [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in "xy"
 IMAGES_PER_THREAD = 4  # smallest share of a batch per thread (see plan_detect)
 PRECROPPED = "precropped"  # status of an image of a pre-cropped set (kept, not detected)
 KEPT = ("ok", PRECROPPED)  # statuses of the images that go on to alignment
+DETECTIONS_FILE = "detections.parquet"  # in data/detect/SET/
+REJECTS_FILE = "rejects.csv"
 
 
 def kept(rows: pd.DataFrame) -> pd.DataFrame:
@@ -341,17 +343,19 @@ def _load_chunk(path: Path) -> pd.DataFrame | None:
         return None
 
 
-def run_detect(params: DetectParams, sets: dict[str, pd.DataFrame], out_dir: str | Path,
+def run_detect(params: DetectParams, name: str, images: pd.DataFrame, out_dir: str | Path,
                counts_path: str | Path, *, progress: bool = True, plan: DetectPlan | None = None,
-               precropped: Collection[str] = (), staging: str | Path | None = None) -> dict[str, dict]:
-    """Detect faces in every set; write per-set tables, the rejects list and the counts.
+               precropped: bool = False, staging: str | Path | None = None) -> dict:
+    """Detect faces in data set ``name``; write its table, its rejects list and its counts.
 
-    Prints :meth:`DetectPlan.describe` first (device, threads, batch size). A ``plan`` of
-    ``plan_detect(params)`` is made when none is given (:class:`ConfigError` before anything
-    is written when ``device: cuda`` has no GPU). Sets named in ``precropped`` are not
-    detected (:func:`precropped_set`). Chunks are kept in ``staging`` (default
-    :func:`pipeline.chunks.staging_dir` of ``out_dir``: ``data/.partial/detect``); one line per
-    set says how many were reused.
+    Writes ``out_dir/detections.parquet`` (one row per image, see :func:`detect_set`),
+    ``out_dir/rejects.csv`` (set, image_id, path, reason of every image dropped) and the counts
+    JSON ``counts_path``. Prints :meth:`DetectPlan.describe` first (device, threads, batch size).
+    A ``plan`` of ``plan_detect(params)`` is made when none is given (:class:`ConfigError` before
+    anything is written when ``device: cuda`` has no GPU). A ``precropped`` set is not detected
+    (:func:`precropped_set`). Chunks are kept in ``staging`` (default
+    :func:`pipeline.chunks.staging_dir` of ``out_dir``: ``data/.partial/detect/NAME``); one line
+    says how many were reused.
     """
     plan = plan_detect(params) if plan is None else plan
     print(plan.describe(), flush=True)
@@ -359,53 +363,58 @@ def run_detect(params: DetectParams, sets: dict[str, pd.DataFrame], out_dir: str
     key = stage_key(params, plan)
     size = chunk_images(params, plan)
     detector: Detector | None = None
-    counts: dict[str, dict] = {}
-    rejects = []
-    used: list[str] = []
+    ranges = chunk_ranges(len(images), size)
+    parts, used, reused = [], [], 0
+    bar = tqdm(total=len(images), desc=f"detect {name}", unit="img", disable=not progress, dynamic_ncols=True)
+    for a, b in ranges:
+        rows = images.iloc[a:b]
+        chunk = digest([key, precropped, rows["image_id"].tolist(), rows["path"].tolist(),
+                        rows["identity"].tolist(), file_digests(rows["path"].tolist(), plan.threads)])
+        part = _load_chunk(store.path(chunk))
+        if part is not None:
+            reused += 1
+        else:
+            if precropped:
+                part = precropped_set(rows, params, threads=plan.threads)
+            else:
+                if detector is None and len(rows):
+                    detector = make_detector(params, plan)
+                part = detect_set(rows, detector, params, progress=False, threads=plan.threads)
+            _save_chunk(store.path(chunk), part)
+        parts.append(part)
+        used.append(chunk)
+        bar.update(b - a)
+    bar.close()
+    print(f"detect {name}: {len(ranges)} chunk(s) of up to {size} images, {reused} reused from {store.root}",
+          flush=True)
+    if not parts:
+        table = _table(images.iloc[:0], *_empty_columns(0))
+    else:
+        table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
+    dropped = table[~table["status"].isin(KEPT)]
+    counts = {
+        "images": int(len(table)),
+        "faces": int(len(table) - len(dropped)),
+        "dropped": int(len(dropped)),
+        "reasons": {str(k): int(v) for k, v in dropped["reason"].value_counts().sort_index().items()},
+    }
+    if precropped:
+        counts["precropped"] = True
+        counts["source_sizes"] = size_counts(kept(table))
     with atomic_dir(out_dir) as tmp:
-        for name, images in sets.items():
-            whole = name in precropped
-            ranges = chunk_ranges(len(images), size)
-            parts, reused = [], 0
-            bar = tqdm(total=len(images), desc=f"detect {name}", unit="img", disable=not progress, dynamic_ncols=True)
-            for a, b in ranges:
-                rows = images.iloc[a:b]
-                chunk = digest([key, whole, rows["image_id"].tolist(), rows["path"].tolist(),
-                                rows["identity"].tolist(), file_digests(rows["path"].tolist(), plan.threads)])
-                part = _load_chunk(store.path(chunk))
-                if part is not None:
-                    reused += 1
-                else:
-                    if whole:
-                        part = precropped_set(rows, params, threads=plan.threads)
-                    else:
-                        if detector is None and len(rows):
-                            detector = make_detector(params, plan)
-                        part = detect_set(rows, detector, params, progress=False, threads=plan.threads)
-                    _save_chunk(store.path(chunk), part)
-                parts.append(part)
-                used.append(chunk)
-                bar.update(b - a)
-            bar.close()
-            print(f"detect {name}: {len(ranges)} chunk(s) of up to {size} images, {reused} reused from {store.root}",
-                  flush=True)
-            table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
-            write_parquet(Path(tmp) / f"{name}.parquet", table)
-            dropped = table[~table["status"].isin(KEPT)]
-            rejects.append(dropped.assign(set=name)[["set", "image_id", "path", "reason"]])
-            counts[name] = {
-                "images": int(len(table)),
-                "faces": int(len(table) - len(dropped)),
-                "dropped": int(len(dropped)),
-                "reasons": {str(k): int(v) for k, v in dropped["reason"].value_counts().sort_index().items()},
-            }
-            if whole:
-                counts[name]["precropped"] = True
-                counts[name]["source_sizes"] = size_counts(kept(table))
-        write_csv(Path(tmp) / "rejects.csv", pd.concat(rejects, ignore_index=True))
+        write_parquet(Path(tmp) / DETECTIONS_FILE, table)
+        write_csv(Path(tmp) / REJECTS_FILE, dropped.assign(set=name)[["set", "image_id", "path", "reason"]])
     write_json(counts_path, counts)
     store.prune(used)
     return counts
+
+
+def read_detections(detect_dir: str | Path) -> pd.DataFrame:
+    """The detections table the detect stage wrote in ``detect_dir`` (``data/detect/SET``)."""
+    path = Path(detect_dir) / DETECTIONS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; run the detect stage of this set first (dvc repro)")
+    return pd.read_parquet(path)
 
 
 def size_counts(rows: pd.DataFrame) -> dict[str, int]:

@@ -1,35 +1,31 @@
-"""Stage ``embed@LOSS-SEED``: embeddings of every test image with one trained model.
+"""Stages ``embed@LOSS-SEED-SET`` and ``embed_train@LOSS-SEED``: embeddings with one trained model.
 
-For each test set under the shards folder, writes ``OUT/<set>.npz`` with
-``image_ids`` [N], ``identities`` [N] and ``embeddings`` [N, D] float32: the RAW
-model outputs (not L2-normalised), optionally the sum of the outputs for the image
-and its horizontal mirror (``flip``). Normalising is left to the score stage, so
-switching test-time normalisation never needs new embeddings.
+``embed@RUN-SET`` embeds one test set into ``data/embeddings/RUN/SET/``: ``embeddings.npz``
+with ``image_ids`` [N], ``identities`` [N] and ``embeddings`` [N, D] float32, the RAW
+model outputs (not L2-normalised), optionally the sum of the outputs for the image and its
+horizontal mirror (``flip``); normalising is left to the score stage, so switching test-time
+normalisation never needs new embeddings. Beside it ``pairs.csv``, the set's pairs (what the
+score stage scores), and, with the trained loss saved in the model (see
+:func:`pipeline.train.save_model`), for a closed-set test ``head.npz``: ``image_ids`` [N] and
+``predicted`` [N], the training identity the classifier head picks for each image (argmax of
+the loss's class scores, no margin), applied to the mean of the image's and its mirror's
+embeddings when ``flip`` is on (the embedding scale the head was trained on). A test set
+counts as closed-set when every one of its identities (by name) is a training identity of the
+model (synthetic default: ``synth_closed``); only classifier losses have a head (not triplet,
+contrastive). The score stage turns it into ``n_way_accuracy``.
 
-With the run's training recipe (``data/recipes/LOSS.json``) it also embeds the run's
-**validation pairs**, the ones the trainer validated on: the training shards split by
-:func:`pipeline.train.split_train_val` with the recipe's ``train.val_fraction`` and
-``data_seed``, pairs by :func:`pipeline.train.validation_pairs`, images embedded exactly
-as the test sets are. They go to ``OUT/_validation.npz`` and ``OUT/_validation_pairs.csv``
-(fold, image_id1, image_id2, same), where the score stage picks the fixed threshold.
-Nothing is written for them when the split leaves no validation image.
+``embed_train@RUN`` reads the training shards with the run's recipe (``data/recipes/LOSS.json``):
 
-The ``facepipe`` kind of pretrained entry (a ``model.pt`` from elsewhere) is embedded by
-:func:`run_embed` too, without validation pairs.
-
-With the trained loss saved in the model (see :func:`pipeline.train.save_model`) it also writes:
-
-* ``OUT/head/<set>.npz`` for a closed-set test: ``image_ids`` [N] and ``predicted`` [N], the
-  training identity the classifier head picks for each image (argmax of the loss's class
-  scores, no margin), applied to the mean of the image's and its mirror's embeddings when
-  ``flip`` is on (the embedding scale the head was trained on). A test set counts as
-  closed-set when every one of its identities (by name) is a training identity of the model
-  (synthetic default: ``synth_closed``); only classifier losses have a head (not triplet,
-  contrastive). The score stage turns it into ``n_way_accuracy``.
-* ``OUT/train/angles.npz``: the angle distributions of the ArcFace paper at the saved epoch,
-  in degrees, over every image of the training set (validation split included; plain
-  embeddings, no flip; a seeded sample of :data:`MAX_ANGLE_IMAGES` above that, decoded in
-  chunks): ``target`` [N] between each image's embedding and its class centre,
+* ``data/embeddings/RUN/validation/``: the run's **validation pairs**, the ones the trainer
+  validated on: the training shards split by :func:`pipeline.train.split_train_val` with the
+  recipe's ``train.val_fraction`` and ``data_seed``, pairs by
+  :func:`pipeline.train.validation_pairs`, images embedded exactly as the test sets are
+  (``embeddings.npz``, ``pairs.csv``: fold, image_id1, image_id2, same), where the score stage
+  picks the fixed threshold. Both files are empty when the split leaves no validation image.
+* ``data/embeddings/RUN/train/angles.npz``: the angle distributions of the ArcFace paper at the
+  saved epoch, in degrees, over every image of the training set (validation split included;
+  plain embeddings, no flip; a seeded sample of :data:`MAX_ANGLE_IMAGES` above that, decoded
+  in chunks): ``target`` [N] between each image's embedding and its class centre,
   ``between_centres`` [P] between the centres of every two classes (a seeded sample of
   :data:`MAX_CENTRE_PAIRS` pairs above that), ``nearest_centre`` [C] from each centre to the
   nearest other one, and ``centre`` saying what a class centre is: the class weight of the
@@ -37,10 +33,15 @@ With the trained loss saved in the model (see :func:`pipeline.train.save_model`)
   contrastive, sub-centre ArcFace), the normalised mean of the class's normalised
   embeddings (``mean embedding``; classes without an image in the sample are left out of the
   centre angles).
+
+Pretrained entries (``embed_pretrained@NAME-SET``, :func:`run_embed_pretrained`) write the same
+files per set: a ``facepipe`` model.pt from elsewhere through :func:`run_embed`, dlib from the
+original images.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,8 @@ import torch
 from pipeline import cpu
 from pipeline.config import EmbedParams, PretrainedParams
 from pipeline.io import atomic_dir
-from pipeline.paths import VALIDATION_EMBEDDINGS, VALIDATION_PAIRS
-from pipeline.shards import join_location, read_shards, test_sets
+from pipeline import paths
+from pipeline.shards import read_shards
 from pipeline.train import TrainingError, describe_device, embed_array, load_head, load_model, pick_device
 
 
@@ -83,12 +84,13 @@ def _save(path: Path, image_ids: list[str], identities: list[str], emb: np.ndarr
     )
 
 
-def validation_set(shards_dir: str | Path, recipe: dict[str, Any]) -> tuple[Any, np.ndarray, pd.DataFrame]:
+def validation_set(train_shards: str | Path, recipe: dict[str, Any]) -> tuple[Any, np.ndarray, pd.DataFrame]:
     """The trainer's validation images and pairs for ``recipe``: ``(train shards, image
-    indices [V], pairs table)`` (fold 1, image_id1, image_id2, same); V may be 0."""
+    indices [V], pairs table)`` (fold 1, image_id1, image_id2, same); V may be 0.
+    ``train_shards``: the training set's shards (``data/shards/train``)."""
     from pipeline.train import split_train_val, validation_pairs
 
-    data = read_shards(join_location(shards_dir, "train"))
+    data = read_shards(train_shards)
     seed = int(recipe["data_seed"])
     _, val_idx = split_train_val(data.labels, float(recipe["train"]["val_fraction"]), seed)
     ids = np.asarray(data.image_ids, dtype=object)[val_idx]
@@ -98,18 +100,18 @@ def validation_set(shards_dir: str | Path, recipe: dict[str, Any]) -> tuple[Any,
     return data, val_idx, table
 
 
-def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Path, out_dir: str | Path, *,
-              recipe: dict[str, Any] | None = None, missing_hint: str = "; run the train stage first (dvc repro)"
-              ) -> dict[str, int]:
-    """Embed every test set (and, given the run's ``recipe``, its validation pairs' images);
-    returns the number of images embedded per set. Runs in fp32 on any device (the test
-    embeddings are the measurement; they are cheap)."""
+def _open_model(params: EmbedParams, model_path: str | Path, missing_hint: str):
+    """The model of ``model_path`` on the device ``params`` ask for, with its trained loss (or None)."""
     dev = pick_device(params.device, key="embed.device")
     if dev.type == "cpu":
         torch.set_num_threads(cpu.thread_count())
     print(f"embed: {describe_device(dev, None, 1)}", flush=True)
     model, saved = load_model_file(model_path, dev, missing_hint=missing_hint)
-    head = load_head(saved, dev)  # the trained loss (class weights), when the model file has it
+    return dev, model, saved, load_head(saved, dev)
+
+
+def _embedder(params: EmbedParams, model_path: str | Path, model, saved: dict, dev):
+    """``embed(data, indices=None) -> [N, D]`` raw float32 vectors of shard records, as every set is embedded."""
     grayscale = bool(saved["model_params"].get("grayscale", False))
     size = int(saved["image_size"])
 
@@ -124,29 +126,51 @@ def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Pat
             raise RuntimeError(f"{model_path}: the model produced non-finite embeddings")
         return emb
 
-    counts = {}
+    return embed
+
+
+def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Path, out_dir: str | Path, *,
+              name: str, missing_hint: str = "; run the train stage first (dvc repro)") -> int:
+    """Embed test set ``name`` (its shards in ``shards_dir``) into ``out_dir``: ``embeddings.npz``,
+    ``pairs.csv`` (the set's pairs, what the score stage scores) and, for a closed-set test,
+    ``head.npz``. Returns the number of images embedded. Runs in fp32 on any device (the test
+    embeddings are the measurement; they are cheap)."""
+    dev, model, saved, head = _open_model(params, model_path, missing_hint)
+    embed = _embedder(params, model_path, model, saved, dev)
+    data = read_shards(shards_dir)
+    emb = embed(data)
     with atomic_dir(out_dir) as tmp:
-        for name in test_sets(shards_dir):
-            data = read_shards(Path(shards_dir) / name)
-            emb = embed(data)
-            _save(Path(tmp) / f"{name}.npz", data.image_ids, data.identities, emb)
-            counts[name] = len(data)
-            print(f"embedded {name}: {len(data)} images, {emb.shape[1]}-D, flip={params.flip}")
-            write_head_predictions(Path(tmp) / "head" / f"{name}.npz", head, saved, data, emb, flip=params.flip)
-        if recipe is not None:
-            data, val_idx, pairs = validation_set(shards_dir, recipe)
-            if len(val_idx) == 0:
-                print("no validation images (train.val_fraction leaves none): no validation pairs")
-            else:
-                emb = embed(data, val_idx)
-                _save(Path(tmp) / VALIDATION_EMBEDDINGS, [data.image_ids[i] for i in val_idx],
-                      [data.identities[i] for i in val_idx], emb)
-                pairs.to_csv(Path(tmp) / VALIDATION_PAIRS, index=False)
-                counts["_validation"] = len(val_idx)
-                print(f"embedded the validation split: {len(val_idx)} images, {len(pairs)} pairs")
-        write_training_angles(Path(tmp) / "train" / "angles.npz", model, saved, head, shards_dir, dev,
-                              batch_size=params.batch_size)
-    return counts
+        _save(Path(tmp) / paths.EMBEDDINGS_FILE, data.image_ids, data.identities, emb)
+        shutil.copyfile(Path(shards_dir) / paths.PAIRS_FILE, Path(tmp) / paths.PAIRS_FILE)
+        write_head_predictions(Path(tmp) / paths.HEAD_FILE, head, saved, data, emb, flip=params.flip, name=name)
+    print(f"embedded {name}: {len(data)} images, {emb.shape[1]}-D, flip={params.flip}")
+    return len(data)
+
+
+def run_embed_train(params: EmbedParams, model_path: str | Path, train_shards: str | Path, recipe: dict[str, Any],
+                    validation_dir: str | Path, angles_dir: str | Path) -> int:
+    """What a trained run needs from its training set: its **validation pairs** embedded like the test
+    sets (``validation_dir``: ``embeddings.npz`` and ``pairs.csv``; both empty when the split leaves
+    no validation image), where the score stage picks the fixed threshold, and the **angle
+    distributions** of the training faces (``angles_dir/angles.npz``). Returns the number of
+    validation images."""
+    dev, model, saved, head = _open_model(params, model_path, "; run the train stage first (dvc repro)")
+    embed = _embedder(params, model_path, model, saved, dev)
+    data, val_idx, pairs = validation_set(train_shards, recipe)
+    with atomic_dir(validation_dir) as tmp:
+        if len(val_idx) == 0:
+            print("no validation images (train.val_fraction leaves none): no validation pairs")
+            emb = np.zeros((0, 0), dtype=np.float32)
+        else:
+            emb = embed(data, val_idx)
+            print(f"embedded the validation split: {len(val_idx)} images, {len(pairs)} pairs")
+        _save(Path(tmp) / paths.EMBEDDINGS_FILE, [data.image_ids[i] for i in val_idx],
+              [data.identities[i] for i in val_idx], emb)
+        pairs.to_csv(Path(tmp) / paths.PAIRS_FILE, index=False)
+    with atomic_dir(angles_dir) as tmp:
+        write_training_angles(Path(tmp) / "angles.npz", model, saved, head, data, dev, batch_size=params.batch_size,
+                              where=train_shards)
+    return len(val_idx)
 
 
 # ------------------------------------------------------------- closed-set identification
@@ -170,7 +194,7 @@ def head_predictions(head: torch.nn.Module, embeddings: np.ndarray, identity_nam
 
 
 def write_head_predictions(path: Path, head: torch.nn.Module | None, saved: dict, data, embeddings: np.ndarray, *,
-                           flip: bool) -> bool:
+                           flip: bool, name: str = "") -> bool:
     """``path`` with the head's prediction for every image of a closed-set test (see the module doc);
     False (nothing written) for other sets, heads-less losses and models saved without their loss."""
     names = saved.get("identity_names")
@@ -182,7 +206,7 @@ def write_head_predictions(path: Path, head: torch.nn.Module | None, saved: dict
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, image_ids=np.asarray(data.image_ids, dtype=object).astype(str), predicted=predicted)
     accuracy = float(np.mean(predicted == np.asarray(data.identities, dtype=object).astype(str)))
-    print(f"closed-set {path.stem}: {len(names)}-way accuracy of the classifier head {accuracy:.4f}")
+    print(f"closed-set {name or path.stem}: {len(names)}-way accuracy of the classifier head {accuracy:.4f}")
     return True
 
 
@@ -233,16 +257,12 @@ def angle_distributions(embeddings: np.ndarray, labels: np.ndarray, centres: np.
 
 
 def write_training_angles(path: Path, model: torch.nn.Module, saved: dict, head: torch.nn.Module | None,
-                          shards_dir: str | Path, device: torch.device, *, batch_size: int = 256) -> bool:
-    """``path`` with the angle distributions of the training set (see the module doc); False when
-    there are no training shards or the model's identities are not theirs."""
-    train_dir = Path(shards_dir) / "train"
-    if not (train_dir / "manifest.json").is_file():
-        return False
-    data = read_shards(train_dir)
+                          data, device: torch.device, *, batch_size: int = 256, where: str | Path = "") -> bool:
+    """``path`` with the angle distributions of the training set ``data`` (its shards, read from
+    ``where``; see the module doc); False when the model's identities are not theirs."""
     names = saved.get("identity_names")
     if names is not None and list(names) != list(data.identity_names):
-        print(f"angles: skipped, the model was trained on other identities than {train_dir}")
+        print(f"angles: skipped, the model was trained on other identities than {where}")
         return False
     grayscale = bool(saved["model_params"].get("grayscale", False))
     chosen = np.arange(len(data))
@@ -261,38 +281,36 @@ def write_training_angles(path: Path, model: torch.nn.Module, saved: dict, head:
     return True
 
 
-def run_embed_pretrained(name: str, params: PretrainedParams, detect_dir: str | Path, shards_dir: str | Path,
-                         out_dir: str | Path, *, progress: bool = True, embed: EmbedParams | None = None
-                         ) -> dict[str, int]:
-    """Embed the test sets with an off-the-shelf model (``params.kind``, default ``name``).
+def run_embed_pretrained(name: str, params: PretrainedParams, set_name: str, detect_dir: str | Path,
+                         shards_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
+                         embed: EmbedParams | None = None) -> int:
+    """Embed test set ``set_name`` with an off-the-shelf model (``params.kind``, default ``name``)
+    into ``out_dir`` (``embeddings.npz``, ``pairs.csv``), like :func:`run_embed`.
 
     ``facepipe``: a saved ``model.pt`` (``params.path``) embedded from the shards by
     :func:`run_embed` with ``embed`` (the same code and settings as a trained run's
-    embed stage; no validation pairs). ``dlib``: from the ORIGINAL images the detect
-    stage kept (so every model is compared on the same pairs), with dlib's own detection
-    and alignment recipe and our MTCNN box as a fallback when its detector misses
-    (``mtcnn_fallback``).
+    embed stage). ``dlib``: from the ORIGINAL images the detect stage kept (``detect_dir``,
+    so every model is compared on the same pairs), with dlib's own detection and alignment
+    recipe and our MTCNN box as a fallback when its detector misses (``mtcnn_fallback``).
     """
     kind = params.kind or name
     if kind == "facepipe":
-        return run_embed(embed or EmbedParams(), params.path or "", shards_dir, out_dir,
+        return run_embed(embed or EmbedParams(), params.path or "", shards_dir, out_dir, name=set_name,
                          missing_hint=f" (pretrained.{name}.path)")
     if kind != "dlib":  # pragma: no cover - the config schema only admits known backends
         raise ValueError(f"unknown pretrained model kind {kind!r}")
     from pipeline.baselines.dlib_resnet import DlibFaceEmbedder, save_embeddings
-    from pipeline.detect import kept
+    from pipeline.detect import kept, read_detections
 
     embedder = DlibFaceEmbedder()
-    counts = {}
+    rows = kept(read_detections(detect_dir)).reset_index(drop=True)  # detected faces and pre-cropped images
+    boxes = rows[["box_x", "box_y", "box_w", "box_h"]].to_numpy() if params.mtcnn_fallback else None
+    emb, ok, reasons = embedder.embed_images(rows["path"].tolist(), boxes=boxes, upsample=params.upsample,
+                                             jitter=params.jitter, progress=progress)
     with atomic_dir(out_dir) as tmp:
-        for set_name in test_sets(shards_dir):
-            rows = pd.read_parquet(Path(detect_dir) / f"{set_name}.parquet")
-            rows = kept(rows).reset_index(drop=True)  # detected faces and pre-cropped images
-            boxes = rows[["box_x", "box_y", "box_w", "box_h"]].to_numpy() if params.mtcnn_fallback else None
-            emb, ok, reasons = embedder.embed_images(rows["path"].tolist(), boxes=boxes, upsample=params.upsample,
-                                                     jitter=params.jitter, progress=progress)
-            counts[set_name] = save_embeddings(Path(tmp) / f"{set_name}.npz", rows["image_id"].tolist(),
-                                               rows["identity"].tolist(), emb, ok)
-            fallback = sum("MTCNN box" in r for r in reasons)
-            print(f"{name} embedded {set_name}: {counts[set_name]}/{len(rows)} images ({fallback} via the MTCNN box)")
-    return counts
+        count = save_embeddings(Path(tmp) / paths.EMBEDDINGS_FILE, rows["image_id"].tolist(),
+                                rows["identity"].tolist(), emb, ok)
+        shutil.copyfile(Path(shards_dir) / paths.PAIRS_FILE, Path(tmp) / paths.PAIRS_FILE)
+    fallback = sum("MTCNN box" in r for r in reasons)
+    print(f"{name} embedded {set_name}: {count}/{len(rows)} images ({fallback} via the MTCNN box)")
+    return count

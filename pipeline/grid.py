@@ -525,7 +525,9 @@ class ExperimentRuns:
         return dvc.api.read(path, repo=str(self.workspace), rev=self.rev)
 
     def params(self) -> dict[str, Any]:
-        return yaml.safe_load(self._git_show("params.yaml"))
+        if getattr(self, "_params", None) is None:
+            self._params = yaml.safe_load(self._git_show("params.yaml"))
+        return self._params
 
     def _git_show(self, path: str) -> str:
         result = subprocess.run(["git", "show", f"{self.rev}:{path}"], cwd=self.workspace, capture_output=True,
@@ -535,13 +537,8 @@ class ExperimentRuns:
         return result.stdout
 
     def test_sets(self, run: str) -> list[str]:
-        from dvc.api import DVCFileSystem
-
-        from pipeline.config import RESERVED_SET_NAMES
-
-        fs = DVCFileSystem(str(self.workspace), rev=self.rev)
-        return sorted(Path(p).name for p in fs.ls(f"data/scores/{run}", detail=False)
-                      if fs.isdir(p) and Path(p).name not in RESERVED_SET_NAMES)
+        """The experiment's configured test sets (its params' data.tests)."""
+        return sorted((self.params().get("data") or {}).get("tests") or {})
 
     def scores(self, run: str, test_set: str, variant: str) -> pd.DataFrame:
         import io
@@ -550,13 +547,21 @@ class ExperimentRuns:
                            dtype={"image_id1": str, "image_id2": str})
 
     def metrics(self, run: str) -> dict:
-        try:
-            return json.loads(self._git_show(f"reports/metrics/{run}.json"))
-        except GridError:
-            return {}
+        """``{set: metrics}`` of every test set the run scored, plus ``thresholds``."""
+        from dvc.exceptions import PathMissingError
+
+        out: dict = {}
+        for name in self.test_sets(run):
+            try:
+                entry = json.loads(self._text(f"reports/metrics/{run}/{name}.json"))  # a cached output
+            except (GridError, OSError, PathMissingError):
+                continue
+            out["thresholds"] = entry.pop("thresholds", out.get("thresholds"))
+            out[name] = entry
+        return out
 
     def thresholds(self, run: str) -> dict:
-        return json.loads(self._text(f"data/scores/{run}/thresholds.json"))
+        return json.loads(self._text(f"data/scores/{run}/{self.test_sets(run)[0]}/thresholds.json"))
 
 
 # ---------------------------------------------------------------------------- report

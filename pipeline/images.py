@@ -142,6 +142,21 @@ def load_rgb(path: str | Path, *, max_side: int | None = None, min_side: int = 1
     return _decode(path, max_side=max_side, min_side=min_side)
 
 
+def decode_bytes(data: bytes, ref: str | Path, *, max_side: int | None = None, min_side: int = 1
+                 ) -> tuple[np.ndarray, float]:
+    """Decode image bytes already read from ``ref`` (by :func:`read_image_bytes`) exactly as
+    :func:`load_rgb` decodes ``ref``; the same :class:`BadImage` messages."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        return _decode(io.BytesIO(data), max_side=max_side, min_side=min_side)
+    except BadImage as err:
+        reference = split_reference(ref)
+        if reference is None:
+            raise
+        raise BadImage(f"{reference[0]}: record at byte {reference[1]}: {err}") from None
+
+
 def _decode(source: Path | io.BytesIO, *, max_side: int | None, min_side: int) -> tuple[np.ndarray, float]:
     """Decode an image file or in-memory image (see :func:`load_rgb`)."""
     try:

@@ -1,7 +1,13 @@
 """Where each stage reads and writes (relative to the project root; dvc.yaml uses the same).
 
+Every data set (``train`` and each test set in ``data.tests``) has its own chain of stages
+and folders, so that adding, removing or changing one set touches only its own files:
+``data/datasets/SET``, ``data/detect/SET``, ``data/aligned/SET``, ``data/shards/SET``.
+
 A *run* is one trained model: ``LOSS-SEED`` (``arcface-1``, as DVC names the stage
-``train@arcface-1``), or the name of a pretrained model. Per-run folders are keyed by it.
+``train@arcface-1``), or the name of a pretrained model. Per-run folders are keyed by it,
+and inside them per set: ``data/embeddings/RUN/SET``, ``data/scores/RUN/SET``,
+``reports/metrics/RUN/SET.json``.
 """
 
 from __future__ import annotations
@@ -14,19 +20,56 @@ ALIGNED = Path("data/aligned")
 SHARDS = Path("data/shards")
 RECIPES = Path("data/recipes")
 REPORTS = Path("reports")
-DETECTION_COUNTS = REPORTS / "detection.json"
-ALIGNMENT_STATS = REPORTS / "alignment.json"
-CONTACT_SHEET = REPORTS / "figures" / "contact_sheet.png"
+DETECTION_COUNTS = REPORTS / "detection"
+ALIGNMENT_STATS = REPORTS / "alignment"
+CONTACT_SHEETS = REPORTS / "figures" / "contact_sheets"
 AUGMENT_PREVIEW = REPORTS / "figures" / "augmented.png"
 SUMMARY = REPORTS / "summary.json"
 PRETRAINED = Path("data/pretrained")
 
-#: A run's validation pairs, beside its test-set embeddings (embed stage -> score stage).
-VALIDATION_EMBEDDINGS = "_validation.npz"
-VALIDATION_PAIRS = "_validation_pairs.csv"
-#: Inside a run's scores folder: its fixed thresholds, and its prediction files.
+#: The training set's name: its stages are ``data_train``, ``detect_train``, ... (the test sets'
+#: are ``data@SET``, ``detect@SET``, ...).
+TRAIN = "train"
+#: Inside a run's embeddings: its validation pairs (the train stage's split of the training
+#: identities), where the fixed threshold is chosen by default, and the training-set angles.
+VALIDATION = "validation"
+TRAIN_ANGLES = "train"
+#: Inside every embedded set's folder (``data/embeddings/RUN/SET``).
+EMBEDDINGS_FILE = "embeddings.npz"
+PAIRS_FILE = "pairs.csv"
+HEAD_FILE = "head.npz"
+#: Inside a run's scores folder of each set: its fixed thresholds.
 THRESHOLDS = "thresholds.json"
-PREDICT = "predict"
+
+
+def dataset_dir(name: str) -> Path:
+    """``data/datasets/SET``: the set's index tables, summary and any images the data stage wrote."""
+    return DATASETS / name
+
+
+def detect_dir(name: str) -> Path:
+    return DETECT / name
+
+
+def aligned_dir(name: str) -> Path:
+    return ALIGNED / name
+
+
+def shards_dir(name: str) -> Path:
+    return SHARDS / name
+
+
+def detection_counts(name: str) -> Path:
+    """``reports/detection/SET.json``: images in, faces kept, dropped with reasons."""
+    return DETECTION_COUNTS / f"{name}.json"
+
+
+def alignment_stats(name: str) -> Path:
+    return ALIGNMENT_STATS / f"{name}.json"
+
+
+def contact_sheet(name: str) -> Path:
+    return CONTACT_SHEETS / f"{name}.png"
 
 
 def recipe_file(loss: str) -> Path:
@@ -49,21 +92,48 @@ def embeddings_dir(run: str) -> Path:
     return Path("data/embeddings") / run
 
 
+def set_embeddings(run: str, name: str) -> Path:
+    """``data/embeddings/RUN/SET`` (SET may be :data:`VALIDATION`)."""
+    return embeddings_dir(run) / name
+
+
 def scores_dir(run: str) -> Path:
     return Path("data/scores") / run
 
 
-def metrics_file(run: str) -> Path:
-    return REPORTS / "metrics" / f"{run}.json"
+def set_scores(run: str, name: str) -> Path:
+    return scores_dir(run) / name
 
 
-def thresholds_file(run: str) -> Path:
-    return scores_dir(run) / THRESHOLDS
+def metrics_dir(run: str) -> Path:
+    return REPORTS / "metrics" / run
+
+
+def metrics_file(run: str, name: str) -> Path:
+    """``reports/metrics/RUN/SET.json``."""
+    return metrics_dir(run) / f"{name}.json"
+
+
+def thresholds_file(run: str, name: str) -> Path:
+    """The run's fixed thresholds as the score stage of set ``name`` chose and applied them (every
+    set of a run holds the same ones)."""
+    return set_scores(run, name) / THRESHOLDS
 
 
 def prediction_file(run: str, test_set: str) -> Path:
-    """``data/scores/RUN/predict/<set>_<RUN>_predict.txt`` (see :mod:`pipeline.predictions`)."""
-    return scores_dir(run) / PREDICT / f"{test_set}_{run}_predict.txt"
+    """``data/scores/RUN/SET/<set>_<RUN>_predict.txt`` (see :mod:`pipeline.predictions`)."""
+    return set_scores(run, test_set) / f"{test_set}_{run}_predict.txt"
+
+
+def protocol_dir(bench: str, run: str) -> Path:
+    """``data/protocols/BENCH/RUN``: a run's features of a benchmark (``features/``) and its evaluation
+    (``eval/``: metrics, ROC or CMC, subject resamples)."""
+    return Path("data/protocols") / bench / run
+
+
+def protocol_report(bench: str) -> Path:
+    """``reports/protocols/BENCH``: every model's intervals and the verdicts on a benchmark."""
+    return REPORTS / "protocols" / bench
 
 
 def pretrained_fingerprint(name: str) -> Path:

@@ -1,40 +1,40 @@
-"""Stage ``score@RUN``: score every test pair under every distance variant.
+"""Stage ``score@LOSS-SEED-SET`` (and ``score_pretrained@NAME-SET``): score one test set of one run.
 
-For each test set and each variant (distance in ``score.distances`` x test-time L2
-normalisation in ``score.normalize``), writes one per-pair file
-``OUT/<set>/<distance>_<norm|raw>.csv`` with ``fold, image_id1, image_id2, same,
-path1, path2, score, prediction, decision, status`` and computes the verification
-metrics of :func:`pipeline.metrics.verification_report` (AUC, EER, LFW-protocol
-accuracy, TPR@FPR, FP/FN, bootstrap intervals). Pairs whose image was dropped at
-detection keep a row with ``status = missing`` and no score: they are counted and
-reported, never scored. ``prediction`` is the LFW protocol's decision (threshold chosen
-on the other folds), ``decision`` the one at the run's fixed threshold (below).
+For each variant (distance in ``score.distances`` x test-time L2 normalisation in
+``score.normalize``) it writes one per-pair file ``data/scores/RUN/SET/<distance>_<norm|raw>.csv``
+with ``fold, image_id1, image_id2, same, path1, path2, score, prediction, decision, status``
+and computes the verification metrics of :func:`pipeline.metrics.verification_report` (AUC,
+EER, LFW-protocol accuracy, TPR@FPR, FP/FN, bootstrap intervals) into
+``reports/metrics/RUN/SET.json``. Pairs whose image was dropped at detection keep a row with
+``status = missing`` and no score: they are counted and reported, never scored. ``prediction``
+is the LFW protocol's decision (threshold chosen on the other folds), ``decision`` the one at
+the run's fixed threshold (below).
 
 Higher score = more likely the same person; for L2 the score is minus the distance.
 
-**Fixed threshold** (``score.threshold``): per variant, one threshold is chosen on the
-source pairs by the rule (:func:`pipeline.metrics.choose_threshold`) and applied
-unchanged to every test set. The source is ``validation``, the run's own validation
-pairs (embedded by the embed stage from the training split, ``_validation.npz`` and
-``_validation_pairs.csv``; their per-pair scores go to ``OUT/validation/``), or a
-labelled test set. A run without validation pairs (a pretrained model) takes it from
-``score.threshold.fallback`` (null: the first labelled test set, alphabetically), and
-every record of it says so. ``OUT/thresholds.json`` holds each variant's threshold and
-where it came from; the metrics JSON holds, per test set and variant, the accuracy,
-TP/FP/TN/FN, TPR and FPR at it (``fixed_threshold``, with ``chosen_on_itself`` when
-the set is its own source: an optimistic figure).
+**Fixed threshold** (``score.threshold``): per variant, one threshold is chosen on the source
+pairs by the rule (:func:`pipeline.metrics.choose_threshold`) and applied unchanged to every
+test set: each set's score stage chooses it again from the same source (cheap, and the same
+numbers), so the stage depends on the set and on the source only (:func:`threshold_source`).
+The source is ``validation``, the run's own validation pairs (``data/embeddings/RUN/validation``,
+written by ``embed_train``), or a labelled test set; a pretrained model names its own
+(``pretrained.NAME.threshold_source``, default ``report.in_domain``). A source needs at least
+``score.threshold.min_pairs`` labelled pairs (a threshold chosen on a handful of
+pairs is refused, not used). ``data/scores/RUN/SET/thresholds.json`` holds each variant's
+threshold and where it came from; the metrics JSON holds, per variant, the accuracy,
+TP/FP/TN/FN, TPR and FPR at it (``fixed_threshold``, with ``chosen_on_itself`` when the set is
+its own source: an optimistic figure).
 
 **Unlabelled sets** (a pairs CSV without ``same``) are scored and decided at the fixed
-threshold with no metrics: their per-pair files have an empty ``same`` and
-``prediction``, their metrics entry only counts pairs and decisions.
+threshold with no metrics: their per-pair files have an empty ``same`` and ``prediction``,
+their metrics only count pairs and decisions.
 
-**Prediction files** (:mod:`pipeline.predictions`): ``OUT/predict/<set>_<RUN>_predict.txt``
-for every test set, primary variant (``report.primary_distance`` /
-``report.primary_normalize``): both image paths, the score, the decision at the fixed
-threshold and the label where there is one.
+**Prediction file** (:mod:`pipeline.predictions`): ``data/scores/RUN/SET/<set>_<RUN>_predict.txt``,
+primary variant (``report.primary_distance`` / ``report.primary_normalize``): both image paths,
+the score, the decision at the fixed threshold and the label where there is one.
 
-Identification: ``rank1`` per test set (leave-one-out 1:N from the embeddings, every model)
-and, for a closed-set test of a classifier loss, ``n_way_accuracy`` of the classifier head
+Identification: ``rank1`` (leave-one-out 1:N from the embeddings, every model) and, for a
+closed-set test of a classifier loss, ``n_way_accuracy`` of the classifier head
 (:func:`n_way_metrics`).
 """
 
@@ -47,16 +47,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.config import VALIDATION_SOURCE, ConfigError, ScoreParams, ThresholdParams
+from pipeline import paths
+from pipeline.config import VALIDATION_SOURCE, ConfigError, Params, ScoreParams, ThresholdParams
+from pipeline.datasets import DatasetError
 from pipeline.distances import PairDistance
 from pipeline.io import atomic_dir, write_csv, write_json
 from pipeline.metrics import (_json_float, apply_threshold, choose_threshold, min_negatives_for_fpr,
                               protocol_predictions, rank1_identification, threshold_report, verification_report)
-from pipeline.paths import PREDICT as PREDICT_DIR
-from pipeline.paths import THRESHOLDS as THRESHOLDS_FILE
-from pipeline.paths import VALIDATION_EMBEDDINGS, VALIDATION_PAIRS
 from pipeline.predictions import file_name, write_predictions
-from pipeline.shards import test_sets
 
 
 def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
@@ -114,9 +112,8 @@ def score_set(pairs: pd.DataFrame, embeddings: dict[str, np.ndarray], params: Sc
         "labelled": labelled,
     }
     if labelled and with_metrics and (complete.sum() < 2 or len(np.unique(labels)) < 2):
-        raise ValueError(
-            f"only {int(complete.sum())} pairs have both images after detection; cannot score this test set"
-        )
+        raise DatasetError(f"only {int(complete.sum())} pairs have both images after detection (and both labels "
+                           "among them); cannot score this test set: look at its detection counts and rejects.csv")
     if labelled and with_metrics:
         metrics["rank1"] = rank1_identification(emb, list(embeddings["identities"]))
     out = ScoredSet(labelled, complete, {}, metrics, {}, labels)
@@ -142,14 +139,16 @@ def score_set(pairs: pd.DataFrame, embeddings: dict[str, np.ndarray], params: Sc
     return out
 
 
-def read_validation(embeddings_dir: str | Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]] | None:
-    """The run's validation pairs and embeddings, or None when the embed stage wrote none
-    (a pretrained model, or ``train.val_fraction`` 0)."""
-    npz, csv = Path(embeddings_dir) / VALIDATION_EMBEDDINGS, Path(embeddings_dir) / VALIDATION_PAIRS
-    if not npz.is_file() or not csv.is_file():
-        return None
+def read_set(set_dir: str | Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]] | None:
+    """The pairs and embeddings an embed stage wrote in ``set_dir`` (``data/embeddings/RUN/SET``),
+    or None when it holds no pairs (a run whose split left no validation image)."""
+    csv = Path(set_dir) / paths.PAIRS_FILE
+    if not csv.is_file():
+        raise FileNotFoundError(f"{csv}: no pairs; run the embed stage of this run and set first (dvc repro)")
     pairs = pd.read_csv(csv, dtype={"image_id1": str, "image_id2": str})
-    return pairs, read_embeddings(npz)
+    if pairs.empty:
+        return None
+    return pairs, read_embeddings(Path(set_dir) / paths.EMBEDDINGS_FILE)
 
 
 def _usable(scored: ScoredSet) -> bool:
@@ -157,48 +156,31 @@ def _usable(scored: ScoredSet) -> bool:
     return scored.labelled and scored.labels is not None and len(np.unique(scored.labels)) == 2
 
 
-def resolve_source(spec: ThresholdParams, validation: ScoredSet | None, sets: dict[str, ScoredSet]
-                   ) -> tuple[str | None, str]:
-    """Where this run's thresholds come from: ``(source, note)``; source None when nowhere.
-
-    ``validation`` falls back (with a note) to ``spec.fallback`` or the first labelled test
-    set in alphabetical order when the run has no usable validation pairs. A test set named
-    as the source must be labelled (:class:`ConfigError` otherwise).
-    """
-    labelled = sorted(name for name, s in sets.items() if _usable(s))
-    if spec.source != VALIDATION_SOURCE:
-        if spec.source not in labelled:
-            why = ("is not among the sharded test sets" if spec.source not in sets else
-                   "has no labels" if not sets[spec.source].labelled else "has scored pairs of one class only")
-            raise ConfigError(f"score.threshold.source = {spec.source!r}: that test set {why}; the threshold "
-                              "must be chosen on labelled pairs of both classes")
-        return spec.source, ""
-    if validation is not None and _usable(validation):
-        return VALIDATION_SOURCE, ""
-    missing = "no validation pairs" if validation is None else "validation pairs without both classes"
-    if spec.fallback is not None:
-        if spec.fallback not in labelled:
-            raise ConfigError(f"score.threshold.fallback = {spec.fallback!r}: that test set has no labels or is "
-                              "not sharded")
-        return spec.fallback, (f"{missing} for this model: threshold chosen on {spec.fallback} "
-                               "(score.threshold.fallback)")
-    if not labelled:
-        return None, f"{missing} for this model and no labelled test set: no fixed threshold"
-    return labelled[0], (f"{missing} for this model: threshold chosen on {labelled[0]}, the first labelled "
-                         "test set (score.threshold.fallback: null)")
+def check_threshold_source(name: str, scored: ScoredSet | None, min_pairs: int) -> None:
+    """ConfigError (one line) unless ``scored`` has at least ``min_pairs`` labelled pairs, a fifth of
+    them of each class, to choose a fixed threshold on (``score.threshold.min_pairs``)."""
+    if scored is None:
+        raise ConfigError(f"threshold source {name!r} has no pairs to choose a fixed threshold on")
+    if not scored.labelled:
+        raise ConfigError(f"threshold source {name!r} has no same/different labels; choose a labelled set")
+    labels = scored.labels if scored.labels is not None else np.zeros(0, dtype=int)
+    same, different = int((labels == 1).sum()), int((labels == 0).sum())
+    per_label = max(1, min_pairs // 5)
+    if len(labels) < min_pairs or min(same, different) < per_label:
+        raise ConfigError(f"threshold source {name!r} has {len(labels)} scored pairs ({same} same, {different} "
+                          f"different); a fixed threshold needs at least {min_pairs} pairs with {per_label} of "
+                          "each label (score.threshold.min_pairs): name another source (score.threshold.source, "
+                          "score.threshold.fallback or pretrained.NAME.threshold_source)")
 
 
-def choose_thresholds(spec: ThresholdParams, source: str | None, note: str, pairs: ScoredSet | None,
+def choose_thresholds(spec: ThresholdParams, source: ThresholdSource, pairs: ScoredSet,
                       variants: list[str]) -> dict[str, dict[str, Any]]:
     """Per variant: the threshold chosen on ``pairs`` (the source's scored set) and where it came from."""
     out = {}
     for variant in variants:
-        entry: dict[str, Any] = {"source": source, "requested_source": spec.source, "rule": spec.rule,
+        entry: dict[str, Any] = {"source": source.name, "requested_source": source.requested, "rule": spec.rule,
                                  "target_fpr": spec.target_fpr if spec.rule == "target_fpr" else None,
-                                 "fallback": source is not None and source != spec.source, "note": note}
-        if source is None or pairs is None:
-            out[variant] = entry | {"threshold": None}
-            continue
+                                 "fallback": source.name != source.requested, "note": source.note}
         scores, labels = pairs.scores[variant], pairs.labels
         threshold = choose_threshold(scores, labels, spec.rule, spec.target_fpr)
         on_source = threshold_report(scores, labels, threshold)
@@ -261,52 +243,89 @@ def n_way_metrics(head_path: str | Path, embeddings: dict[str, np.ndarray]) -> d
     return {"n_way_accuracy": float(np.mean(hits)), "n_way_images": len(hits)}
 
 
-def run_score(params: ScoreParams, embeddings_dir: str | Path, shards_dir: str | Path, out_dir: str | Path,
+@dataclass
+class ThresholdSource:
+    """Where one run's fixed thresholds are chosen: the set's name (``validation`` or a test set),
+    its embeddings folder, the source params asked for, and a note when that is a fallback."""
+
+    name: str
+    folder: Path
+    requested: str
+    note: str = ""
+
+
+def threshold_source(params: Params, model: str, run: str) -> ThresholdSource:
+    """Where run ``run`` of ``model`` chooses its fixed thresholds.
+
+    A trained run: ``score.threshold.source``, its own validation pairs by default; when those are
+    empty (``train.val_fraction: 0``) ``score.threshold.fallback`` or else ``report.in_domain``,
+    with a note. A pretrained model: ``pretrained.NAME.threshold_source`` (default
+    ``report.in_domain``). ConfigError (one line) when there is nowhere to choose it.
+    """
+    requested = params.score.threshold.source
+    if model in params.pretrained:
+        name = params.pretrained_threshold_source(model)
+        if name is None:
+            raise ConfigError(f"pretrained.{model}.threshold_source: not set and report.in_domain is null; name the "
+                              "labelled test set whose pairs choose this model's fixed threshold")
+        note = "" if name == requested else f"no validation pairs (pretrained): threshold chosen on {name}"
+        return ThresholdSource(name, paths.set_embeddings(run, name), requested, note)
+    folder = paths.set_embeddings(run, requested)
+    if requested != VALIDATION_SOURCE or read_set(folder) is not None:
+        return ThresholdSource(requested, folder, requested)
+    fallback = params.score.threshold.fallback or params.report.in_domain
+    if fallback is None:
+        raise ConfigError(f"{run} has no validation pairs (train.val_fraction leaves none) and neither "
+                          "score.threshold.fallback nor report.in_domain names a test set to choose its fixed "
+                          "threshold on; set one of them")
+    key = "score.threshold.fallback" if params.score.threshold.fallback else "report.in_domain"
+    return ThresholdSource(fallback, paths.set_embeddings(run, fallback), requested,
+                           f"no validation pairs for this run: threshold chosen on {fallback} ({key})")
+
+
+def run_score(params: ScoreParams, name: str, set_dir: str | Path, source: ThresholdSource, out_dir: str | Path,
               metrics_path: str | Path, *, seed: int = 0, run: str = "run",
               primary: tuple[str, bool] | None = None) -> dict[str, Any]:
-    """Score every test set of one run; write the per-pair files, the run's thresholds, its
-    prediction files (primary variant, default the first one) and its metrics JSON."""
+    """Score test set ``name`` of one run (its embeddings and pairs in ``set_dir``); choose the run's
+    fixed thresholds on ``source`` and apply them; write the per-pair files, the thresholds, the
+    prediction file (primary variant, default the first one) and the set's metrics JSON."""
     variants = [variant_name(d, n) for d in params.distances for n in params.normalize]
     primary_variant = variant_name(*primary) if primary is not None else variants[0]
     if primary_variant not in variants:
         raise ConfigError(f"the primary variant {primary_variant} is not among the scored ones ({', '.join(variants)})")
-    scored: dict[str, ScoredSet] = {}
-    for name in test_sets(shards_dir):
-        pairs = pd.read_csv(Path(shards_dir) / name / "pairs.csv", dtype={"image_id1": str, "image_id2": str})
-        scored[name] = score_set(pairs, read_embeddings(Path(embeddings_dir) / f"{name}.npz"), params, seed=seed)
-    found = read_validation(embeddings_dir)
-    validation = None if found is None else score_set(*found, params, with_metrics=False)
-    source, note = resolve_source(params.threshold, validation, scored)
-    source_pairs = validation if source == VALIDATION_SOURCE else scored.get(source or "")
-    thresholds = choose_thresholds(params.threshold, source, note, source_pairs, variants)
-    if validation is not None:
-        apply_fixed_threshold(VALIDATION_SOURCE, validation, thresholds)
-    for name, result in scored.items():
-        apply_fixed_threshold(name, result, thresholds)
-    if note:
-        print(f"threshold: {note}")
-    all_metrics: dict[str, Any] = {}
+    found = read_set(set_dir)
+    if found is None:
+        raise FileNotFoundError(f"{set_dir}: the embedded set has no pairs to score")
+    result = score_set(*found, params, seed=seed)
+    if source.folder.resolve() == Path(set_dir).resolve():
+        source_pairs = result
+    else:
+        source_found = read_set(source.folder)
+        source_pairs = None if source_found is None else score_set(*source_found, params, with_metrics=False)
+    check_threshold_source(source.name, source_pairs, params.threshold.min_pairs)
+    thresholds = choose_thresholds(params.threshold, source, source_pairs, variants)
+    apply_fixed_threshold(name, result, thresholds)
+    if source.note:
+        print(f"threshold: {source.note}")
+    result.metrics.update(n_way_metrics(Path(set_dir) / paths.HEAD_FILE, found[1]))
     with atomic_dir(out_dir) as tmp:
-        for name, result in scored.items():
-            for variant, table in result.tables.items():
-                write_csv(Path(tmp) / name / f"{variant}.csv", table)
-            write_prediction_file(Path(tmp) / PREDICT_DIR / file_name(name, run), result.tables[primary_variant])
-            result.metrics.update(n_way_metrics(Path(embeddings_dir) / "head" / f"{name}.npz",
-                                                read_embeddings(Path(embeddings_dir) / f"{name}.npz")))
-            all_metrics[name] = result.metrics
-            fixed = result.metrics[primary_variant]["fixed_threshold"]
-            if result.labelled:
-                summary = result.metrics[primary_variant]
-                at = f"  fixed-threshold acc {fixed['accuracy']:.4f}" if "accuracy" in fixed else ""
-                print(f"{name}: {result.metrics['pairs_scored']} pairs ({result.metrics['pairs_missing']} missing)  "
-                      f"{primary_variant} AUC {summary['auc']:.4f}  acc {summary['accuracy_mean']:.4f}{at}")
-            else:
-                print(f"{name}: {result.metrics['pairs_scored']} pairs ({result.metrics['pairs_missing']} missing), "
-                      f"no labels: predicted only ({fixed.get('predicted_same', 0)} same at the fixed threshold)")
-        if validation is not None:
-            for variant, table in validation.tables.items():
-                write_csv(Path(tmp) / VALIDATION_SOURCE / f"{variant}.csv", table)
-        write_json(Path(tmp) / THRESHOLDS_FILE, thresholds)
-    all_metrics["thresholds"] = thresholds
-    write_json(metrics_path, all_metrics)
-    return all_metrics
+        for variant, table in result.tables.items():
+            write_csv(Path(tmp) / f"{variant}.csv", table)
+        write_prediction_file(Path(tmp) / file_name(name, run), result.tables[primary_variant])
+        write_json(Path(tmp) / paths.THRESHOLDS, thresholds)
+    metrics = {**result.metrics, "thresholds": thresholds}
+    write_json(metrics_path, metrics)
+    _print_summary(name, result, primary_variant)
+    return metrics
+
+
+def _print_summary(name: str, result: ScoredSet, primary_variant: str) -> None:
+    fixed = result.metrics[primary_variant]["fixed_threshold"]
+    if result.labelled:
+        summary = result.metrics[primary_variant]
+        at = f"  fixed-threshold acc {fixed['accuracy']:.4f}" if "accuracy" in fixed else ""
+        print(f"{name}: {result.metrics['pairs_scored']} pairs ({result.metrics['pairs_missing']} missing)  "
+              f"{primary_variant} AUC {summary['auc']:.4f}  acc {summary['accuracy_mean']:.4f}{at}")
+    else:
+        print(f"{name}: {result.metrics['pairs_scored']} pairs ({result.metrics['pairs_missing']} missing), "
+              f"no labels: predicted only ({fixed.get('predicted_same', 0)} same at the fixed threshold)")

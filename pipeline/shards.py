@@ -1,13 +1,14 @@
-"""Stage ``shard``: pack aligned faces into Parquet (and/or WebDataset) shards.
+"""Stage ``shard_train`` / ``shard@SET``: pack one data set's aligned faces into Parquet (and/or
+WebDataset) shards.
 
-Layout per set::
+Layout of set SET (``data/shards/SET``)::
 
-    OUT/<set>/part-00000.parquet ...   columns: image (JPEG bytes), image_id, identity,
-                                        label (int, index into the set's sorted identities),
-                                        source_path
-    OUT/<set>/shard-00000.tar ...      WebDataset: <key>.jpg + <key>.json (same fields)
-    OUT/<set>/manifest.json            counts, identities, shard files, format
-    OUT/<set>/pairs.csv                test sets: the verification pairs (fold, image_id1, image_id2, same)
+    part-00000.parquet ...   columns: image (JPEG bytes), image_id, identity,
+                             label (int, index into the set's sorted identities), source_path
+    shard-00000.tar ...      WebDataset: <key>.jpg + <key>.json (same fields)
+    manifest.json            counts, identities, shard files, format
+    pairs.csv                test sets: the verification pairs (fold, image_id1, image_id2, same,
+                             path1, path2)
 
 Writing: :func:`write_set` reads the align stage's packed parts (or its earlier layout, one
 JPEG per face) in index order and writes the shards on a thread pool (Parquet writing is C++
@@ -155,16 +156,12 @@ def _write_tar(path: Path, blobs: list[bytes], chunk: pd.DataFrame, labels: list
                 tar.addfile(info, io.BytesIO(payload))
 
 
-def run_shard(params: ShardParams, aligned_root: str | Path, pairs: dict[str, pd.DataFrame | None],
-              out_dir: str | Path, *, progress: bool = True) -> dict[str, dict]:
-    """Shard every set found under ``aligned_root``; ``pairs`` maps set name to its pairs."""
-    aligned_root = Path(aligned_root)
-    manifests = {}
+def run_shard(params: ShardParams, name: str, aligned_dir: str | Path, pairs: pd.DataFrame | None,
+              out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Shard data set ``name`` (its aligned faces in ``aligned_dir``) into ``out_dir``, written
+    atomically; ``pairs``: its verification pairs (None for the training set)."""
     with atomic_dir(out_dir) as tmp:
-        for name, set_pairs in pairs.items():
-            manifests[name] = write_set(aligned_root / name, Path(tmp) / name, params, set_pairs,
-                                        desc=f"shard {name}", progress=progress)
-    return manifests
+        return write_set(Path(aligned_dir), Path(tmp), params, pairs, desc=f"shard {name}", progress=progress)
 
 
 @dataclass

@@ -16,5 +16,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
   echo "$want" > "$stamp"
 fi
+# the project itself, editable: `python -m pipeline` from any folder inside the repository
+here=$(pwd -P)
+installed=$(cd / && "$here/.venv/bin/python" -c \
+  'import os, pipeline; print(os.path.dirname(os.path.dirname(os.path.realpath(pipeline.__file__))))' 2>/dev/null)
+if [ "$installed" != "$here" ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . >/dev/null
+fi
 .venv/bin/python -c "import torch, mtcnn, dvc; print('environment ready: torch', torch.__version__)" 2>/dev/null \
   || { echo "setup failed: .venv cannot import torch/mtcnn/dvc; delete .venv and rerun scripts/setup.sh" >&2; exit 1; }

@@ -163,10 +163,10 @@ def test_an_interrupted_align_run_resumes_from_its_finished_chunks(tmp_path, mon
     import pipeline.align as align_module
     from pipeline.config import AlignParams
 
-    detections = {"train": _faces_on_disk(tmp_path / "raw", 10)}
+    detections = _faces_on_disk(tmp_path / "raw", 10)
     params = AlignParams(size=64, chunk_size=3, contact_sheet=6)
-    clean = align_module.run_align(params, detections, tmp_path / "clean" / "aligned", tmp_path / "clean" / "sheet.png",
-                                   tmp_path / "clean" / "stats.json", progress=False)
+    clean = align_module.run_align(params, "train", detections, tmp_path / "clean" / "aligned" / "train",
+                                   tmp_path / "clean" / "sheet.png", tmp_path / "clean" / "stats.json", progress=False)
     computed = []
     real = align_module._align_chunk
 
@@ -179,18 +179,18 @@ def test_an_interrupted_align_run_resumes_from_its_finished_chunks(tmp_path, mon
     run = tmp_path / "run"
     monkeypatch.setattr(align_module, "_align_chunk", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        align_module.run_align(params, detections, run / "aligned", run / "sheet.png", run / "stats.json",
-                               progress=False)
-    assert not (run / "aligned").exists()  # the output is still all or nothing
-    assert len(list((run / ".partial" / "aligned").glob("*.parquet"))) == 2
+        align_module.run_align(params, "train", detections, run / "aligned" / "train", run / "sheet.png",
+                               run / "stats.json", progress=False)
+    assert not (run / "aligned" / "train").exists()  # the output is still all or nothing
+    assert len(list((run / "aligned" / ".partial" / "train").glob("*.parquet"))) == 2
     computed.clear()
     monkeypatch.setattr(align_module, "_align_chunk",
                         lambda rows, *a, **k: computed.append(len(rows)) or real(rows, *a, **k))
-    stats = align_module.run_align(params, detections, run / "aligned", run / "sheet.png", run / "stats.json",
-                                   progress=False)
+    stats = align_module.run_align(params, "train", detections, run / "aligned" / "train", run / "sheet.png",
+                                   run / "stats.json", progress=False)
     assert computed == [3, 1]  # chunks 3 and 4 of 4 (10 faces in chunks of 3); 1 and 2 reused
     assert stats == clean
     for name in ("stats.json", "sheet.png", "aligned/train/_index.csv"):
         assert (run / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
     assert _packed(run / "aligned" / "train") == _packed(tmp_path / "clean" / "aligned" / "train")
-    assert not (run / ".partial").exists()
+    assert not (run / "aligned" / ".partial" / "train").exists()

@@ -171,7 +171,7 @@ def test_synthetic_sizes_that_cannot_make_the_pairs_stop_in_one_line(tmp_path):
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
     assert "data.synthetic" in lines[0] and "pairs_per_fold" in lines[0]
-    assert not (tmp_path / "data" / "datasets").exists()
+    assert not (tmp_path / "data" / "datasets" / "train").exists()
 
 
 def test_pretrained_kind_defaults_to_the_name(tmp_path):
@@ -210,3 +210,45 @@ def test_unlabelled_set_cannot_be_a_threshold_source_or_report_set(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_params(path)
         assert "\n" not in str(err.value) and key in str(err.value) and "no labels" in str(err.value)
+
+
+def test_the_cli_runs_from_any_folder_inside_the_project(tmp_path):
+    """Started in a sub-folder, `python -m pipeline` moves to the project root (where dvc.yaml and
+    params.yaml are) after making the file arguments absolute."""
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "configs" / "deep").mkdir(parents=True)
+    other = tmp_path / "configs" / "other.yaml"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    _set("train_losses", ["softmax"])(raw)
+    other.write_text(yaml.safe_dump(raw))
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
+    here = tmp_path / "configs" / "deep"
+    result = subprocess.run([sys.executable, "-m", "pipeline", "validate"], cwd=here, capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0 and "params.yaml: ok (6 losses" in result.stdout, result.stderr
+    result = subprocess.run([sys.executable, "-m", "pipeline", "validate", "-p", "../other.yaml"], cwd=here,
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and "other.yaml: ok (1 losses: softmax)" in result.stdout, result.stderr
+
+
+def test_per_set_detect_overrides_and_pretrained_threshold_sources(tmp_path):
+    params = load_params(_write(tmp_path, _set("data.tests.synth_domain.detect", {"min_confidence": 0.95})))
+    assert params.detect_for("synth_domain").min_confidence == 0.95
+    assert params.detect_for("synth_open") == params.detect and params.detect_for("train") == params.detect
+    for key, value, needle in [
+        ("data.tests.synth_domain.detect", {"min_confidense": 0.9}, "detect.min_confidense: unknown detect key"),
+        ("data.tests.synth_domain.detect", {"min_confidence": 1.5}, "min_confidence"),
+        ("pretrained", {"dlib": {"threshold_source": "nowhere"}}, "pretrained.dlib.threshold_source = 'nowhere'"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_params(_write(tmp_path, _set(key, value)))
+        assert needle in str(err.value) and "\n" not in str(err.value)
+
+    def no_in_domain(raw):
+        raw["report"]["in_domain"] = None
+        raw["report"]["cross_domain"] = []
+        raw["pretrained"] = {"dlib": {}}
+
+    with pytest.raises(ConfigError, match="pretrained.dlib.threshold_source: required when report.in_domain is not"):
+        load_params(_write(tmp_path, no_in_domain))

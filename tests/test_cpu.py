@@ -105,8 +105,8 @@ def test_default_synthetic_data_matches_the_committed_lock_on_this_machine(tmp_p
     changed without rerunning `dvc repro` and committing dvc.lock.
     """
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
-    subprocess.run([sys.executable, "-m", "pipeline", "data", "--no-progress"], cwd=tmp_path, check=True,
-                   capture_output=True, env=_clean_env())
+    subprocess.run([sys.executable, "-m", "pipeline", "data", "synth_open", "--no-progress"], cwd=tmp_path,
+                   check=True, capture_output=True, env=_clean_env())
     lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
-    want = next(o["md5"] for o in lock["stages"]["data"]["outs"] if o["path"] == "data/datasets")
-    assert _dvc_dir_md5(tmp_path / "data" / "datasets", tmp_path) == want
+    want = next(o["md5"] for o in lock["stages"]["data@synth_open"]["outs"] if o["path"] == "data/datasets/synth_open")
+    assert _dvc_dir_md5(tmp_path / "data" / "datasets" / "synth_open", tmp_path) == want

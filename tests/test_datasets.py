@@ -195,8 +195,8 @@ def test_data_stage_records_how_folds_were_assigned(tmp_path):
             },
         },
     })
-    resolved = run_data(params, tmp_path / "out", progress=False)
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    resolved = {name: run_data(params, name, tmp_path / "out" / name, progress=False) for name in params.data_sets}
+    summary = {name: json.loads((tmp_path / "out" / name / "summary.json").read_text()) for name in params.data_sets}
     assert "folds_assigned" not in summary["train"]  # no pairs
     assert summary["lfw"]["folds_assigned"] == "from file"
     assert summary["web"]["folds_assigned"] == "stratified by label, seed 7"
@@ -241,13 +241,14 @@ def test_unlabelled_pairs_go_through_the_data_stage(tmp_path):
         "data": {"train": {"kind": "folder", "path": str(tmp_path / "lfw")},
                  "tests": {"web": {"kind": "pairs_csv", "path": str(tmp_path / "web" / "pairs.csv")}}},
     })
-    run_data(params, tmp_path / "out", progress=False)
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for name in params.data_sets:
+        run_data(params, name, tmp_path / "out" / name, progress=False)
+    summary = {name: json.loads((tmp_path / "out" / name / "summary.json").read_text()) for name in params.data_sets}
     assert summary["web"]["labelled"] is False and summary["web"]["pairs"] == 2
     assert "labelled" not in summary["train"]
-    lines = (tmp_path / "out" / "index" / "web.pairs.csv").read_text().splitlines()
+    lines = (tmp_path / "out" / "web" / "pairs.csv").read_text().splitlines()
     assert lines == ["fold,image_id1,image_id2,same", "1,x/1.jpg,y/1.jpg,", "1,y/1.jpg,x/1.jpg,"]
-    back = read_index(tmp_path / "out", "web")
+    back = read_index("web", tmp_path / "out" / "web")
     assert not back.labelled and back.pairs["same"].isna().all()
 
 
@@ -339,3 +340,26 @@ def test_validate_stops_at_a_pairs_csv_without_path2(tmp_path):
     (tmp_path / "web" / "pairs.csv").write_text("path1,path2,same\na.jpg,a.jpg,1\n")
     result = run()
     assert result.returncode == 0, result.stderr
+
+
+def test_label_noise_gives_that_share_of_training_images_another_identity():
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.data import with_label_noise
+    from pipeline.datasets import ImageSet
+
+    rows = [(f"id{k % 7}/{k}", f"/x/{k}.jpg", f"id{k % 7}") for k in range(200)]
+    clean = ImageSet(pd.DataFrame(rows, columns=["image_id", "path", "identity"]))
+    noisy, changed = with_label_noise(clean, 0.2, seed=3)
+    moved = noisy.images["identity"] != clean.images["identity"]
+    assert changed == 40 and int(moved.sum()) == 40  # exactly 20%, and never to the same identity
+    assert set(noisy.images["identity"]) <= set(clean.images["identity"])
+    assert noisy.images["image_id"].tolist() == clean.images["image_id"].tolist()  # same images, same order
+    again, _ = with_label_noise(clean, 0.2, seed=3)
+    assert again.images.equals(noisy.images)  # seeded
+    other, _ = with_label_noise(clean, 0.2, seed=4)
+    assert not other.images.equals(noisy.images)
+    # the wrong identities are spread over the others, not all sent to one
+    assert len(set(noisy.images.loc[moved, "identity"])) >= 5
+    assert np.isclose(with_label_noise(clean, 0.4, seed=3)[1], 80)

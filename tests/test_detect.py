@@ -154,17 +154,17 @@ def test_run_detect_keeps_every_lfw_face_with_blanks_between(lfw_dev, tmp_path, 
     pick = {"F": iter(faces), "B": iter(blanks)}
     images = pd.DataFrame([next(pick[c]) for c in order], columns=["image_id", "path", "identity"])
     params = DetectParams(batch_size=4)
-    counts = run_detect(params, {"mixed": images}, tmp_path / "detect", tmp_path / "counts.json", progress=False)
+    counts = run_detect(params, "mixed", images, tmp_path / "detect", tmp_path / "counts.json", progress=False)
     start_line = capsys.readouterr().out.splitlines()[0]
     assert start_line == f"detect: device cpu, {threads} threads, batch {4 * int(threads)} images"
-    table = pd.read_parquet(tmp_path / "detect" / "mixed.parquet").set_index("image_id")
+    table = pd.read_parquet(tmp_path / "detect" / "detections.parquet").set_index("image_id")
     for image_id, _, _ in faces:
         assert table.loc[image_id, "status"] == "ok", (image_id, table.loc[image_id, "reason"])
     for image_id, _, _ in blanks:
         assert table.loc[image_id, "status"] == "rejected" and table.loc[image_id, "reason"] == "no face found"
     expected = {"images": 12, "faces": 6, "dropped": 6, "reasons": {"no face found": 6}}
-    assert counts["mixed"] == expected
-    assert json.loads((tmp_path / "counts.json").read_text())["mixed"] == expected
+    assert counts == expected
+    assert json.loads((tmp_path / "counts.json").read_text()) == expected
 
 
 def test_plan_sizes_batches_and_threads_from_the_machine(monkeypatch):
@@ -258,15 +258,15 @@ def test_chunked_detection_writes_the_bytes_of_one_pass(tmp_path, monkeypatch):
     images = _mixed_images(tmp_path / "raw", 11)
     params = DetectParams(batch_size=4, chunk_size=3)  # chunks of 4 images: 4 + 4 + 3
     plan = plan_detect(params)
-    chunked = run_detect(params, {"s": images}, tmp_path / "chunked", tmp_path / "c.json", progress=False, plan=plan)
-    whole = run_detect(params.model_copy(update={"chunk_size": 1000}), {"s": images}, tmp_path / "whole",
+    chunked = run_detect(params, "s", images, tmp_path / "chunked", tmp_path / "c.json", progress=False, plan=plan)
+    whole = run_detect(params.model_copy(update={"chunk_size": 1000}), "s", images, tmp_path / "whole",
                        tmp_path / "w.json", progress=False, plan=plan)
     one_pass = detect_set(images, make_detector_for_test(params, plan), params, progress=False, threads=1)
     write_parquet(tmp_path / "one_pass.parquet", one_pass)
-    assert chunked == whole and chunked["s"]["dropped"] == 2
-    for name in ("s.parquet", "rejects.csv"):
+    assert chunked == whole and chunked["dropped"] == 2
+    for name in ("detections.parquet", "rejects.csv"):
         assert (tmp_path / "chunked" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
-    assert (tmp_path / "chunked" / "s.parquet").read_bytes() == (tmp_path / "one_pass.parquet").read_bytes()
+    assert (tmp_path / "chunked" / "detections.parquet").read_bytes() == (tmp_path / "one_pass.parquet").read_bytes()
     assert len(list((tmp_path / ".partial" / "chunked").glob("*.pkl"))) == 3  # kept after the run
     assert len(list((tmp_path / ".partial" / "whole").glob("*.pkl"))) == 1
 
@@ -298,13 +298,13 @@ def test_detect_killed_midway_resumes_from_its_finished_chunks(tmp_path):
     projects = {}
     for name in ("clean", "killed"):
         project = projects[name] = tmp_path / name
-        (project / "data" / "datasets" / "index").mkdir(parents=True)
-        images.to_csv(project / "data" / "datasets" / "index" / "train.csv", index=False)
-        images.iloc[5:8].to_csv(project / "data" / "datasets" / "index" / "t.csv", index=False)
-        (project / "data" / "datasets" / "summary.json").write_text("{}")
+        for set_name, rows in (("train", images), ("t", images.iloc[5:8])):
+            (project / "data" / "datasets" / set_name).mkdir(parents=True)
+            rows.to_csv(project / "data" / "datasets" / set_name / "index.csv", index=False)
+            (project / "data" / "datasets" / set_name / "summary.json").write_text("{}")
         (project / "params.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ, PYTHONPATH=str(root), FACEPIPE_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
-    command = [sys.executable, "-m", "pipeline", "detect", "--no-progress"]
+    command = [sys.executable, "-m", "pipeline", "detect", "train", "--no-progress"]
 
     def run(project):
         result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=600)
@@ -312,7 +312,7 @@ def test_detect_killed_midway_resumes_from_its_finished_chunks(tmp_path):
         return result.stdout
 
     run(projects["clean"])
-    staging = projects["killed"] / "data" / ".partial" / "detect"
+    staging = projects["killed"] / "data" / "detect" / ".partial" / "train"
     proc = subprocess.Popen(command, cwd=projects["killed"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -328,14 +328,20 @@ def test_detect_killed_midway_resumes_from_its_finished_chunks(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     finished = len(list(staging.glob("*.pkl")))
-    assert 3 <= finished < 10 and not (projects["killed"] / "data" / "detect").exists()
+    assert 3 <= finished < 10 and not (projects["killed"] / "data" / "detect" / "train").exists()
     out = run(projects["killed"])
     reused = int(out.split("detect train: 10 chunk(s) of up to 4 images, ")[1].split(" reused")[0])
     assert reused == finished, out  # every finished chunk, and only those: 10 - reused computed
-    for name in ("data/detect/train.parquet", "data/detect/t.parquet", "data/detect/rejects.csv",
-                 "reports/detection.json"):
+    for name in ("data/detect/train/detections.parquet", "data/detect/train/rejects.csv",
+                 "reports/detection/train.json"):
         assert (projects["killed"] / name).read_bytes() == (projects["clean"] / name).read_bytes(), name
-    rejects = pd.read_csv(projects["killed"] / "data/detect/rejects.csv")
+    rejects = pd.read_csv(projects["killed"] / "data/detect/train/rejects.csv")
     assert {"id0/003.jpg", "id2/017.jpg", "id0/030.jpg"} <= set(rejects["image_id"])  # the blanks
-    assert json.loads((projects["killed"] / "reports/detection.json").read_text())["train"]["images"] == 40
-    assert len(list(staging.iterdir())) == 10 + 1  # this run's chunks only (train: 10, t: 1)
+    assert json.loads((projects["killed"] / "reports/detection/train.json").read_text())["images"] == 40
+    assert len(list(staging.iterdir())) == 10  # this run's chunks only
+    # another set's stage keeps its own chunks apart: detecting t leaves train's staging alone
+    t_run = subprocess.run([*command[:4], "t", "--no-progress"], cwd=projects["killed"], env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert t_run.returncode == 0, t_run.stderr[-3000:]
+    assert len(list(staging.iterdir())) == 10
+    assert len(list((staging.parent / "t").glob("*.pkl"))) == 1

@@ -296,6 +296,7 @@ def project(tmp_path_factory) -> Path:
     (where / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (where / ".gitignore").write_text("/data/\n__pycache__/\n")
     (where / "configs" / "grids").mkdir(parents=True)
+    shutil.copy(ROOT / "configs" / "dvc-defaults.yaml", where / "configs" / "dvc-defaults.yaml")
     for args in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.org"],
                  ["git", "config", "user.name", "t"], ["dvc", "init", "-q"]):
         _run(args, where)

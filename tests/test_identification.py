@@ -88,9 +88,15 @@ def test_closed_set_is_recognised_by_its_identities():
 def embedded(trained, shards, tmp_path_factory) -> dict[str, Path]:
     from pipeline.embed import run_embed
 
+    from pipeline.embed import run_embed_train
+
     root = tmp_path_factory.mktemp("embeddings")
     for loss, model in trained.items():
-        run_embed(EmbedParams(flip=True), model, shards, root / loss)
+        for name in ("closed", "open"):
+            run_embed(EmbedParams(flip=True), model, shards / name, root / loss / name, name=name)
+        run_embed_train(EmbedParams(flip=True), model, shards / "train", {"train": {"val_fraction": 0.0},
+                                                                          "data_seed": 0},
+                        root / loss / "validation", root / loss / "train")
     return {loss: root / loss for loss in trained}
 
 
@@ -98,11 +104,11 @@ def test_embed_writes_head_predictions_for_the_closed_set_only(embedded, trained
     from pipeline.score import read_embeddings
 
     softmax = embedded["softmax"]
-    assert sorted(p.name for p in (softmax / "head").iterdir()) == ["closed.npz"]
-    assert not (embedded["triplet"] / "head").exists()  # no classifier
-    with np.load(softmax / "head" / "closed.npz") as z:
+    assert (softmax / "closed" / "head.npz").is_file() and not (softmax / "open" / "head.npz").exists()
+    assert not (embedded["triplet"] / "closed" / "head.npz").exists()  # no classifier
+    with np.load(softmax / "closed" / "head.npz") as z:
         predicted = dict(zip(z["image_ids"], z["predicted"]))
-    emb = read_embeddings(softmax / "closed.npz")
+    emb = read_embeddings(softmax / "closed" / "embeddings.npz")
     _, saved = load_model(trained["softmax"])
     w, b = saved["criterion"]["weight"].double().numpy(), saved["criterion"]["bias"].double().numpy()
     # the head on the mean of the image's and its mirror's embeddings (embed.flip sums them)
@@ -111,19 +117,25 @@ def test_embed_writes_head_predictions_for_the_closed_set_only(embedded, trained
 
 
 def test_score_reports_n_way_accuracy_of_the_closed_set(embedded, shards, tmp_path):
-    from pipeline.score import read_embeddings, run_score
+    from pipeline.score import ThresholdSource, read_embeddings, run_score
 
-    params = ScoreParams(distances=["cosine"], normalize=[True])
-    metrics = run_score(params, embedded["softmax"], shards, tmp_path / "scores", tmp_path / "m.json")
-    with np.load(embedded["softmax"] / "head" / "closed.npz") as z:
+    params = ScoreParams(distances=["cosine"], normalize=[True], threshold={"min_pairs": 4})
+
+    def score(loss: str, name: str) -> dict:
+        folder = embedded[loss] / name
+        return run_score(params, name, folder, ThresholdSource(name, folder, name), tmp_path / loss / name,
+                         tmp_path / loss / f"{name}.json")
+
+    closed = score("softmax", "closed")
+    with np.load(embedded["softmax"] / "closed" / "head.npz") as z:
         predicted = dict(zip(z["image_ids"], z["predicted"]))
-    emb = read_embeddings(embedded["softmax"] / "closed.npz")
+    emb = read_embeddings(embedded["softmax"] / "closed" / "embeddings.npz")
     expected = np.mean([predicted[i] == who for i, who in zip(emb["image_ids"], emb["identities"])])
-    assert metrics["closed"]["n_way_accuracy"] == pytest.approx(expected) and metrics["closed"]["n_way_images"] == 18
-    assert metrics["closed"]["n_way_accuracy"] > 1 / 6  # the head learnt something: better than chance
-    assert "n_way_accuracy" not in metrics["open"]
-    triplet = run_score(params, embedded["triplet"], shards, tmp_path / "t", tmp_path / "t.json")
-    assert "n_way_accuracy" not in triplet["closed"] and "rank1" in triplet["closed"]
+    assert closed["n_way_accuracy"] == pytest.approx(expected) and closed["n_way_images"] == 18
+    assert closed["n_way_accuracy"] > 1 / 6  # the head learnt something: better than chance
+    assert "n_way_accuracy" not in score("softmax", "open")
+    triplet = score("triplet", "closed")
+    assert "n_way_accuracy" not in triplet and "rank1" in triplet
 
 
 # ----------------------------------------------------------------------- angle distributions
@@ -169,10 +181,12 @@ def test_angles_of_a_large_training_set_use_a_seeded_sample(trained, shards, tmp
     from pipeline import embed
 
     monkeypatch.setattr(embed, "MAX_ANGLE_IMAGES", 20)
+    from pipeline.shards import read_shards
+
     model, saved = load_model(trained["triplet"])
     for name in ("a", "b"):
-        assert embed.write_training_angles(tmp_path / name / "angles.npz", model, saved, load_head(saved), shards,
-                                           torch.device("cpu"))
+        assert embed.write_training_angles(tmp_path / name / "angles.npz", model, saved, load_head(saved),
+                                           read_shards(shards / "train"), torch.device("cpu"))
     with np.load(tmp_path / "a" / "angles.npz") as a, np.load(tmp_path / "b" / "angles.npz") as b:
         assert a["target"].shape == (20,) and np.array_equal(a["target"], b["target"])
         assert len(a["nearest_centre"]) <= 6  # mean embeddings: the classes the sample holds

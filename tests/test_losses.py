@@ -981,7 +981,7 @@ def test_registry_api() -> None:
     assert losses.defaults("softmax") == {"normalize": False, "scale": 64.0}
     assert losses.defaults("triplet") == {"margin": 0.5, "mining": "batch_hard"}
     assert losses.defaults("contrastive") == {"margin": 1.0}
-    assert losses.defaults("center") == {"center_weight": 0.003, "center_lr": 0.5}
+    assert losses.defaults("center") == {"center_weight": 0.003, "center_lr": 0.5, "start": 0.0}
     assert losses.defaults("subcenter")["subcenters"] == 3
     assert losses.validate_params("arcface", {"margin": 0.8}) == {"scale": 64.0, "margin": 0.8, "easy_margin": False,
                                                                   "margin_warmup": 0.0}
@@ -1202,3 +1202,33 @@ def test_center_counts_without_bincount_match_bincount():
     counts = torch.bincount(y, minlength=5).float()
     sums = torch.zeros(5, 3).index_add_(0, y, -x)  # centres start at zero
     torch.testing.assert_close(loss.centers, -0.5 * sums / (1.0 + counts).unsqueeze(1), rtol=0, atol=0)
+
+
+def test_center_loss_switched_on_late_adds_its_term_only_after_start():
+    """start = 0.5 of 6 steps: steps 1-3 are plain softmax (same loss as center_weight 0), steps 4-6 add
+    lambda * 1/2 * mean ||x - c_y||^2 on the centres as they are then; the centres move from the first
+    step, exactly as with start = 0."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, 4)  # 6 steps of 8 embeddings
+    y = torch.randint(0, 3, (6, 8))
+    late = losses.build("center", 3, 4, center_weight=0.5, start=0.5)
+    early = losses.build("center", 3, 4, center_weight=0.5)
+    plain = losses.build("center", 3, 4, center_weight=0.0)
+    for module in (early, plain):
+        module.load_state_dict({k: v for k, v in late.state_dict().items() if k in module.state_dict()})
+    for module in (late, early, plain):
+        module.begin_training(6)
+        module.train()
+    for step in range(6):
+        centres = late.centers.clone()
+        with torch.no_grad():
+            got, on, off = late(x[step], y[step]), early(x[step], y[step]), plain(x[step], y[step])
+        term = 0.5 * (x[step] - centres[y[step]]).pow(2).sum(dim=1).mean()
+        if step < 3:
+            assert torch.allclose(got, off)
+        else:
+            assert torch.allclose(got, off + 0.5 * term) and torch.allclose(got, on)
+        assert torch.allclose(late.centers, early.centers)  # updated from the first step either way
+    assert late.state_summary() == {"center_on": 1.0}
+    with pytest.raises(ValueError, match="center: start = 0.5 needs the number of training steps"):
+        losses.build("center", 3, 4, start=0.5).train()(x[0], y[0])

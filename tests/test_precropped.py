@@ -69,19 +69,21 @@ def test_precropped_sets_skip_mtcnn_and_are_resized(tmp_path, crops, monkeypatch
     spec = {"crop": crop.mode, "crop_fraction": crop.fraction} if crop.mode == "center" else {}
     params = _params(tmp_path, root, **spec)
     data_dir = tmp_path / "data" / "datasets"
-    run_data(params, data_dir, progress=False)
-    recorded = read_precropped(data_dir)
+    for name in ("train", "crops"):
+        run_data(params, name, data_dir / name, progress=False)
+    recorded = {name: read_precropped(name, data_dir / name) for name in ("train", "crops")}
     assert recorded == {"train": ("resize", 1.0), "crops": (crop.mode, crop.fraction)}
-    summary = json.loads((data_dir / "summary.json").read_text())
-    assert summary["crops"]["precropped"] is True and summary["crops"]["crop"] == crop.mode
+    summary = json.loads((data_dir / "crops" / "summary.json").read_text())
+    assert summary["precropped"] is True and summary["crop"] == crop.mode
 
     def no_mtcnn(*args, **kwargs):
         raise AssertionError("MTCNN must not run on a pre-cropped set")
 
     monkeypatch.setattr(detect_module, "make_detector", no_mtcnn)
-    sets = {name: read_dataset(data_dir, name).images for name in ("train", "crops")}
-    counts = detect_module.run_detect(params.detect, sets, tmp_path / "detect", tmp_path / "detection.json",
-                                      progress=False, precropped=set(recorded))
+    counts = {name: detect_module.run_detect(params.detect, name, read_dataset(name, data_dir / name).images,
+                                             tmp_path / "detect" / name, tmp_path / f"detection-{name}.json",
+                                             progress=False, precropped=True)
+              for name in ("train", "crops")}
     expected_sizes = {"200x200": 2, "150x120": 1, "80x96": 1}
     reasons = counts["train"].pop("reasons")
     assert counts["train"] == {"images": 5, "faces": 4, "dropped": 1, "precropped": True,
@@ -89,21 +91,24 @@ def test_precropped_sets_skip_mtcnn_and_are_resized(tmp_path, crops, monkeypatch
     assert list(reasons.values()) == [1] and "corrupt or truncated" in next(iter(reasons))
     counts["train"]["reasons"] = reasons
     assert counts["crops"]["faces"] == 3 and counts["crops"]["dropped"] == 1  # the pairs name 4 images
-    assert json.loads((tmp_path / "detection.json").read_text()) == counts
-    table = pd.read_parquet(tmp_path / "detect" / "train.parquet").set_index("image_id")
+    for name in counts:
+        assert json.loads((tmp_path / f"detection-{name}.json").read_text()) == counts[name]
+    table = pd.read_parquet(tmp_path / "detect" / "train" / "detections.parquet").set_index("image_id")
     assert table.loc["ann/a2.png", "status"] == "precropped"
     assert table.loc["ann/a2.png", ["box_x", "box_y", "box_w", "box_h"]].tolist() == [0, 0, 150, 120]
     assert table.loc["ann/a2.png", "left_eye_x":"mouth_right_y"].isna().all()
     assert table.loc["bob/b3.png", "status"] == "rejected"
 
-    detections = {name: pd.read_parquet(tmp_path / "detect" / f"{name}.parquet") for name in sets}
-    stats = run_align(params.align, detections, tmp_path / "aligned", tmp_path / "sheet.png", tmp_path / "align.json",
-                      progress=False, crops={name: Crop(*value) for name, value in recorded.items()})
+    stats = {name: run_align(params.align, name, pd.read_parquet(tmp_path / "detect" / name / "detections.parquet"),
+                             tmp_path / "aligned" / name, tmp_path / f"sheet-{name}.png",
+                             tmp_path / f"align-{name}.json", progress=False, crop=Crop(*recorded[name]))
+             for name in ("train", "crops")}
     assert stats["crops"] == {"aligned": 3, "failed": 0, "residual_mean_px": None, "residual_p95_px": None,
                               "precropped": True, "crop": crop.mode, "crop_fraction": crop.fraction,
                               "source_sizes": {"200x200": 1, "150x120": 1, "80x96": 1}, "output_size": SIZE}
     assert stats["train"]["crop"] == "resize" and stats["train"]["source_sizes"] == expected_sizes
-    assert json.loads((tmp_path / "align.json").read_text()) == stats
+    for name in stats:
+        assert json.loads((tmp_path / f"align-{name}.json").read_text()) == stats[name]
     import pyarrow.parquet as pq
 
     for name, mode in (("train", Crop("resize")), ("crops", crop)):

@@ -288,7 +288,7 @@ def test_precropped_scores_equal_the_pipeline_stages(crops, tiny_model, tmp_path
     from pipeline.embed import run_embed
     from pipeline.predict import predict
     from pipeline.predictions import file_name
-    from pipeline.score import run_score
+    from pipeline.score import ThresholdSource, run_score
     from pipeline.shards import run_shard
 
     root, _ = crops
@@ -300,28 +300,27 @@ def test_precropped_scores_equal_the_pipeline_stages(crops, tiny_model, tmp_path
         raw["data"]["tests"] = {"crops": {"kind": "pairs_csv", "path": str(root / "pairs.csv"), "precropped": True,
                                           **spec}}
         raw["report"].update(in_domain="crops", cross_domain=[], primary_distance="l2", primary_normalize=True)
-        raw["score"]["threshold"] = {"source": "crops"}
+        raw["score"]["threshold"] = {"source": "crops", "min_pairs": 10}
         raw["align"]["size"] = 112  # the tiny model's input size
         work.mkdir()
         (work / "params.yaml").write_text(yaml.safe_dump(raw))
         params = load_params(work / "params.yaml", check_models=False)
-        run_data(params, work / "datasets", progress=False)
-        recorded = read_precropped(work / "datasets")
-        assert recorded["crops"] == (crop.mode, crop.fraction)
-        image_set = read_index(work / "datasets", "crops")
-        run_detect(params.detect, {"crops": image_set.images}, work / "detect", work / "detection.json",
-                   progress=False, precropped={"crops"})
-        run_align(params.align, {"crops": pd.read_parquet(work / "detect" / "crops.parquet")}, work / "aligned",
-                  work / "sheet.png", work / "alignment.json", progress=False,
-                  crops={"crops": Crop(*recorded["crops"])}, threads=1)
+        run_data(params, "crops", work / "datasets", progress=False)
+        recorded = read_precropped("crops", work / "datasets")
+        assert recorded == (crop.mode, crop.fraction)
+        image_set = read_index("crops", work / "datasets")
+        run_detect(params.detect, "crops", image_set.images, work / "detect", work / "detection.json",
+                   progress=False, precropped=True)
+        run_align(params.align, "crops", pd.read_parquet(work / "detect" / "detections.parquet"), work / "aligned",
+                  work / "sheet.png", work / "alignment.json", progress=False, crop=Crop(*recorded), threads=1)
         where = dict(zip(image_set.images["image_id"], image_set.images["path"]))
         pairs = image_set.pairs.assign(path1=image_set.pairs["image_id1"].map(where),
                                        path2=image_set.pairs["image_id2"].map(where))
-        run_shard(params.shard, work / "aligned", {"crops": pairs}, work / "shards", progress=False)
-        run_embed(params.embed, tiny_model["model"], work / "shards", work / "embeddings")
-        run_score(params.score, work / "embeddings", work / "shards", work / "scores", work / "metrics.json",
-                  seed=params.seeds.data, run="tiny", primary=("l2", True))
-        stage = read_predictions(work / "scores" / "predict" / file_name("crops", "tiny"))
+        run_shard(params.shard, "crops", work / "aligned", pairs, work / "shards", progress=False)
+        run_embed(params.embed, tiny_model["model"], work / "shards", work / "embeddings", name="crops")
+        run_score(params.score, "crops", work / "embeddings", ThresholdSource("crops", work / "embeddings", "crops"),
+                  work / "scores", work / "metrics.json", seed=params.seeds.data, run="tiny", primary=("l2", True))
+        stage = read_predictions(work / "scores" / file_name("crops", "tiny"))
 
         summary = predict(tiny_model["model"], root / "pairs.csv", threshold=str(work / "scores" / "thresholds.json"),
                           out=work / "predict.txt", params_path=work / "params.yaml", device="cpu", crop=crop)

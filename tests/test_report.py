@@ -19,7 +19,7 @@ from pipeline import paths
 from pipeline.config import Params
 from pipeline.report import run_report
 from pipeline.report.tables import WorkspaceRuns
-from pipeline.score import run_score
+from pipeline.score import run_score, threshold_source
 from tests.test_score import _embeddings, _pairs
 
 SETS = {"alpha": (10, 4, 160, True), "beta": (8, 5, 120, True), "web": (6, 3, 30, False)}
@@ -33,29 +33,33 @@ def _project(root: Path, threshold: dict) -> Params:
         "pretrained": {"ext": {"kind": "facepipe", "path": "elsewhere/model.pt"}},
         "data": {"train": {"kind": "synthetic", "set": "train"},
                  "tests": {name: {"kind": "synthetic", "set": "synth_open"} for name in SETS}},
-        "score": {"bootstrap": 0, "threshold": threshold},
+        "score": {"bootstrap": 0, "threshold": {"min_pairs": 20, **threshold}},
         "report": {"in_domain": "alpha", "cross_domain": ["beta"], "bootstrap": 100},
     })
-    shards = root / "data" / "shards"
-    identities = {}
+    identities, pairs = {}, {}
     for name, (n_ids, per, n_pairs, labelled) in SETS.items():
         ids = [f"{name}{k}" for k in range(n_ids * per)]
         identities[name] = (ids, [f"{name}-id{k // per}" for k in range(n_ids * per)])
-        (shards / name).mkdir(parents=True, exist_ok=True)
-        _pairs(*identities[name], n_pairs, 11, labelled=labelled).to_csv(shards / name / "pairs.csv", index=False)
+        pairs[name] = _pairs(*identities[name], n_pairs, 11, labelled=labelled)
     val_ids = [f"v{k}" for k in range(40)]
     val_identities = [f"v-id{k // 4}" for k in range(40)]
     val_pairs = _pairs(val_ids, val_identities, 120, 12, folds=1)
     for k, run in enumerate(run for runs in RUNS.values() for run in runs):
-        emb = paths.embeddings_dir(run)
-        emb.mkdir(parents=True)
         for name, (ids, ident) in identities.items():
-            np.savez(emb / f"{name}.npz", **_embeddings(ids, ident, 100 + 7 * k + len(name)))
+            folder = paths.set_embeddings(run, name)
+            folder.mkdir(parents=True)
+            pairs[name].to_csv(folder / "pairs.csv", index=False)
+            np.savez(folder / "embeddings.npz", **_embeddings(ids, ident, 100 + 7 * k + len(name)))
         if run != "ext":  # a pretrained model has no validation pairs
-            val_pairs[["fold", "image_id1", "image_id2", "same"]].to_csv(emb / "_validation_pairs.csv", index=False)
-            np.savez(emb / "_validation.npz", **_embeddings(val_ids, val_identities, 300 + k))
-        run_score(params.score, emb, shards, paths.scores_dir(run), paths.metrics_file(run), seed=0, run=run,
-                  primary=("cosine", True))
+            folder = paths.set_embeddings(run, "validation")
+            folder.mkdir(parents=True)
+            val_pairs[["fold", "image_id1", "image_id2", "same"]].to_csv(folder / "pairs.csv", index=False)
+            np.savez(folder / "embeddings.npz", **_embeddings(val_ids, val_identities, 300 + k))
+        model = run if run == "ext" else run.rsplit("-", 1)[0]
+        for name in SETS:
+            run_score(params.score, name, paths.set_embeddings(run, name), threshold_source(params, model, run),
+                      paths.set_scores(run, name), paths.metrics_file(run, name), seed=0, run=run,
+                      primary=("cosine", True))
     return params
 
 
@@ -66,7 +70,7 @@ def _expected(model: str, test_set: str, variant: str) -> dict:
     common = np.logical_and.reduce([(f["status"] == "scored").to_numpy() for f in frames.values()])
     acc, fp, fn, thresholds, sources = [], [], [], [], set()
     for run in RUNS[model]:
-        entry = json.loads(paths.thresholds_file(run).read_text())[variant]
+        entry = json.loads(paths.thresholds_file(run, test_set).read_text())[variant]
         t = float(entry["threshold"])
         frame = frames[run][common]
         decided = [(s > t, int(y)) for s, y in zip(frame["score"], frame["same"])]
@@ -132,7 +136,7 @@ def test_index_names_the_source_marks_fallbacks_and_lists_predictions(reported):
     assert "DVC outputs of the score stages" in section
     for run in ("softmax-0", "arcface-1", "ext"):
         for test_set in SETS:
-            name = f"data/scores/{run}/predict/{test_set}_{run}_predict.txt"
+            name = f"data/scores/{run}/{test_set}/{test_set}_{run}_predict.txt"
             assert f"- `{name}`" in section and (root / name).is_file()
     comparison = (root / "reports" / "comparison.md").read_text()
     assert comparison.count("accuracy @ threshold from validation (best accuracy)") == 2 * 4
@@ -217,6 +221,7 @@ class _CellSource(WorkspaceRuns):
     tree: dict = {}
 
     def __init__(self, workspace, rev):
+        super().__init__()
         self.loss = self.real[rev]
 
     def params(self):

@@ -56,11 +56,11 @@ def test_warning_when_a_checkpoint_was_chosen_on_a_reported_test_set(project):
 
 
 def test_n_way_accuracy_is_the_mean_over_runs_and_a_dash_without_a_head(project):
-    _write_json("reports/metrics/softmax-0.json", {"synth_closed": {"rank1": 0.9, "n_way_accuracy": 0.5}})
-    _write_json("reports/metrics/softmax-1.json", {"synth_closed": {"rank1": 0.8, "n_way_accuracy": 0.7}})
-    _write_json("reports/metrics/triplet-0.json", {"synth_closed": {"rank1": 0.6}})
-    _write_json("reports/metrics/triplet-1.json", {"synth_closed": {"rank1": 0.7}})
-    source = report.WorkspaceRuns()
+    _write_json("reports/metrics/softmax-0/synth_closed.json", {"rank1": 0.9, "n_way_accuracy": 0.5})
+    _write_json("reports/metrics/softmax-1/synth_closed.json", {"rank1": 0.8, "n_way_accuracy": 0.7})
+    _write_json("reports/metrics/triplet-0/synth_closed.json", {"rank1": 0.6})
+    _write_json("reports/metrics/triplet-1/synth_closed.json", {"rank1": 0.7})
+    source = report.WorkspaceRuns(["synth_closed", "synth_open"])
 
     def n_way(runs, test_set):
         return report._n_way_interval([source.metrics(r).get(test_set, {}).get("n_way_accuracy") for r in runs],
@@ -194,12 +194,12 @@ def test_one_run_prints_no_interval_for_rank1_and_n_way(project):
     from pipeline.grid_report import _pivot
     from pipeline.grid import Grid
 
-    _write_json("reports/metrics/ext.json", {"synth_closed": {"rank1": 0.8, "n_way_accuracy": 0.7}})
+    _write_json("reports/metrics/ext/synth_closed.json", {"rank1": 0.8, "n_way_accuracy": 0.7})
     labels = np.repeat([0, 1], 50)
     table = report.Table("synth_closed", "cosine_norm", {"ext": np.random.default_rng(0).normal(size=(1, 100))
                                                          + labels}, labels, np.tile([1, 2], 50), 100, 0)
     st = report.model_stats(table, "ext", ["ext"], alpha=0.05, n_boot=0, seed=0,
-                            run_metrics=[report.WorkspaceRuns().metrics("ext")])
+                            run_metrics=[report.WorkspaceRuns(["synth_closed"]).metrics("ext")])
     for iv in (st.rank1, st.n_way):
         assert iv.mean == pytest.approx(0.8 if iv is st.rank1 else 0.7) and math.isnan(iv.low) and math.isnan(
             iv.high)
@@ -213,7 +213,7 @@ def test_one_run_prints_no_interval_for_rank1_and_n_way(project):
 def test_index_says_how_each_set_was_split_prepared_and_rejected(project):
     from pipeline.report import datasets
 
-    _write_json("data/datasets/summary.json", {
+    summaries = {
         "train": {"kind": "synthetic", "images": 1600, "identities": 80, "pairs": None, "folds": None},
         "synth_open": {"kind": "synthetic", "images": 700, "identities": 100, "pairs": 3000, "folds": 10},
         "lfw": {"kind": "lfw", "images": 13233, "identities": 5749, "pairs": 6000, "folds": 10,
@@ -223,19 +223,25 @@ def test_index_says_how_each_set_was_split_prepared_and_rejected(project):
         "web": {"kind": "pairs_csv", "images": 12, "identities": 4, "pairs": 30, "folds": 1, "labelled": False,
                 "folds_assigned": "none (no labels)"},
         "cfp": {"kind": "lfw", "images": 97, "identities": 20, "pairs": 50, "folds": 1, "folds_assigned": "from file",
-                "precropped": True, "crop": "resize", "crop_fraction": 1.0}})
-    _write_json("reports/detection.json", {
+                "precropped": True, "crop": "resize", "crop_fraction": 1.0}}
+    for name, record in summaries.items():
+        _write_json(f"data/datasets/{name}/summary.json", record)
+    detection = {
         "train": {"images": 1600, "faces": 1584, "dropped": 16, "reasons": {"no face found": 16}},
         "synth_open": {"images": 700, "faces": 697, "dropped": 3, "reasons": {"no face found": 3}},
         "cfp": {"images": 97, "faces": 97, "dropped": 0, "reasons": {}, "precropped": True,
-                "source_sizes": {"110x110": 97}}})
-    _write_json("reports/alignment.json", {
+                "source_sizes": {"110x110": 97}}}
+    for name, record in detection.items():
+        _write_json(f"reports/detection/{name}.json", record)
+    alignment = {
         "synth_open": {"aligned": 697, "failed": 0, "residual_mean_px": 1.16, "residual_p95_px": 2.0},
         "cfp": {"aligned": 97, "failed": 0, "residual_mean_px": None, "residual_p95_px": None, "precropped": True,
-                "crop": "resize", "crop_fraction": 1.0, "source_sizes": {"110x110": 97}, "output_size": 64}})
+                "crop": "resize", "crop_fraction": 1.0, "source_sizes": {"110x110": 97}, "output_size": 64}}
+    for name, record in alignment.items():
+        _write_json(f"reports/alignment/{name}.json", record)
     rejected = [("synth_open", f"synth_open/id{k}/img.jpg", "no face found") for k in range(5)]
-    Path("data/detect").mkdir(parents=True)
-    pd.DataFrame(rejected, columns=["set", "path", "reason"]).to_csv("data/detect/rejects.csv", index=False)
+    Path("data/detect/synth_open").mkdir(parents=True)
+    pd.DataFrame(rejected, columns=["set", "path", "reason"]).to_csv("data/detect/synth_open/rejects.csv", index=False)
     lines = datasets.test_sets_section(["synth_open", "lfw", "apd", "cfp", "web"], {"synth_open": (2975, 3000)})
     by_set = {name: next(ln for ln in lines if ln.startswith(f"- **{name}**"))
               for name in ("synth_open", "lfw", "apd", "cfp", "web")}
@@ -248,11 +254,12 @@ def test_index_says_how_each_set_was_split_prepared_and_rejected(project):
     assert "no labels, so no folds are used (predicted only)" in by_set["web"]
     sentence = datasets.folds_sentence(["synth_open", "apd", "lfw"])
     assert "identity-disjoint for synth_open" in sentence and "label-stratified random for apd" in sentence
-    det = datasets.detection_table().set_index("set")
+    everything = ["train", "synth_open", "lfw", "apd", "cfp", "web"]
+    det = datasets.detection_table(everything).set_index("set")
     assert det.loc["cfp", "faces kept"] == "97 pre-cropped, not detected"
     assert det.loc["cfp", "mean landmark residual (px)"] == "– (not aligned)"
     assert det.loc["synth_open", "faces kept"] == 697
-    rejects = "\n".join(datasets.rejects_lines())
-    assert "`data/detect/rejects.csv`" in rejects
+    rejects = "\n".join(datasets.rejects_lines(everything))
+    assert "(all in `data/detect/synth_open/rejects.csv`)" in rejects
     assert ("- synth_open: 5 rejected: `synth_open/id0/img.jpg` (no face found), `synth_open/id1/img.jpg` (no face "
             "found), `synth_open/id2/img.jpg` (no face found) and 2 more") in rejects

@@ -30,3 +30,11 @@ def check_dataset_files(spec: Any) -> None:
         from pipeline.datasets.folder import check_layout
 
         check_layout(spec.path, min_images_per_identity=spec.min_images_per_identity)
+    elif spec.kind == "insightface_rec":
+        from pipeline.datasets.insightface import check_rec_layout
+
+        check_rec_layout(spec.path)
+    elif spec.kind == "insightface_bin":
+        from pipeline.datasets.insightface import check_bin_file
+
+        check_bin_file(spec.path)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import math
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -919,7 +920,8 @@ def generate_synthetic(
     open_identities: int = 50, domain_identities: int = 50,
     test_images_per_identity: int = 6,
     image_size: int = 160, folds: int = 10, pairs_per_fold: int = 60,
-    workers: int | None = None, progress: bool = True,
+    workers: int | None = None, progress: bool = True, only: Collection[str] | None = None,
+    render: bool = True,
 ) -> dict[str, tuple[pd.DataFrame, pd.DataFrame | None]]:
     """Write the synthetic face sets as JPEGs and return their image tables and pairs.
 
@@ -933,6 +935,11 @@ def generate_synthetic(
     (``<identity>/<identity>_<NNNN>``), path (``str(out_dir / ...)``), identity; pairs has
     fold (1..folds), image_id1, image_id2, same (1/0), ``pairs_per_fold`` per fold, half same.
     Same seed and arguments give byte-identical files whatever ``workers`` is.
+
+    ``only``: render and return these sets alone (the data stage of each set asks for its own);
+    every image and pair is the same as when all four are generated together, because each
+    image's random numbers depend only on its set, identity and index. ``render=False`` returns
+    the tables without writing any image.
     """
     out_dir = Path(out_dir)
     _positive_int("seed", seed, 0)
@@ -961,6 +968,11 @@ def generate_synthetic(
             raise ValueError(f"{spec.name} needs at least 2 identities for different pairs, "
                              f"got {spec.identities}")
 
+    if only is not None:
+        unknown = sorted(set(only) - {spec.name for spec in specs})
+        if unknown:
+            raise ValueError(f"unknown synthetic set(s) {', '.join(unknown)}; the sets are "
+                             f"{', '.join(spec.name for spec in specs)}")
     result: dict[str, tuple[pd.DataFrame, pd.DataFrame | None]] = {}
     for spec in specs:  # tables and pairs first: impossible pair counts fail before any rendering
         names = [f"{spec.group}_{i + 1:04d}" for i in range(spec.identities)]
@@ -973,6 +985,11 @@ def generate_synthetic(
             pairs = _sample_pairs(names, spec.images_per_identity, folds, pairs_per_fold, rng, spec.name)
         result[spec.name] = (images, pairs)
 
+    if only is not None:
+        specs = [spec for spec in specs if spec.name in only]
+        result = {name: tables for name, tables in result.items() if name in only}
+    if not render:
+        return result
     tasks = []  # one per identity: train identities render their closed-set images too
     for group in dict.fromkeys(spec.group for spec in specs):
         members = [spec for spec in specs if spec.group == group]

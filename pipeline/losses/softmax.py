@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.losses.base import LossBase, resolve_scale
+from pipeline.losses.base import LossBase, check_total_steps, resolve_scale
 from pipeline.losses.params import SCALE, Param
 
 
@@ -109,11 +109,35 @@ class CenterLoss(Softmax):
     PARAMS: ClassVar[dict[str, Param]] = {
         "center_weight": Param(0.003, float, low=0.0, help="lambda, weight of the center term"),
         "center_lr": Param(0.5, float, low=0.0, high=1.0, help="alpha, centre update rate"),
+        "start": Param(0.0, float, low=0.0, high=1.0,
+                       help="fraction of the training steps after which the center term joins the loss "
+                            "(0: from the first step; the centres are updated from the first step either way)"),
     }
 
     def __init__(self, num_classes: int, embedding_size: int, **params: Any) -> None:
         super().__init__(num_classes, embedding_size, **params)
         self.register_buffer("centers", torch.zeros(num_classes, embedding_size))
+        self.start = float(self.hparams["start"])
+        if self.start > 0.0:  # buffers: a resumed run switches the term on at the same step
+            self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
+            self.register_buffer("total_steps", torch.zeros((), dtype=torch.int64))
+
+    def begin_training(self, total_steps: int) -> None:
+        """Record the run length that ``start`` is a fraction of."""
+        steps = check_total_steps(self.name, total_steps)
+        if self.start > 0.0:
+            self.total_steps.fill_(steps)
+
+    def center_on(self) -> Tensor | float:
+        """1.0 once the center term is on (always without ``start``), else 0.0: a float64 scalar tensor
+        on the buffers' device (no host sync) when ``start`` > 0."""
+        if self.start == 0.0:
+            return 1.0
+        return (self.iteration.to(torch.float64) > self.total_steps.to(torch.float64) * self.start).to(
+            torch.float64)
+
+    def state_summary(self) -> dict[str, float]:
+        return {"center_on": float(self.center_on())} if self.start > 0.0 else {}
 
     def center_term(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """1/2 * mean_i ||x_i - c_{y_i}||^2 (scalar; gradient only to the embeddings)."""
@@ -122,8 +146,15 @@ class CenterLoss(Softmax):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         self.check_inputs(embeddings, labels)
+        if self.start > 0.0 and self.training:
+            if self.check_values and int(self.total_steps) < 1:
+                raise ValueError(f"center: start = {self.start} needs the number of training steps; call "
+                                 "begin_training(total_steps) before training (the trainer does), or set start: 0")
+            self.iteration += 1
         loss = F.cross_entropy(self.logits(embeddings), labels)
-        loss = loss + self.hparams["center_weight"] * self.center_term(embeddings, labels)
+        term = self.center_term(embeddings, labels)
+        on = self.center_on() if self.training else 1.0
+        loss = loss + self.hparams["center_weight"] * (on.to(term.dtype) if isinstance(on, Tensor) else on) * term
         if self.training:
             self.update_centers(embeddings, labels)
         return loss

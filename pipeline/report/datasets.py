@@ -68,7 +68,8 @@ def test_sets_section(names: list[str], scored: dict[str, tuple[int, int]]) -> l
 
     ``names``: the test sets in report order; ``scored``: set -> (pairs scored, pairs in the set).
     """
-    summaries, detection, alignment = inputs.dataset_summaries(), inputs.detection_counts(), inputs.alignment_stats()
+    summaries, detection = inputs.dataset_summaries(names), inputs.detection_counts(names)
+    alignment = inputs.alignment_stats(names)
     lines = []
     for name in names:
         record = summaries.get(name)
@@ -83,13 +84,13 @@ def test_sets_section(names: list[str], scored: dict[str, tuple[int, int]]) -> l
     if not lines:
         return []
     return ["## Test sets", "", "How each set's pairs were split into the folds that the LFW-protocol accuracy and its "
-            "interval use, and how its faces were prepared (from `data/datasets/summary.json`, "
-            "`reports/detection.json` and `reports/alignment.json`).", "", *lines, ""]
+            "interval use, and how its faces were prepared (from `data/datasets/SET/summary.json`, "
+            "`reports/detection/SET.json` and `reports/alignment/SET.json`).", "", *lines, ""]
 
 
 def folds_sentence(names: list[str]) -> str:
     """One sentence for the method text: which sets have identity-disjoint and which label-stratified folds."""
-    summaries = inputs.dataset_summaries()
+    summaries = inputs.dataset_summaries(names)
     groups: dict[str, list[str]] = {}
     for name in names:
         if name in summaries:
@@ -100,9 +101,9 @@ def folds_sentence(names: list[str]) -> str:
             + " (see Test sets).")
 
 
-def detection_table() -> pd.DataFrame:
+def detection_table(sets: list[str]) -> pd.DataFrame:
     """Images before and after MTCNN per set; a pre-cropped set is marked as not detected."""
-    counts, align = inputs.detection_counts(), inputs.alignment_stats()
+    counts, align = inputs.detection_counts(sets), inputs.alignment_stats(sets)
     rows = []
     for name, c in counts.items():
         reasons = ", ".join(f"{k}: {v}" for k, v in c["reasons"].items()) or "–"
@@ -115,24 +116,27 @@ def detection_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def rejects_lines(shown: int = REJECTS_SHOWN) -> list[str]:
+def rejects_lines(sets: list[str], shown: int = REJECTS_SHOWN) -> list[str]:
     """Per set, the first rejected images with their reasons and how many more, and where all of them are."""
-    rejected = inputs.rejected_images()
-    table_order = list(inputs.detection_counts())  # the detection table's order, then any other set
+    rejected = inputs.rejected_images(sets)
     lines = []
-    for name, images in sorted(rejected.items(), key=lambda kv: (table_order + [kv[0]]).index(kv[0])):
+    for name in sets:
+        if name not in rejected:
+            continue
+        images = rejected[name]
         named = ", ".join(f"`{path}` ({reason})" for path, reason in images[:shown])
         more = f" and {len(images) - shown} more" if len(images) > shown else ""
-        lines.append(f"- {name}: {len(images)} rejected: {named}{more}")
+        lines.append(f"- {name}: {len(images)} rejected: {named}{more} (all in `{inputs.rejects_file(name)}`)")
     if not lines:
         return []
-    return [f"Rejected images (every one with its reason in `{inputs.REJECTS}`):", "", *lines, ""]
+    return ["Rejected images (each set's `rejects.csv` lists every one with its reason):", "", *lines, ""]
 
 
-def detection_section() -> list[str]:
-    """``## Detection``: the before / after table, the rejected images and the contact sheet."""
-    det = detection_table()
+def detection_section(sets: list[str]) -> list[str]:
+    """``## Detection``: the before / after table, the rejected images and the contact sheets."""
+    det = detection_table(sets)
     if det.empty:
         return []
-    return ["## Detection (images before and after MTCNN)", "", markdown_table(det), "", *rejects_lines(),
-            "Aligned faces: [figures/contact_sheet.png](figures/contact_sheet.png)", ""]
+    sheets = ", ".join(f"[{name}](figures/contact_sheets/{name}.png)" for name in det["set"])
+    return ["## Detection (images before and after MTCNN)", "", markdown_table(det), "", *rejects_lines(sets),
+            f"Aligned faces: {sheets}", ""]

@@ -140,11 +140,11 @@ def predicted_only_section(unlabelled: dict[str, dict[str, int]]) -> list[str]:
 def prediction_files_section(params: Params, primary: str) -> list[str]:
     """Where every run's prediction files are (DVC outputs of the score stages)."""
     first_run = next(iter(params.runs.values()))[0]
-    sets = WorkspaceRuns().test_sets(first_run)
+    sets = WorkspaceRuns(list(params.data.tests)).test_sets(first_run)
     files = [paths.prediction_file(run, name) for runs in params.runs.values() for run in runs for name in sets]
     return ["## Prediction files", "",
             f"Every run's decision for every pair at its fixed threshold ({variant_label(primary)}), one file per "
-            "test set: `data/scores/RUN/predict/<set>_<RUN>_predict.txt`, tab-separated with a header "
+            "test set: `data/scores/RUN/<set>/<set>_<RUN>_predict.txt`, tab-separated with a header "
             "`path1 path2 score decision same` (decision 1 = same, 0 = different, n/a = an image without a face; "
             "same is empty where the set has no labels). They are DVC outputs of the score stages, not in git "
             "(`data/` is not): `dvc repro` writes them, `dvc pull` fetches them from a DVC remote.", "",

@@ -71,7 +71,7 @@ def index_markdown(params: Params, stats: Statistics, xd: pd.DataFrame, figures:
              *datasets.test_sets_section([*tested, *unlabelled], scored),
              *index.comparison_section(stats, primary), *index.cross_domain_section(xd),
              *index.predicted_only_section(unlabelled), *index.prediction_files_section(params, primary),
-             *datasets.detection_section()]
+             *datasets.detection_section(params.data_sets)]
     train = training_table(params)
     if not train.empty:
         lines += ["## Training", "", markdown_table(train), ""]
@@ -85,7 +85,7 @@ def index_markdown(params: Params, stats: Statistics, xd: pd.DataFrame, figures:
 def run_report(params: Params, root: str | Path = paths.REPORTS) -> list[Path]:
     """Write every report file; returns their paths."""
     root = Path(root)
-    source = WorkspaceRuns()
+    source = WorkspaceRuns(list(params.data.tests))
     stats, xd = compute(params, source)
     written = [root / name for name in ("comparison.csv", "runs.csv", "verdicts.csv", "cross_domain.csv",
                                         "summary.json", "comparison.md", "index.md")]

@@ -47,29 +47,47 @@ class RunSource(Protocol):
 
 
 class WorkspaceRuns:
-    """Reads a run's outputs from this workspace (the stages' files under data/ and reports/)."""
+    """Reads a run's outputs from this workspace (the stages' files under data/ and reports/).
+
+    ``sets``: the configured test sets (a removed set's folders stay on disk, since DVC does not
+    delete the outputs of stages that no longer exist); None lists the folders found."""
+
+    def __init__(self, sets: list[str] | None = None) -> None:
+        self.sets = None if sets is None else sorted(sets)
 
     def test_sets(self, run: str) -> list[str]:
+        if self.sets is not None:
+            return self.sets
         folder = paths.scores_dir(run)
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: missing; run `dvc repro` (the score stage of {run})")
-        # the score stage also writes validation/ and predict/ beside the test sets
+            raise FileNotFoundError(f"{folder}: missing; run `dvc repro` (the score stages of {run})")
         return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in RESERVED_SET_NAMES)
 
     def scores(self, run: str, test_set: str, variant: str) -> pd.DataFrame:
-        path = paths.scores_dir(run) / test_set / f"{variant}.csv"
+        path = paths.set_scores(run, test_set) / f"{variant}.csv"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run `dvc repro` (the score stage of {run})")
+            raise FileNotFoundError(f"{path}: missing; run `dvc repro` (the score stage of {run} and {test_set})")
         return pd.read_csv(path, dtype={"image_id1": str, "image_id2": str})
 
     def metrics(self, run: str) -> dict:
-        path = paths.metrics_file(run)
-        return json.loads(path.read_text()) if path.is_file() else {}
+        """``{set: that set's metrics}`` of every test set, plus the run's ``thresholds``."""
+        out: dict = {}
+        for name in self.test_sets(run):
+            path = paths.metrics_file(run, name)
+            if not path.is_file():
+                continue
+            entry = json.loads(path.read_text())
+            out["thresholds"] = entry.pop("thresholds", out.get("thresholds"))
+            out[name] = entry
+        return out
 
     def thresholds(self, run: str) -> dict[str, Any]:
-        path = paths.thresholds_file(run)
+        sets = self.test_sets(run)
+        if not sets:
+            raise FileNotFoundError(f"{paths.scores_dir(run)}: no test set scored; run `dvc repro`")
+        path = paths.thresholds_file(run, sets[0])  # every set of a run holds the same thresholds
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; rerun the score stage of {run} (dvc repro)")
+            raise FileNotFoundError(f"{path}: missing; rerun the score stages of {run} (dvc repro)")
         return json.loads(path.read_text())
 
 

@@ -1,0 +1,73 @@
+"""The claims scoreboard is computed from the reports it names: parts judged from the verdict tables
+(by hand here), a missing experiment is "not run", and changing one grid's result changes its row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.claims import (CONTRADICTED, NOT_DISTINGUISHABLE, NOT_RUN, SUPPORTED, Part, Report, judge_part,
+                             run_claims)
+
+
+def _grid(root: Path, name: str, rows: list[dict], verdicts: list[dict]) -> Path:
+    folder = root / "experiments" / name
+    folder.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(folder / "results.csv", index=False)
+    pd.DataFrame(verdicts).to_csv(folder / "verdicts.csv", index=False)
+    (folder / "index.md").write_text("Scale of the base params: 8 identities, smallcnn. The same grid file ...\n")
+    return folder
+
+
+def _center_start(root: Path, late_low: float, late_high: float, late_verdict: str) -> Path:
+    models = {("first-step", "softmax"): 0.95, ("first-step", "center"): 0.98, ("half-way", "softmax"): 0.95,
+              ("half-way", "center"): 0.96}
+    rows = [{"model": f"c-{start}/{loss}", "cell": f"c-{start}", "start": start, "loss": loss,
+             "test_set": "synth_open", "variant": "cosine_norm", "auc": auc, "auc_low": auc - 0.01,
+             "auc_high": auc + 0.01} for (start, loss), auc in models.items()]
+    verdicts = [
+        {"test_set": "synth_open", "variant": "cosine_norm", "a": "c-first-step/center", "b": "c-first-step/softmax",
+         "auc_diff": 0.03, "holm_low": 0.01, "holm_high": 0.05, "verdict": "start=first-step center beats softmax"},
+        {"test_set": "synth_open", "variant": "cosine_norm", "a": "c-half-way/center", "b": "c-half-way/softmax",
+         "auc_diff": 0.01, "holm_low": late_low, "holm_high": late_high, "verdict": late_verdict},
+    ]
+    return _grid(root, "center-start", rows, verdicts)
+
+
+def test_parts_are_judged_from_the_holm_intervals_of_the_verdict_table(tmp_path):
+    folder = _center_start(tmp_path, -0.02, 0.04, "not distinguishable")
+    report = Report(folder, grid=True)
+    early = judge_part(report, Part("better", {"start": "first-step", "loss": "center"},
+                                    {"start": "first-step", "loss": "softmax"}))
+    assert (early.effect, early.low, early.high, early.verdict) == (pytest.approx(0.03), 0.01, 0.05, SUPPORTED)
+    reverse = judge_part(report, Part("better", {"start": "first-step", "loss": "softmax"},
+                                      {"start": "first-step", "loss": "center"}))
+    assert reverse.effect == pytest.approx(-0.03) and (reverse.low, reverse.high) == (-0.05, -0.01)
+    assert reverse.verdict == CONTRADICTED  # the other model wins
+    late = judge_part(report, Part("not_better", {"start": "half-way", "loss": "center"},
+                                   {"start": "half-way", "loss": "softmax"}))
+    assert late.verdict == SUPPORTED  # no significant difference: "does not beat" holds
+    assert judge_part(report, Part("better", {"start": "half-way", "loss": "center"},
+                                   {"start": "half-way", "loss": "softmax"})).verdict == NOT_DISTINGUISHABLE
+
+
+def test_the_board_follows_the_grid_reports(tmp_path):
+    _center_start(tmp_path, -0.02, 0.04, "not distinguishable")
+    rows = {row.claim.key: row for row in run_claims(tmp_path)}
+    assert rows["center-start"].verdict == SUPPORTED
+    assert rows["subcenter"].verdict == NOT_RUN  # its grid has no report here
+    board = (tmp_path / "claims.md").read_text()
+    line = next(ln for ln in board.splitlines() if ln.startswith("| Center loss added from the start"))
+    assert "**supported**" in line and "synthetic; 8 identities, smallcnn" in line
+    # late center loss now significantly better than softmax: the claim's second part fails
+    folder = tmp_path / "experiments" / "center-start"
+    verdicts = pd.read_csv(folder / "verdicts.csv")
+    verdicts.loc[1, ["holm_low", "holm_high", "verdict"]] = [0.004, 0.016, "start=half-way center beats softmax"]
+    verdicts.to_csv(folder / "verdicts.csv", index=False)
+    rows = {row.claim.key: row for row in run_claims(tmp_path)}
+    assert rows["center-start"].verdict == CONTRADICTED
+    changed = next(ln for ln in (tmp_path / "claims.md").read_text().splitlines()
+                   if ln.startswith("| Center loss added from the start"))
+    assert changed != line and "**contradicted**" in changed
