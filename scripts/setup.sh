@@ -19,7 +19,8 @@ fi
 # the project itself, editable: `python -m pipeline` from any folder inside the repository
 here=$(pwd -P)
 installed=$(cd / && "$here/.venv/bin/python" -c \
-  'import os, pipeline; print(os.path.dirname(os.path.dirname(os.path.realpath(pipeline.__file__))))' 2>/dev/null)
+  'import os, pipeline; print(os.path.dirname(os.path.dirname(os.path.realpath(pipeline.__file__))))' 2>/dev/null \
+  || true)
 if [ "$installed" != "$here" ]; then
   .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . >/dev/null
 fi
