@@ -458,7 +458,9 @@ def bench_report(bench: str = typer.Argument(..., help="A benchmark named in par
     _bench(params, bench)
     runs = {loss: [paths.protocol_dir(bench, run) / "eval" for run in params.runs[loss]]
             for loss in params.train_losses}
-    summarise(runs, paths.protocol_report(bench), params.protocol_params())
+    spec = params.benchmarks[bench]
+    summarise(runs, paths.protocol_report(bench), params.protocol_params(),
+              title=f"Benchmark {bench} ({spec.kind}: {spec.path})")
     typer.echo(f"wrote {paths.protocol_report(bench) / 'summary.md'}")
 
 
