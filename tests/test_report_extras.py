@@ -263,3 +263,35 @@ def test_index_says_how_each_set_was_split_prepared_and_rejected(project):
     assert "(all in `data/detect/synth_open/rejects.csv`)" in rejects
     assert ("- synth_open: 5 rejected: `synth_open/id0/img.jpg` (no face found), `synth_open/id1/img.jpg` (no face "
             "found), `synth_open/id2/img.jpg` (no face found) and 2 more") in rejects
+
+
+def test_bin_sets_get_the_papers_table_of_accuracy_mean_and_fold_std(project):
+    """Two .bin benchmarks and one other set: the table lists the .bin sets only, each model's mean over
+    runs of its fold-mean accuracy and of its fold standard deviation, in %."""
+    from pipeline.config import Params
+    from pipeline.report.index import papers_table_section
+    from pipeline.report.tables import WorkspaceRuns
+
+    params = Params.model_validate({
+        "seeds": {"data": 0, "train": [0, 1]}, "train_losses": ["softmax", "arcface"],
+        "data": {"train": {"kind": "synthetic", "set": "train"},
+                 "tests": {"lfw": {"kind": "insightface_bin", "path": "x.bin"},
+                           "cfp_fp": {"kind": "insightface_bin", "path": "y.bin"},
+                           "synth_open": {"kind": "synthetic", "set": "synth_open"}}}})
+    for name, kind in (("lfw", "insightface_bin"), ("cfp_fp", "insightface_bin"), ("synth_open", "synthetic")):
+        _write_json(f"data/datasets/{name}/summary.json", {"kind": kind})
+    values = {"softmax-0": (0.97, 0.010), "softmax-1": (0.98, 0.012), "arcface-0": (0.99, 0.004),
+              "arcface-1": (0.995, 0.006)}
+    for run, (mean, std) in values.items():
+        for name in ("lfw", "cfp_fp", "synth_open"):
+            _write_json(f"reports/metrics/{run}/{name}.json",
+                        {"cosine_norm": {"accuracy_mean": mean - (0.05 if name == "cfp_fp" else 0.0),
+                                         "accuracy_std": std}})
+    lines = papers_table_section(params, WorkspaceRuns(list(params.data.tests)), "cosine_norm")
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0] == "| model | lfw | cfp_fp |"  # the .bin sets only, in params order
+    assert table[1] == "| softmax (2 runs) | 97.50 ± 1.10 | 92.50 ± 1.10 |"
+    assert table[2] == "| arcface (2 runs) | 99.25 ± 0.50 | 94.25 ± 0.50 |"
+    params_without = params.model_copy(update={"data": params.data.model_copy(update={"tests": {
+        "synth_open": params.data.tests["synth_open"]}})})
+    assert papers_table_section(params_without, WorkspaceRuns(["synth_open"]), "cosine_norm") == []

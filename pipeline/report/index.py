@@ -168,3 +168,36 @@ def comparison_markdown(stats: Statistics, pairing: str) -> str:
                      stats_markdown(stats.of(table), table.test_set), "",
                      verdicts_markdown(v) if len(v) else "", ""]
     return "\n".join(sections)
+
+
+def papers_table_section(params: Params, source: WorkspaceRuns, primary: str) -> list[str]:
+    """``## Benchmarks as the papers report them``: for the insightface ``.bin`` sets, each model's
+    LFW-protocol accuracy in % as mean ± std over the set's ten folds (the mean over the model's runs
+    of each run's mean and std), one column per benchmark, side by side; empty without such sets."""
+    from pipeline.report import inputs
+
+    names = [name for name, record in inputs.dataset_summaries(list(params.data.tests)).items()
+             if record.get("kind") == "insightface_bin"]
+    if not names:
+        return []
+    rows = []
+    for model, runs in params.runs.items():
+        metrics = [source.metrics(run) for run in runs]
+        row = {"model": f"{model} ({len(runs)} run{'s' if len(runs) != 1 else ''})"}
+        for name in names:
+            found = [m[name][primary] for m in metrics if name in m and primary in m[name]]
+            if len(found) != len(runs) or any(f.get("accuracy_mean") is None for f in found):
+                row[name] = "–"
+                continue
+            mean = 100 * float(np.mean([f["accuracy_mean"] for f in found]))
+            std = 100 * float(np.mean([f["accuracy_std"] for f in found]))
+            row[name] = f"{mean:.2f} ± {std:.2f}"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    head = "| " + " | ".join(table.columns) + " |"
+    lines = [head, "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return ["## Benchmarks as the papers report them", "",
+            f"LFW-protocol accuracy (%, {variant_label(primary)}): the mean ± standard deviation over each "
+            "benchmark's ten folds, as the papers print it (averaged over a model's runs); the intervals over "
+            "runs and pairs and the verdicts are in the comparison above.", "", *lines, ""]
