@@ -125,7 +125,7 @@ def test_the_miniature_runs_end_to_end_through_dvc(tmp_path):
     params["model"]["embedding_size"] = 16
     params["score"]["threshold"]["min_pairs"] = 4
     params["report"]["bootstrap"] = 100
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                FACEPIPE_THREADS="1", DVC_NO_ANALYTICS="1")
     for args in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro"]):
