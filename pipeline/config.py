@@ -344,9 +344,9 @@ class EmbedParams(_Strict):
 #: ``score.threshold.source`` value naming each run's own validation pairs (not a test set).
 VALIDATION_SOURCE = "validation"
 #: Names a test set may not take: the training set, the validation source, the folder of
-#: prediction files inside each run's scores (``data/scores/RUN/predict``) and the key of
+#: the tree of the pretrained models' outputs (``data/scores/pretrained``) and the key of
 #: the thresholds in a run's metrics JSON.
-RESERVED_SET_NAMES = ("train", VALIDATION_SOURCE, "predict", "thresholds")
+RESERVED_SET_NAMES = ("train", VALIDATION_SOURCE, "predict", "thresholds", "pretrained")
 
 
 class ThresholdParams(_Strict):

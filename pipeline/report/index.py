@@ -88,7 +88,7 @@ def _fixed_threshold_text(stats: Statistics) -> list[str]:
             "the tables show the accuracy and FP / FN at it (mean over runs; FP / FN are pair counts). "
             f"{FALLBACK_MARK} marks a model without validation pairs (pretrained) whose threshold was chosen on a "
             f"test set instead; {ON_ITSELF_MARK} a threshold chosen on the very set it is shown for (optimistic). "
-            "Each run's thresholds and where they came from: `data/scores/RUN/thresholds.json`.", ""]
+            "Each run's thresholds and where they came from: `data/scores/<set>/RUN/thresholds.json`.", ""]
 
 
 def how_to_read(params: Params, stats: Statistics, primary: str) -> list[str]:
@@ -140,11 +140,13 @@ def predicted_only_section(unlabelled: dict[str, dict[str, int]]) -> list[str]:
 def prediction_files_section(params: Params, primary: str) -> list[str]:
     """Where every run's prediction files are (DVC outputs of the score stages)."""
     first_run = next(iter(params.runs.values()))[0]
-    sets = WorkspaceRuns(list(params.data.tests)).test_sets(first_run)
-    files = [paths.prediction_file(run, name) for runs in params.runs.values() for run in runs for name in sets]
+    sets = WorkspaceRuns(list(params.data.tests), params.pretrained).test_sets(first_run)
+    files = [paths.prediction_file(run, name, pretrained=run in params.pretrained) for runs in params.runs.values()
+             for run in runs for name in sets]
     return ["## Prediction files", "",
             f"Every run's decision for every pair at its fixed threshold ({variant_label(primary)}), one file per "
-            "test set: `data/scores/RUN/<set>/<set>_<RUN>_predict.txt`, tab-separated with a header "
+            "test set: `data/scores/<set>/RUN/<set>_<RUN>_predict.txt` (a pretrained model's under "
+            "`data/scores/pretrained/`), tab-separated with a header "
             "`path1 path2 score decision same` (decision 1 = same, 0 = different, n/a = an image without a face; "
             "same is empty where the set has no labels). They are DVC outputs of the score stages, not in git "
             "(`data/` is not): `dvc repro` writes them, `dvc pull` fetches them from a DVC remote.", "",
