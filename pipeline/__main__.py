@@ -258,37 +258,29 @@ def _test_set(params: Params, name: str) -> str:
 
 @app.command()
 @stage
-def embed(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
-          test_set: str = TestSetOption, params_file: Path = ParamsOption) -> None:
-    """Embed one test set with the model of run LOSS-SEED (raw vectors, optional flip fusion) into
-    data/embeddings/RUN/SET."""
-    from pipeline.embed import run_embed
+def embed(test_set: str = TestSetOption, params_file: Path = ParamsOption) -> None:
+    """Embed one test set with every trained run (raw vectors, optional flip fusion) into data/embeddings/SET/RUN."""
+    from pipeline.embed import run_embed_set
 
     params = _params(params_file)
-    run = _run_of(params, model, seed)
-    if model in params.pretrained:
-        raise ConfigError(f"{model} is a pretrained model; its stage is embed-pretrained {model}")
     name = _test_set(params, test_set)
-    run_embed(params.embed, paths.model_dir(run) / "model.pt", paths.shards_dir(name),
-              paths.set_embeddings(run, name), name=name)
+    models = {run: paths.model_dir(run) / "model.pt" for loss in params.train_losses for run in params.runs[loss]}
+    run_embed_set(params.embed, models, paths.shards_dir(name), paths.EMBEDDINGS / name, name=name)
 
 
 @app.command("embed-train")
 @stage
-def embed_train(model: str = typer.Argument(..., help="A loss in train_losses."), seed: int = SeedOption,
-                params_file: Path = ParamsOption) -> None:
-    """Embed run LOSS-SEED's validation pairs (the trainer's split, rebuilt from data/recipes/LOSS.json and the
+def embed_train(params_file: Path = ParamsOption) -> None:
+    """Embed every trained run's validation pairs (the trainer's split, rebuilt from data/recipes/LOSS.json and the
     train shards) and the angle distributions of its training faces."""
-    from pipeline.embed import run_embed_train
+    from pipeline.embed import run_embed_train_all
     from pipeline.recipes import read_recipe
 
     params = _params(params_file)
-    run = _run_of(params, model, seed)
-    if model in params.pretrained:
-        raise ConfigError(f"{model} is a pretrained model: it has no training set")
-    run_embed_train(params.embed, paths.model_dir(run) / "model.pt", paths.shards_dir("train"),
-                    read_recipe(paths.recipe_file(model)), paths.set_embeddings(run, paths.VALIDATION),
-                    paths.set_embeddings(run, paths.TRAIN_ANGLES))
+    runs = {run: (paths.model_dir(run) / "model.pt", read_recipe(paths.recipe_file(loss)))
+            for loss in params.train_losses for run in params.runs[loss]}
+    run_embed_train_all(params.embed, runs, paths.shards_dir("train"), paths.EMBEDDINGS / paths.VALIDATION,
+                        paths.EMBEDDINGS / paths.TRAIN_ANGLES)
 
 
 @app.command("pretrained-model")
@@ -319,23 +311,30 @@ def embed_pretrained(name: str = typer.Argument(..., help="A model named in para
         raise ConfigError(f"{params_file}: pretrained.{name} is not configured")
     set_name = _test_set(params, test_set)
     run_embed_pretrained(name, params.pretrained[name], set_name, paths.detect_dir(set_name),
-                         paths.shards_dir(set_name), paths.set_embeddings(name, set_name), progress=progress,
-                         embed=params.embed)
+                         paths.shards_dir(set_name), paths.set_embeddings(name, set_name, pretrained=True),
+                         progress=progress, embed=params.embed)
 
 
 @app.command()
 @stage
-def score(model: str = typer.Argument(..., help="A loss in train_losses, or a pretrained model."),
-          seed: int = SeedOption, test_set: str = TestSetOption, params_file: Path = ParamsOption) -> None:
-    """Score one test set of one run: distance x test-time normalisation; per-pair files, metrics, the fixed
-    threshold (score.threshold) and the prediction file of the primary variant."""
-    from pipeline.score import run_score, threshold_source
+def score(model: str = typer.Argument(None, help="A pretrained model (omit: every trained run)."),
+          test_set: str = TestSetOption, params_file: Path = ParamsOption) -> None:
+    """Score one test set: distance x test-time normalisation for every trained run (or one pretrained model);
+    per-pair files, metrics, the fixed thresholds (score.threshold) and the prediction files of the primary
+    variant."""
+    from pipeline.score import run_score, run_score_set, threshold_source
 
     params = _params(params_file, check_models=False)  # no PyTorch: scoring starts in a fraction of the time
-    run = _run_of(params, model, seed)
     name = _test_set(params, test_set)
-    run_score(params.score, name, paths.set_embeddings(run, name), threshold_source(params, model, run),
-              paths.set_scores(run, name), paths.metrics_file(run, name), seed=params.seeds.data, run=run,
+    if model is None:
+        run_score_set(params, name)
+        return
+    if model not in params.pretrained:
+        raise ConfigError(f"{model}: not a pretrained model of params.yaml; trained runs are scored together: "
+                          f"python -m pipeline score --set {name}")
+    run_score(params.score, name, paths.set_embeddings(model, name, pretrained=True),
+              threshold_source(params, model, model), paths.set_scores(model, name, pretrained=True),
+              paths.metrics_file(model, name, pretrained=True), seed=params.seeds.data, run=model,
               primary=(params.report.primary_distance, params.report.primary_normalize))
 
 
@@ -347,7 +346,7 @@ def predict(model: Path = typer.Option(..., "--model", "-m", help="A model.pt sa
             threshold: str = typer.Option(None, "--threshold", "-t",
                                           help="cosine: same iff similarity > T; l2: T is a distance, same iff "
                                                "distance < T (negative refused). Or a run's "
-                                               "data/scores/RUN/thresholds.json (score thresholds: minus distances "
+                                               "data/scores/SET/RUN/thresholds.json (score thresholds: minus distances "
                                                "for l2). Default: the threshold stored in the model file "
                                                "(trainer-saved models have none: then required)."),
             distance: str = typer.Option(None, "--distance", help="cosine | l2 (default: report.primary_distance "
@@ -458,7 +457,9 @@ def bench_report(bench: str = typer.Argument(..., help="A benchmark named in par
     _bench(params, bench)
     runs = {loss: [paths.protocol_dir(bench, run) / "eval" for run in params.runs[loss]]
             for loss in params.train_losses}
-    summarise(runs, paths.protocol_report(bench), params.protocol_params())
+    spec = params.benchmarks[bench]
+    summarise(runs, paths.protocol_report(bench), params.protocol_params(),
+              title=f"Benchmark {bench} ({spec.kind}: {spec.path})")
     typer.echo(f"wrote {paths.protocol_report(bench) / 'summary.md'}")
 
 

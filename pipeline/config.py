@@ -344,9 +344,9 @@ class EmbedParams(_Strict):
 #: ``score.threshold.source`` value naming each run's own validation pairs (not a test set).
 VALIDATION_SOURCE = "validation"
 #: Names a test set may not take: the training set, the validation source, the folder of
-#: prediction files inside each run's scores (``data/scores/RUN/predict``) and the key of
+#: the tree of the pretrained models' outputs (``data/scores/pretrained``) and the key of
 #: the thresholds in a run's metrics JSON.
-RESERVED_SET_NAMES = ("train", VALIDATION_SOURCE, "predict", "thresholds")
+RESERVED_SET_NAMES = ("train", VALIDATION_SOURCE, "predict", "thresholds", "pretrained")
 
 
 class ThresholdParams(_Strict):
@@ -615,6 +615,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, *, check_paths: bool = True, 
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     raw = _upgrade(path, raw)
+    _check_tracked_keys(path, raw)
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:
@@ -625,6 +626,25 @@ def load_params(path: str | Path = DEFAULT_PARAMS, *, check_paths: bool = True, 
     if check_paths:
         _check_dataset_paths(path, params)
     return params
+
+
+#: Keys that dvc.yaml's stages track as params: DVC stops with "Parameters ... are missing" when the
+#: params file leaves one out, so they are required here too (with a default to copy).
+TRACKED_KEYS = {"data.synthetic": "each data stage", "seeds.data": "each data stage"}
+TRACKED_WITH_BENCHMARKS = ("protocol.flip", "protocol.batch_size")
+
+
+def _check_tracked_keys(path: Path, raw: dict[str, Any]) -> None:
+    """One line for a key the DVC stages track but the params file leaves out."""
+    wanted = dict(TRACKED_KEYS)
+    if raw.get("benchmarks"):
+        wanted.update({key: "each bench_embed stage" for key in TRACKED_WITH_BENCHMARKS})
+    for key, who in wanted.items():
+        try:
+            _lookup(raw, key)
+        except KeyError:
+            raise ConfigError(f"{path}: {key}: missing; {who} tracks it as a DVC param, so the params file must "
+                              f"set it (copy it from the repository's params.yaml)") from None
 
 
 def _first_error(err: ValidationError, raw: dict[str, Any]) -> str:

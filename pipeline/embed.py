@@ -1,6 +1,8 @@
-"""Stages ``embed@LOSS-SEED-SET`` and ``embed_train@LOSS-SEED``: embeddings with one trained model.
+"""Stages ``embed@SET`` and ``embed_train``: embeddings of a set with every trained run.
 
-``embed@RUN-SET`` embeds one test set into ``data/embeddings/RUN/SET/``: ``embeddings.npz``
+``embed@SET`` embeds one test set with every trained run (the shards read and decoded once, one
+process: a stage per run and set would cost more in process starts and DVC's bookkeeping than
+the work at laptop scale) into ``data/embeddings/SET/RUN/``: ``embeddings.npz``
 with ``image_ids`` [N], ``identities`` [N] and ``embeddings`` [N, D] float32, the RAW
 model outputs (not L2-normalised), optionally the sum of the outputs for the image and its
 horizontal mirror (``flip``); normalising is left to the score stage, so switching test-time
@@ -14,15 +16,15 @@ counts as closed-set when every one of its identities (by name) is a training id
 model (synthetic default: ``synth_closed``); only classifier losses have a head (not triplet,
 contrastive). The score stage turns it into ``n_way_accuracy``.
 
-``embed_train@RUN`` reads the training shards with the run's recipe (``data/recipes/LOSS.json``):
+``embed_train`` reads the training shards with each run's recipe (``data/recipes/LOSS.json``):
 
-* ``data/embeddings/RUN/validation/``: the run's **validation pairs**, the ones the trainer
+* ``data/embeddings/validation/RUN/``: the run's **validation pairs**, the ones the trainer
   validated on: the training shards split by :func:`pipeline.train.split_train_val` with the
   recipe's ``train.val_fraction`` and ``data_seed``, pairs by
   :func:`pipeline.train.validation_pairs`, images embedded exactly as the test sets are
   (``embeddings.npz``, ``pairs.csv``: fold, image_id1, image_id2, same), where the score stage
   picks the fixed threshold. Both files are empty when the split leaves no validation image.
-* ``data/embeddings/RUN/train/angles.npz``: the angle distributions of the ArcFace paper at the
+* ``data/embeddings/train/RUN/angles.npz``: the angle distributions of the ArcFace paper at the
   saved epoch, in degrees, over every image of the training set (validation split included;
   plain embeddings, no flip; a seeded sample of :data:`MAX_ANGLE_IMAGES` above that, decoded
   in chunks): ``target`` [N] between each image's embedding and its class centre,
@@ -35,7 +37,7 @@ contrastive). The score stage turns it into ``n_way_accuracy``.
   centre angles).
 
 Pretrained entries (``embed_pretrained@NAME-SET``, :func:`run_embed_pretrained`) write the same
-files per set: a ``facepipe`` model.pt from elsewhere through :func:`run_embed`, dlib from the
+files per set in ``data/embeddings/pretrained/NAME/SET``: a ``facepipe`` model.pt from elsewhere through :func:`run_embed`, dlib from the
 original images.
 """
 
@@ -84,13 +86,14 @@ def _save(path: Path, image_ids: list[str], identities: list[str], emb: np.ndarr
     )
 
 
-def validation_set(train_shards: str | Path, recipe: dict[str, Any]) -> tuple[Any, np.ndarray, pd.DataFrame]:
+def validation_set(train_shards: str | Path, recipe: dict[str, Any], *, data=None
+                   ) -> tuple[Any, np.ndarray, pd.DataFrame]:
     """The trainer's validation images and pairs for ``recipe``: ``(train shards, image
     indices [V], pairs table)`` (fold 1, image_id1, image_id2, same); V may be 0.
-    ``train_shards``: the training set's shards (``data/shards/train``)."""
+    ``train_shards``: the training set's shards (``data/shards/train``; ``data``: already read)."""
     from pipeline.train import split_train_val, validation_pairs
 
-    data = read_shards(train_shards)
+    data = read_shards(train_shards) if data is None else data
     seed = int(recipe["data_seed"])
     _, val_idx = split_train_val(data.labels, float(recipe["train"]["val_fraction"]), seed)
     ids = np.asarray(data.image_ids, dtype=object)[val_idx]
@@ -100,26 +103,52 @@ def validation_set(train_shards: str | Path, recipe: dict[str, Any]) -> tuple[An
     return data, val_idx, table
 
 
-def _open_model(params: EmbedParams, model_path: str | Path, missing_hint: str):
+def _open_model(params: EmbedParams, model_path: str | Path, missing_hint: str, *, quiet: bool = False):
     """The model of ``model_path`` on the device ``params`` ask for, with its trained loss (or None)."""
     dev = pick_device(params.device, key="embed.device")
     if dev.type == "cpu":
         torch.set_num_threads(cpu.thread_count())
-    print(f"embed: {describe_device(dev, None, 1)}", flush=True)
+    if not quiet:
+        print(f"embed: {describe_device(dev, None, 1)}", flush=True)
     model, saved = load_model_file(model_path, dev, missing_hint=missing_hint)
     return dev, model, saved, load_head(saved, dev)
 
 
+class Decoded:
+    """A set's shards with the images each model asks for decoded once and shared by every model that
+    embeds them, up to :data:`DECODED_BUDGET` bytes of decoded pixels (beyond it, decoded again per
+    model: a CASIA-sized training set does not fit in memory as pixels)."""
+
+    def __init__(self, data) -> None:
+        self.data, self._cache, self._bytes = data, {}, 0
+
+    def images(self, indices=None) -> np.ndarray:
+        key = None if indices is None else np.asarray(indices, dtype=np.int64).tobytes()
+        if key in self._cache:
+            return self._cache[key]
+        pixels = self.data.decode_all(indices)
+        if self._bytes + pixels.nbytes <= DECODED_BUDGET:
+            self._cache[key] = pixels
+            self._bytes += pixels.nbytes
+        return pixels
+
+
+#: Decoded pixels kept for the next model (bytes).
+DECODED_BUDGET = 1 << 30
+
+
 def _embedder(params: EmbedParams, model_path: str | Path, model, saved: dict, dev):
-    """``embed(data, indices=None) -> [N, D]`` raw float32 vectors of shard records, as every set is embedded."""
+    """``embed(decoded, indices=None) -> [N, D]`` raw float32 vectors of shard records, as every set is
+    embedded."""
     grayscale = bool(saved["model_params"].get("grayscale", False))
     size = int(saved["image_size"])
 
-    def embed(data, indices=None) -> np.ndarray:
+    def embed(decoded: Decoded, indices=None) -> np.ndarray:
+        data = decoded.data
         if len(data) and data.image_shape()[0] != size:
             raise TrainingError(f"{model_path}: the model takes {size} px faces but the shards hold "
                                 f"{data.image_shape()[0]} px ones (align.size)")
-        images = torch.from_numpy(data.decode_all(indices))
+        images = torch.from_numpy(decoded.images(indices))
         emb = embed_array(model, images, grayscale=grayscale, device=dev, batch_size=params.batch_size,
                           flip=params.flip)
         if not np.isfinite(emb).all():
@@ -130,47 +159,81 @@ def _embedder(params: EmbedParams, model_path: str | Path, model, saved: dict, d
 
 
 def run_embed(params: EmbedParams, model_path: str | Path, shards_dir: str | Path, out_dir: str | Path, *,
-              name: str, missing_hint: str = "; run the train stage first (dvc repro)") -> int:
-    """Embed test set ``name`` (its shards in ``shards_dir``) into ``out_dir``: ``embeddings.npz``,
-    ``pairs.csv`` (the set's pairs, what the score stage scores) and, for a closed-set test,
-    ``head.npz``. Returns the number of images embedded. Runs in fp32 on any device (the test
-    embeddings are the measurement; they are cheap)."""
-    dev, model, saved, head = _open_model(params, model_path, missing_hint)
+              name: str, missing_hint: str = "; run the train stage first (dvc repro)",
+              decoded: Decoded | None = None, quiet: bool = False) -> int:
+    """Embed test set ``name`` (its shards in ``shards_dir``; already read and decoded in ``decoded``)
+    with one model into ``out_dir``: ``embeddings.npz``, ``pairs.csv`` (the set's pairs, what the
+    score stage scores) and, for a closed-set test, ``head.npz``. Returns the number of images
+    embedded. Runs in fp32 on any device (the test embeddings are the measurement; they are cheap)."""
+    dev, model, saved, head = _open_model(params, model_path, missing_hint, quiet=quiet)
     embed = _embedder(params, model_path, model, saved, dev)
-    data = read_shards(shards_dir)
-    emb = embed(data)
+    decoded = decoded or Decoded(read_shards(shards_dir))
+    data = decoded.data
+    emb = embed(decoded)
     with atomic_dir(out_dir) as tmp:
         _save(Path(tmp) / paths.EMBEDDINGS_FILE, data.image_ids, data.identities, emb)
         shutil.copyfile(Path(shards_dir) / paths.PAIRS_FILE, Path(tmp) / paths.PAIRS_FILE)
         write_head_predictions(Path(tmp) / paths.HEAD_FILE, head, saved, data, emb, flip=params.flip, name=name)
-    print(f"embedded {name}: {len(data)} images, {emb.shape[1]}-D, flip={params.flip}")
+    print(f"embedded {name} with {model_path}: {len(data)} images, {emb.shape[1]}-D, flip={params.flip}")
     return len(data)
 
 
+def run_embed_set(params: EmbedParams, models: dict[str, Path], shards_dir: str | Path, out_dir: str | Path, *,
+                  name: str) -> dict[str, int]:
+    """Stage ``embed@SET``: test set ``name`` embedded with every trained run (``models``: run ->
+    model.pt) into ``out_dir/RUN/`` (see :func:`run_embed`); the shards are read and decoded once.
+    One process for every run: a stage per set, not per set and run, keeps the pipeline's process
+    starts and DVC's own bookkeeping small."""
+    decoded = Decoded(read_shards(shards_dir))
+    counts = {}
+    with atomic_dir(out_dir) as tmp:
+        for k, (run, model_path) in enumerate(models.items()):
+            counts[run] = run_embed(params, model_path, shards_dir, Path(tmp) / run, name=name, decoded=decoded,
+                                    quiet=k > 0)
+    return counts
+
+
 def run_embed_train(params: EmbedParams, model_path: str | Path, train_shards: str | Path, recipe: dict[str, Any],
-                    validation_dir: str | Path, angles_dir: str | Path) -> int:
+                    validation_dir: str | Path, angles_dir: str | Path, *, decoded: Decoded | None = None,
+                    quiet: bool = False) -> int:
     """What a trained run needs from its training set: its **validation pairs** embedded like the test
     sets (``validation_dir``: ``embeddings.npz`` and ``pairs.csv``; both empty when the split leaves
     no validation image), where the score stage picks the fixed threshold, and the **angle
     distributions** of the training faces (``angles_dir/angles.npz``). Returns the number of
     validation images."""
-    dev, model, saved, head = _open_model(params, model_path, "; run the train stage first (dvc repro)")
+    dev, model, saved, head = _open_model(params, model_path, "; run the train stage first (dvc repro)",
+                                          quiet=quiet)
     embed = _embedder(params, model_path, model, saved, dev)
-    data, val_idx, pairs = validation_set(train_shards, recipe)
+    data, val_idx, pairs = validation_set(train_shards, recipe, data=None if decoded is None else decoded.data)
+    decoded = decoded or Decoded(data)
     with atomic_dir(validation_dir) as tmp:
         if len(val_idx) == 0:
             print("no validation images (train.val_fraction leaves none): no validation pairs")
             emb = np.zeros((0, 0), dtype=np.float32)
         else:
-            emb = embed(data, val_idx)
-            print(f"embedded the validation split: {len(val_idx)} images, {len(pairs)} pairs")
+            emb = embed(decoded, val_idx)
+            print(f"embedded the validation split of {model_path}: {len(val_idx)} images, {len(pairs)} pairs")
         _save(Path(tmp) / paths.EMBEDDINGS_FILE, [data.image_ids[i] for i in val_idx],
               [data.identities[i] for i in val_idx], emb)
         pairs.to_csv(Path(tmp) / paths.PAIRS_FILE, index=False)
     with atomic_dir(angles_dir) as tmp:
         write_training_angles(Path(tmp) / "angles.npz", model, saved, head, data, dev, batch_size=params.batch_size,
-                              where=train_shards)
+                              where=train_shards, decoded=decoded)
     return len(val_idx)
+
+
+def run_embed_train_all(params: EmbedParams, runs: dict[str, tuple[Path, dict[str, Any]]], train_shards: str | Path,
+                        validation_root: str | Path, angles_root: str | Path) -> dict[str, int]:
+    """Stage ``embed_train``: :func:`run_embed_train` for every trained run (``runs``: run -> (model.pt,
+    its recipe)) into ``validation_root/RUN`` and ``angles_root/RUN``; the training shards are read and
+    decoded once."""
+    decoded = Decoded(read_shards(train_shards))
+    counts = {}
+    with atomic_dir(validation_root) as val_tmp, atomic_dir(angles_root) as angles_tmp:
+        for k, (run, (model_path, recipe)) in enumerate(runs.items()):
+            counts[run] = run_embed_train(params, model_path, train_shards, recipe, Path(val_tmp) / run,
+                                          Path(angles_tmp) / run, decoded=decoded, quiet=k > 0)
+    return counts
 
 
 # ------------------------------------------------------------- closed-set identification
@@ -257,9 +320,12 @@ def angle_distributions(embeddings: np.ndarray, labels: np.ndarray, centres: np.
 
 
 def write_training_angles(path: Path, model: torch.nn.Module, saved: dict, head: torch.nn.Module | None,
-                          data, device: torch.device, *, batch_size: int = 256, where: str | Path = "") -> bool:
+                          data, device: torch.device, *, batch_size: int = 256, where: str | Path = "",
+                          decoded: Decoded | None = None) -> bool:
     """``path`` with the angle distributions of the training set ``data`` (its shards, read from
-    ``where``; see the module doc); False when the model's identities are not theirs."""
+    ``where``; decoded through ``decoded`` when given; see the module doc); False when the model's
+    identities are not theirs."""
+    decoded = decoded or Decoded(data)
     names = saved.get("identity_names")
     if names is not None and list(names) != list(data.identity_names):
         print(f"angles: skipped, the model was trained on other identities than {where}")
@@ -268,7 +334,7 @@ def write_training_angles(path: Path, model: torch.nn.Module, saved: dict, head:
     chosen = np.arange(len(data))
     if len(chosen) > MAX_ANGLE_IMAGES:
         chosen = np.sort(np.random.default_rng(0).choice(len(data), MAX_ANGLE_IMAGES, replace=False))
-    emb = np.concatenate([embed_array(model, torch.from_numpy(data.decode_all(chosen[a : a + 4096])),
+    emb = np.concatenate([embed_array(model, torch.from_numpy(decoded.images(chosen[a : a + 4096])),
                                       grayscale=grayscale, device=device, batch_size=batch_size)
                           for a in range(0, len(chosen), 4096)])
     centres = head.class_centres() if head is not None else None

@@ -543,7 +543,7 @@ class ExperimentRuns:
     def scores(self, run: str, test_set: str, variant: str) -> pd.DataFrame:
         import io
 
-        return pd.read_csv(io.StringIO(self._text(f"data/scores/{run}/{test_set}/{variant}.csv")),
+        return pd.read_csv(io.StringIO(self._text(f"data/scores/{test_set}/{run}/{variant}.csv")),
                            dtype={"image_id1": str, "image_id2": str})
 
     def metrics(self, run: str) -> dict:
@@ -553,7 +553,7 @@ class ExperimentRuns:
         out: dict = {}
         for name in self.test_sets(run):
             try:
-                entry = json.loads(self._text(f"reports/metrics/{run}/{name}.json"))  # a cached output
+                entry = json.loads(self._text(f"reports/metrics/{name}/{run}.json"))  # a cached output
             except (GridError, OSError, PathMissingError):
                 continue
             out["thresholds"] = entry.pop("thresholds", out.get("thresholds"))
@@ -561,7 +561,7 @@ class ExperimentRuns:
         return out
 
     def thresholds(self, run: str) -> dict:
-        return json.loads(self._text(f"data/scores/{run}/{self.test_sets(run)[0]}/thresholds.json"))
+        return json.loads(self._text(f"data/scores/{self.test_sets(run)[0]}/{run}/thresholds.json"))
 
 
 # ---------------------------------------------------------------------------- report

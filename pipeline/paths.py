@@ -5,9 +5,11 @@ and folders, so that adding, removing or changing one set touches only its own f
 ``data/datasets/SET``, ``data/detect/SET``, ``data/aligned/SET``, ``data/shards/SET``.
 
 A *run* is one trained model: ``LOSS-SEED`` (``arcface-1``, as DVC names the stage
-``train@arcface-1``), or the name of a pretrained model. Per-run folders are keyed by it,
-and inside them per set: ``data/embeddings/RUN/SET``, ``data/scores/RUN/SET``,
-``reports/metrics/RUN/SET.json``.
+``train@arcface-1``), or the name of a pretrained model. Embedding and scoring run per test set
+for every trained run at once (one stage per set, few processes): ``data/embeddings/SET/RUN``,
+``data/scores/SET/RUN``, ``reports/metrics/SET/RUN.json``; the validation pairs' embeddings are
+``data/embeddings/validation/RUN``. A pretrained model has its own stages per set, under
+``.../pretrained/NAME/SET``.
 """
 
 from __future__ import annotations
@@ -88,41 +90,45 @@ def train_report_dir(run: str) -> Path:
     return REPORTS / "train" / run
 
 
-def embeddings_dir(run: str) -> Path:
-    return Path("data/embeddings") / run
+EMBEDDINGS = Path("data/embeddings")
+SCORES = Path("data/scores")
+METRICS = REPORTS / "metrics"
+#: Where the pretrained models' per-set outputs go (``data/embeddings/pretrained/NAME/SET``): a name
+#: no test set may take.
+PRETRAINED_TREE = "pretrained"
 
 
-def set_embeddings(run: str, name: str) -> Path:
-    """``data/embeddings/RUN/SET`` (SET may be :data:`VALIDATION`)."""
-    return embeddings_dir(run) / name
+def set_embeddings(run: str, name: str, *, pretrained: bool = False) -> Path:
+    """``data/embeddings/SET/RUN``: run ``run``'s embeddings of set ``name`` (a test set, or
+    :data:`VALIDATION`), written by the set's embed stage for every trained run; a pretrained model's
+    by its own stage in ``data/embeddings/pretrained/NAME/SET``."""
+    return EMBEDDINGS / PRETRAINED_TREE / run / name if pretrained else EMBEDDINGS / name / run
 
 
-def scores_dir(run: str) -> Path:
-    return Path("data/scores") / run
+def training_angles(run: str) -> Path:
+    """``data/embeddings/train/RUN/angles.npz``: the angle distributions of a run's training faces."""
+    return EMBEDDINGS / TRAIN_ANGLES / run / "angles.npz"
 
 
-def set_scores(run: str, name: str) -> Path:
-    return scores_dir(run) / name
+def set_scores(run: str, name: str, *, pretrained: bool = False) -> Path:
+    """``data/scores/SET/RUN`` (a pretrained model: ``data/scores/pretrained/NAME/SET``)."""
+    return SCORES / PRETRAINED_TREE / run / name if pretrained else SCORES / name / run
 
 
-def metrics_dir(run: str) -> Path:
-    return REPORTS / "metrics" / run
+def metrics_file(run: str, name: str, *, pretrained: bool = False) -> Path:
+    """``reports/metrics/SET/RUN.json`` (a pretrained model: ``reports/metrics/pretrained/NAME/SET.json``)."""
+    return METRICS / PRETRAINED_TREE / run / f"{name}.json" if pretrained else METRICS / name / f"{run}.json"
 
 
-def metrics_file(run: str, name: str) -> Path:
-    """``reports/metrics/RUN/SET.json``."""
-    return metrics_dir(run) / f"{name}.json"
-
-
-def thresholds_file(run: str, name: str) -> Path:
+def thresholds_file(run: str, name: str, *, pretrained: bool = False) -> Path:
     """The run's fixed thresholds as the score stage of set ``name`` chose and applied them (every
     set of a run holds the same ones)."""
-    return set_scores(run, name) / THRESHOLDS
+    return set_scores(run, name, pretrained=pretrained) / THRESHOLDS
 
 
-def prediction_file(run: str, test_set: str) -> Path:
-    """``data/scores/RUN/SET/<set>_<RUN>_predict.txt`` (see :mod:`pipeline.predictions`)."""
-    return set_scores(run, test_set) / f"{test_set}_{run}_predict.txt"
+def prediction_file(run: str, test_set: str, *, pretrained: bool = False) -> Path:
+    """``data/scores/SET/RUN/<set>_<RUN>_predict.txt`` (see :mod:`pipeline.predictions`)."""
+    return set_scores(run, test_set, pretrained=pretrained) / f"{test_set}_{run}_predict.txt"
 
 
 def protocol_dir(bench: str, run: str) -> Path:

@@ -33,7 +33,7 @@ Threshold. The decision rule is printed as one line before anything runs:
 * l2: ``--threshold T`` is an L2 **distance**; same iff distance < T. A negative T is
   refused (no distance is below it): it is the sign trap of passing a score threshold,
   since the pipeline's L2 *scores* are minus distances.
-* ``--threshold data/scores/RUN/thresholds.json``: the score stage's fixed threshold of that
+* ``--threshold data/scores/SET/RUN/thresholds.json``: the score stage's fixed threshold of that
   run for the variant used. These are **score** thresholds (same iff score > t, score =
   minus the distance for l2), so a finite positive L2 one is refused (no file written by the
   score stage holds one).
@@ -186,7 +186,7 @@ def resolve_threshold(given: str | None, saved: dict[str, Any], model_path: str 
         stored = saved.get("threshold")
         if stored is None:
             raise ConfigError(f"{model_path}: the model file stores no threshold (models saved by the trainer carry "
-                              "none); pass --threshold T, a number or a run's data/scores/RUN/thresholds.json")
+                              "none); pass --threshold T, a number or a run's data/scores/SET/RUN/thresholds.json")
         if isinstance(stored, dict):
             kind = (stored.get("distance", distance), bool(stored.get("normalize", normalize)))
             if kind != (distance, normalize):

@@ -1,7 +1,7 @@
 """Prediction files: one decision per pair at a fixed threshold, for people and other tools.
 
 Written by the score stage for every run and test set (primary scoring variant,
-``data/scores/RUN/predict/<set>_<RUN>_predict.txt``) and by ``python -m pipeline
+``data/scores/<set>/RUN/<set>_<RUN>_predict.txt``) and by ``python -m pipeline
 predict`` for any pairs file. Format: UTF-8 text, tab-separated, one header line, then
 one line per pair in the order of the pairs file::
 

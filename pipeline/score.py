@@ -1,11 +1,11 @@
-"""Stage ``score@LOSS-SEED-SET`` (and ``score_pretrained@NAME-SET``): score one test set of one run.
+"""Stage ``score@SET`` (and ``score_pretrained@NAME-SET``): score one test set, for every trained run.
 
 For each variant (distance in ``score.distances`` x test-time L2 normalisation in
-``score.normalize``) it writes one per-pair file ``data/scores/RUN/SET/<distance>_<norm|raw>.csv``
+``score.normalize``) it writes one per-pair file ``data/scores/SET/RUN/<distance>_<norm|raw>.csv``
 with ``fold, image_id1, image_id2, same, path1, path2, score, prediction, decision, status``
 and computes the verification metrics of :func:`pipeline.metrics.verification_report` (AUC,
 EER, LFW-protocol accuracy, TPR@FPR, FP/FN, bootstrap intervals) into
-``reports/metrics/RUN/SET.json``. Pairs whose image was dropped at detection keep a row with
+``reports/metrics/SET/RUN.json``. Pairs whose image was dropped at detection keep a row with
 ``status = missing`` and no score: they are counted and reported, never scored. ``prediction``
 is the LFW protocol's decision (threshold chosen on the other folds), ``decision`` the one at
 the run's fixed threshold (below).
@@ -16,11 +16,11 @@ Higher score = more likely the same person; for L2 the score is minus the distan
 pairs by the rule (:func:`pipeline.metrics.choose_threshold`) and applied unchanged to every
 test set: each set's score stage chooses it again from the same source (cheap, and the same
 numbers), so the stage depends on the set and on the source only (:func:`threshold_source`).
-The source is ``validation``, the run's own validation pairs (``data/embeddings/RUN/validation``,
+The source is ``validation``, the run's own validation pairs (``data/embeddings/validation/RUN``,
 written by ``embed_train``), or a labelled test set; a pretrained model names its own
 (``pretrained.NAME.threshold_source``, default ``report.in_domain``). A source needs at least
 ``score.threshold.min_pairs`` labelled pairs (a threshold chosen on a handful of
-pairs is refused, not used). ``data/scores/RUN/SET/thresholds.json`` holds each variant's
+pairs is refused, not used). ``data/scores/SET/RUN/thresholds.json`` holds each variant's
 threshold and where it came from; the metrics JSON holds, per variant, the accuracy,
 TP/FP/TN/FN, TPR and FPR at it (``fixed_threshold``, with ``chosen_on_itself`` when the set is
 its own source: an optimistic figure).
@@ -29,7 +29,7 @@ its own source: an optimistic figure).
 threshold with no metrics: their per-pair files have an empty ``same`` and ``prediction``,
 their metrics only count pairs and decisions.
 
-**Prediction file** (:mod:`pipeline.predictions`): ``data/scores/RUN/SET/<set>_<RUN>_predict.txt``,
+**Prediction file** (:mod:`pipeline.predictions`): ``data/scores/SET/RUN/<set>_<RUN>_predict.txt``,
 primary variant (``report.primary_distance`` / ``report.primary_normalize``): both image paths,
 the score, the decision at the fixed threshold and the label where there is one.
 
@@ -140,7 +140,7 @@ def score_set(pairs: pd.DataFrame, embeddings: dict[str, np.ndarray], params: Sc
 
 
 def read_set(set_dir: str | Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]] | None:
-    """The pairs and embeddings an embed stage wrote in ``set_dir`` (``data/embeddings/RUN/SET``),
+    """The pairs and embeddings an embed stage wrote in ``set_dir`` (``data/embeddings/SET/RUN``),
     or None when it holds no pairs (a run whose split left no validation image)."""
     csv = Path(set_dir) / paths.PAIRS_FILE
     if not csv.is_file():
@@ -269,7 +269,7 @@ def threshold_source(params: Params, model: str, run: str) -> ThresholdSource:
             raise ConfigError(f"pretrained.{model}.threshold_source: not set and report.in_domain is null; name the "
                               "labelled test set whose pairs choose this model's fixed threshold")
         note = "" if name == requested else f"no validation pairs (pretrained): threshold chosen on {name}"
-        return ThresholdSource(name, paths.set_embeddings(run, name), requested, note)
+        return ThresholdSource(name, paths.set_embeddings(run, name, pretrained=True), requested, note)
     folder = paths.set_embeddings(run, requested)
     if requested != VALIDATION_SOURCE or read_set(folder) is not None:
         return ThresholdSource(requested, folder, requested)
@@ -315,8 +315,24 @@ def run_score(params: ScoreParams, name: str, set_dir: str | Path, source: Thres
         write_json(Path(tmp) / paths.THRESHOLDS, thresholds)
     metrics = {**result.metrics, "thresholds": thresholds}
     write_json(metrics_path, metrics)
-    _print_summary(name, result, primary_variant)
+    _print_summary(f"{name} {run}", result, primary_variant)
     return metrics
+
+
+def run_score_set(params: Params, name: str) -> dict[str, dict[str, Any]]:
+    """Stage ``score@SET``: test set ``name`` scored for every trained run (:func:`run_score` per run,
+    each with its own fixed thresholds) into ``data/scores/SET/RUN`` and ``reports/metrics/SET/RUN.json``,
+    both folders written whole."""
+    primary = (params.report.primary_distance, params.report.primary_normalize)
+    out = {}
+    with atomic_dir(paths.SCORES / name) as tmp, atomic_dir(paths.METRICS / name) as metrics_tmp:
+        for loss in params.train_losses:
+            for run in params.runs[loss]:
+                out[run] = run_score(params.score, name, paths.set_embeddings(run, name),
+                                     threshold_source(params, loss, run), Path(tmp) / run,
+                                     Path(metrics_tmp) / f"{run}.json", seed=params.seeds.data, run=run,
+                                     primary=primary)
+    return out
 
 
 def _print_summary(name: str, result: ScoredSet, primary_variant: str) -> None:

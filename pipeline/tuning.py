@@ -118,7 +118,7 @@ def grid_results(grid_path: str | Path, workspace: Path) -> list[ConfigResult]:
                               params.runs[loss], [], [], [], params.train_for(loss).epochs, state.rev)
         if state.rev is not None:
             for run in result.runs:
-                folder = f"data/embeddings/{run}/validation"
+                folder = f"data/embeddings/validation/{run}"
                 with np.load(io.BytesIO(_experiment_bytes(workspace, state.rev, f"{folder}/embeddings.npz"))) as z:
                     embeddings = {k: z[k] for k in z.files}
                 pairs = pd.read_csv(io.BytesIO(_experiment_bytes(workspace, state.rev, f"{folder}/pairs.csv")),

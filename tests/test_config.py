@@ -252,3 +252,20 @@ def test_per_set_detect_overrides_and_pretrained_threshold_sources(tmp_path):
 
     with pytest.raises(ConfigError, match="pretrained.dlib.threshold_source: required when report.in_domain is not"):
         load_params(_write(tmp_path, no_in_domain))
+
+
+def test_keys_the_dvc_stages_track_must_be_in_the_params_file(tmp_path):
+    """DVC stops with "Parameters ... are missing" for a tracked key the file leaves out: validate says
+    which, in one line, first."""
+    def without_synthetic(raw):
+        del raw["data"]["synthetic"]
+
+    with pytest.raises(ConfigError, match="data.synthetic: missing; each data stage tracks it as a DVC param"):
+        load_params(_write(tmp_path, without_synthetic))
+
+    def benchmarks_without_protocol(raw):
+        raw["benchmarks"] = {"ijb": {"kind": "ijb", "path": str(tmp_path)}}
+        del raw["protocol"]
+
+    with pytest.raises(ConfigError, match="protocol.flip: missing; each bench_embed stage tracks it"):
+        load_params(_write(tmp_path, benchmarks_without_protocol))

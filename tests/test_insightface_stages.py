@@ -100,3 +100,40 @@ def test_a_bad_rec_is_one_line_and_keeps_the_previous_index(project, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode != 0 and len(lines) == 1 and "train.rec" in lines[0], result.stderr
     assert (project / "data" / "datasets" / "train" / "index.csv").read_bytes() == before
+
+
+def test_the_miniature_runs_end_to_end_through_dvc(tmp_path):
+    """configs/insightface-synth.yaml on a small miniature, through the real dvc.yaml: trained on the
+    .rec, tested on three .bin sets, and the report carries the papers' table of the three."""
+    import os
+    import shutil
+
+    write_miniature(tmp_path / "mini", train_identities=8, images_per_identity=5, test_identities=6, test_images=3,
+                    folds=10, pairs_per_fold=4)
+    folder = tmp_path / "mini" / "faces_synth_112x112"
+    project = tmp_path / "project"
+    shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "configs").mkdir()
+    shutil.copy(ROOT / "configs" / "dvc-defaults.yaml", project / "configs" / "dvc-defaults.yaml")
+    shutil.copy(ROOT / "dvc.yaml", project / "dvc.yaml")
+    params = yaml.safe_load((ROOT / "configs" / "insightface-synth.yaml").read_text())
+    params["data"]["train"]["path"] = str(folder)
+    for name, spec in params["data"]["tests"].items():
+        spec["path"] = str(folder / f"{name}.bin")
+    params.update(train_losses=["softmax", "arcface"], seeds={"data": 0, "train": [0]})
+    params["train"].update(epochs=1, batch_size=16, warmup_epochs=0)
+    params["model"]["embedding_size"] = 16
+    params["score"]["threshold"]["min_pairs"] = 4
+    params["report"]["bootstrap"] = 100
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               FACEPIPE_THREADS="1", DVC_NO_ANALYTICS="1")
+    for args in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro"]):
+        result = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    index = (project / "reports" / "index.md").read_text()
+    section = index[index.index("## Benchmarks as the papers report them"):]
+    header = next(line for line in section.splitlines() if line.startswith("| model"))
+    assert header == "| model | lfw | cfp_fp | agedb_30 |"
+    assert sum(line.startswith(("| softmax", "| arcface")) for line in section.splitlines()) == 2
+    assert "pre-cropped: not detected or aligned, scored at 112 px" in index

@@ -136,17 +136,16 @@ def project(tmp_path_factory) -> Path:
 
 
 def _stages(kind: str, runs=RUNS, sets=SETS) -> set[str]:
-    """The stages of ``kind`` for ``runs``: per run (train, embed_train) or per run and test set
-    (embed, score)."""
+    """The stages of ``kind``: per run (train) or per test set (embed, score; every run at once)."""
     if kind in ("embed", "score"):
-        return {f"{kind}@{run}-{name}" for run in runs for name in sets}
+        return {f"{kind}@{name}" for name in sets}
     return {f"{kind}@{run}" for run in runs}
 
 
 def _run_stages(runs=RUNS, sets=SETS) -> set[str]:
-    """Everything a training run has: train, embed_train, and embed and score per test set."""
-    return _stages("train", runs) | _stages("embed_train", runs) | _stages("embed", runs, sets) | \
-        _stages("score", runs, sets)
+    """What retraining ``runs`` reruns: their train stages, then every set's embedding and scoring and
+    the validation embeddings (those stages serve every run at once)."""
+    return _stages("train", runs) | {"embed_train"} | _stages("embed", runs, sets) | _stages("score", runs, sets)
 
 
 def _data_stages(name: str) -> set[str]:
@@ -180,9 +179,9 @@ def test_repro_builds_the_report(project):
     assert set(table["threshold_from"]) == {"validation"} and not table["threshold_on_itself"].any()
     assert table["fixed_accuracy"].between(0, 1).all() and table["fixed_fp"].notna().all()
     for run in RUNS:
-        assert (project / "data" / "embeddings" / run / "validation" / "embeddings.npz").is_file()
+        assert (project / "data" / "embeddings" / "validation" / run / "embeddings.npz").is_file()
         for test_set in SETS:
-            assert (project / "data" / "scores" / run / test_set / f"{test_set}_{run}_predict.txt").is_file()
+            assert (project / "data" / "scores" / test_set / run / f"{test_set}_{run}_predict.txt").is_file()
     # what the model sees; closed-set identification; angle distributions
     assert (project / "reports" / "figures" / "augmented.png").read_bytes()[:4] == b"\x89PNG"
     closed = table.query("test_set == 'synth_closed'")
@@ -212,7 +211,7 @@ def test_report_numbers_equal_a_recomputation_from_the_score_files(project):
         for test_set in ("synth_open", "synth_domain"):
             aucs = []
             for seed in (0, 1):
-                pairs = pd.read_csv(project / "data" / "scores" / f"{loss}-{seed}" / test_set / "l2_raw.csv")
+                pairs = pd.read_csv(project / "data" / "scores" / test_set / f"{loss}-{seed}" / "l2_raw.csv")
                 pairs = pairs[pairs["status"] == "scored"]
                 aucs.append(roc_auc_score(pairs["same"], pairs["score"]))
                 run = f"{loss}-{seed}"
@@ -266,8 +265,8 @@ def test_killed_anywhere_then_rerun_gives_the_clean_report(project, tmp_path):
     params = yaml.safe_load((project / "params.yaml").read_text())
     crashed = _new_project(tmp_path / "crashed", params)
     wanted = {"data_train", "detect_train", "align_train", "shard_train", "detect@synth_open", "recipes",
-              "train@softmax-0", "embed_train@softmax-0", "embed@softmax-0-synth_open", "score@softmax-0-synth_open",
-              "train@arcface-1", "embed@arcface-1-synth_domain", "score@arcface-1-synth_closed", "report"}
+              "train@softmax-0", "train@arcface-1", "embed_train", "embed@synth_open", "embed@synth_domain",
+              "score@synth_closed", "score@synth_domain", "report"}
     # in the order DVC runs them (a stage that ran before the kill is not run again)
     order = re.findall(r"Running stage '([^']+)'", (project / "first_run.log").read_text())
     stages = [stage for stage in order if stage in wanted]
@@ -280,7 +279,7 @@ def test_killed_anywhere_then_rerun_gives_the_clean_report(project, tmp_path):
         pd.testing.assert_frame_equal(pd.read_csv(crashed / "reports" / name), pd.read_csv(project / "reports" / name))
     for run in RUNS:
         for test_set in SETS:
-            name = f"reports/metrics/{run}/{test_set}.json"
+            name = f"reports/metrics/{test_set}/{run}.json"
             assert json.loads((crashed / name).read_text()) == json.loads((project / name).read_text())
     # no temporary leftovers anywhere in the outputs
     leftovers = [p for p in (crashed / "data").rglob("*") if ".tmp" in p.name]
@@ -313,7 +312,7 @@ def test_adding_a_seed_runs_only_its_stages_and_removing_one_only_the_report(pro
     _set_param(project, "seeds.train", [0, 1, 2])
     added = _run(["dvc", "repro"], project)
     new = ["softmax-2", "arcface-2"]
-    assert _ran(added.stdout) == {"report"} | _run_stages(new)
+    assert _ran(added.stdout) == {"report"} | _run_stages(new)  # only the new seed's runs train
     assert set(pd.read_csv(project / "reports" / "comparison.csv")["runs"]) == {3}
     _set_param(project, "seeds.train", [0, 2])
     removed = _run(["dvc", "repro"], project)
@@ -325,11 +324,9 @@ def test_adding_a_seed_runs_only_its_stages_and_removing_one_only_the_report(pro
 def test_adding_a_test_set_runs_only_its_stages_and_removing_it_only_the_report(project):
     """A new test set: its own data, detect, align and shard stages, and its embed and score stages
     for every run; nothing is retrained and no other set is touched. Removing it reruns the report."""
-    runs = ["softmax-0", "softmax-2", "arcface-0", "arcface-2"]  # seeds.train as the test above left it
     _set_param(project, "data.tests.synth_extra", {"kind": "synthetic", "set": "synth_domain"})
     added = _run(["dvc", "repro"], project)
-    assert _ran(added.stdout) == _data_stages("synth_extra") | _stages("embed", runs, ["synth_extra"]) | \
-        _stages("score", runs, ["synth_extra"]) | {"report"}
+    assert _ran(added.stdout) == _data_stages("synth_extra") | {"embed@synth_extra", "score@synth_extra", "report"}
     table = pd.read_csv(project / "reports" / "comparison.csv")
     assert "synth_extra" in set(table["test_set"])
     # the same faces and pairs as synth_domain, scored by the same runs: the same numbers
@@ -346,14 +343,12 @@ def test_adding_a_test_set_runs_only_its_stages_and_removing_it_only_the_report(
 
 
 def test_one_sets_detection_params_touch_only_that_set(project):
-    runs = ["softmax-0", "softmax-2", "arcface-0", "arcface-2"]
     before = (project / "data" / "detect" / "synth_domain" / "detections.parquet").read_bytes()
     _set_param(project, "data.tests.synth_domain.detect", {"scale_factor": 0.75})  # another image pyramid
     result = _run(["dvc", "repro"], project)
     ran = _ran(result.stdout)
     assert {"data@synth_domain", "detect@synth_domain", "report"} <= ran
-    allowed = _data_stages("synth_domain") | _stages("embed", runs, ["synth_domain"]) | \
-        _stages("score", runs, ["synth_domain"]) | {"report"}
+    allowed = _data_stages("synth_domain") | {"embed@synth_domain", "score@synth_domain", "report"}
     assert ran <= allowed, ran - allowed  # no other set's stages, no training
     changed = (project / "data" / "detect" / "synth_domain" / "detections.parquet").read_bytes() != before
     assert ("align@synth_domain" in ran) == changed  # downstream reruns exactly when the detections changed
@@ -362,10 +357,9 @@ def test_one_sets_detection_params_touch_only_that_set(project):
 def test_scoring_switch_reruns_only_scoring(project):
     _set_param(project, "score.bootstrap", 10)
     result = _run(["dvc", "repro"], project)
-    runs = ["softmax-0", "softmax-2", "arcface-0", "arcface-2"]  # seeds.train as the tests above left it
-    # score.bootstrap changes the per-run intervals in reports/metrics/RUN/SET.json; the per-pair scores
+    # score.bootstrap changes the per-run intervals in reports/metrics/SET/RUN.json; the per-pair scores
     # stay the same, so no training or embedding reruns; the report reads the whole params file
-    assert _ran(result.stdout) == _stages("score", runs) | {"report"}
+    assert _ran(result.stdout) == _stages("score") | {"report"}
     assert "up to date" in _run(["dvc", "status"], project).stdout
 
 
@@ -407,10 +401,11 @@ def test_a_facepipe_model_file_outside_the_repository_is_scored_like_its_run(pro
     assert _ran(result.stdout) == {"pretrained_model@other", "report"} | {
         f"{kind}_pretrained@other-{name}" for kind in ("embed", "score") for name in SETS}
     for test_set in ("synth_open", "synth_domain"):
-        mine = pd.read_csv(project / "data" / "scores" / "arcface-0" / test_set / "l2_raw.csv")
-        theirs = pd.read_csv(project / "data" / "scores" / "other" / test_set / "l2_raw.csv")
+        mine = pd.read_csv(project / "data" / "scores" / test_set / "arcface-0" / "l2_raw.csv")
+        theirs = pd.read_csv(project / "data" / "scores" / "pretrained" / "other" / test_set / "l2_raw.csv")
         pd.testing.assert_series_equal(mine["score"], theirs["score"])
-        assert (project / "data" / "scores" / "other" / test_set / f"{test_set}_other_predict.txt").is_file()
+        assert (project / "data" / "scores" / "pretrained" / "other" / test_set / f"{test_set}_other_predict.txt"
+                ).is_file()
     table = pd.read_csv(project / "reports" / "comparison.csv")
     assert set(table.query("model == 'other'")["threshold_from"]) == {"synth_open"}  # report.in_domain
     assert _ran(_run(["dvc", "repro"], project).stdout) == {"pretrained_model@other"}  # same file: nothing after it

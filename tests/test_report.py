@@ -45,32 +45,33 @@ def _project(root: Path, threshold: dict) -> Params:
     val_identities = [f"v-id{k // 4}" for k in range(40)]
     val_pairs = _pairs(val_ids, val_identities, 120, 12, folds=1)
     for k, run in enumerate(run for runs in RUNS.values() for run in runs):
+        pretrained = run == "ext"
         for name, (ids, ident) in identities.items():
-            folder = paths.set_embeddings(run, name)
+            folder = paths.set_embeddings(run, name, pretrained=pretrained)
             folder.mkdir(parents=True)
             pairs[name].to_csv(folder / "pairs.csv", index=False)
             np.savez(folder / "embeddings.npz", **_embeddings(ids, ident, 100 + 7 * k + len(name)))
-        if run != "ext":  # a pretrained model has no validation pairs
+        if not pretrained:  # a pretrained model has no validation pairs
             folder = paths.set_embeddings(run, "validation")
             folder.mkdir(parents=True)
             val_pairs[["fold", "image_id1", "image_id2", "same"]].to_csv(folder / "pairs.csv", index=False)
             np.savez(folder / "embeddings.npz", **_embeddings(val_ids, val_identities, 300 + k))
-        model = run if run == "ext" else run.rsplit("-", 1)[0]
+        model = run if pretrained else run.rsplit("-", 1)[0]
         for name in SETS:
-            run_score(params.score, name, paths.set_embeddings(run, name), threshold_source(params, model, run),
-                      paths.set_scores(run, name), paths.metrics_file(run, name), seed=0, run=run,
-                      primary=("cosine", True))
+            run_score(params.score, name, paths.set_embeddings(run, name, pretrained=pretrained),
+                      threshold_source(params, model, run), paths.set_scores(run, name, pretrained=pretrained),
+                      paths.metrics_file(run, name, pretrained=pretrained), seed=0, run=run, primary=("cosine", True))
     return params
 
 
 def _expected(model: str, test_set: str, variant: str) -> dict:
     """Fixed-threshold figures of a model, from its runs' per-pair files, on the pairs every run scored."""
-    frames = {run: pd.read_csv(paths.scores_dir(run) / test_set / f"{variant}.csv")
+    frames = {run: pd.read_csv(paths.set_scores(run, test_set, pretrained=run == "ext") / f"{variant}.csv")
               for runs in RUNS.values() for run in runs}
     common = np.logical_and.reduce([(f["status"] == "scored").to_numpy() for f in frames.values()])
     acc, fp, fn, thresholds, sources = [], [], [], [], set()
     for run in RUNS[model]:
-        entry = json.loads(paths.thresholds_file(run, test_set).read_text())[variant]
+        entry = json.loads(paths.thresholds_file(run, test_set, pretrained=run == "ext").read_text())[variant]
         t = float(entry["threshold"])
         frame = frames[run][common]
         decided = [(s > t, int(y)) for s, y in zip(frame["score"], frame["same"])]
@@ -136,7 +137,8 @@ def test_index_names_the_source_marks_fallbacks_and_lists_predictions(reported):
     assert "DVC outputs of the score stages" in section
     for run in ("softmax-0", "arcface-1", "ext"):
         for test_set in SETS:
-            name = f"data/scores/{run}/{test_set}/{test_set}_{run}_predict.txt"
+            name = (f"data/scores/pretrained/{run}/{test_set}" if run == "ext" else f"data/scores/{test_set}/{run}"
+                    ) + f"/{test_set}_{run}_predict.txt"
             assert f"- `{name}`" in section and (root / name).is_file()
     comparison = (root / "reports" / "comparison.md").read_text()
     assert comparison.count("accuracy @ threshold from validation (best accuracy)") == 2 * 4
@@ -208,7 +210,7 @@ def test_pairing_by_seed_pairs_the_trained_losses_only(reported):
 
     _, params = reported
     paired = params.model_copy(update={"report": params.report.model_copy(update={"pairing": "seed"})})
-    stats, _ = compute(paired, WorkspaceRuns())
+    stats, _ = compute(paired, WorkspaceRuns(pretrained=["ext"]))
     v = stats.verdicts.assign(pair=lambda d: [frozenset(p) for p in zip(d["a"], d["b"])])
     assert set(v.loc[v["pair"] == frozenset({"softmax", "arcface"}), "pairing"]) == {"seed"}
     assert set(v.loc[v["pair"] != frozenset({"softmax", "arcface"}), "pairing"]) == {"independent"}  # ext: no seeds

@@ -56,10 +56,10 @@ def test_warning_when_a_checkpoint_was_chosen_on_a_reported_test_set(project):
 
 
 def test_n_way_accuracy_is_the_mean_over_runs_and_a_dash_without_a_head(project):
-    _write_json("reports/metrics/softmax-0/synth_closed.json", {"rank1": 0.9, "n_way_accuracy": 0.5})
-    _write_json("reports/metrics/softmax-1/synth_closed.json", {"rank1": 0.8, "n_way_accuracy": 0.7})
-    _write_json("reports/metrics/triplet-0/synth_closed.json", {"rank1": 0.6})
-    _write_json("reports/metrics/triplet-1/synth_closed.json", {"rank1": 0.7})
+    _write_json("reports/metrics/synth_closed/softmax-0.json", {"rank1": 0.9, "n_way_accuracy": 0.5})
+    _write_json("reports/metrics/synth_closed/softmax-1.json", {"rank1": 0.8, "n_way_accuracy": 0.7})
+    _write_json("reports/metrics/synth_closed/triplet-0.json", {"rank1": 0.6})
+    _write_json("reports/metrics/synth_closed/triplet-1.json", {"rank1": 0.7})
     source = report.WorkspaceRuns(["synth_closed", "synth_open"])
 
     def n_way(runs, test_set):
@@ -98,7 +98,7 @@ def test_angle_figures_pool_the_runs(project, tmp_path):
         arrays = {"target": rng.uniform(0, 90, 40).astype(np.float32),
                   "between_centres": rng.uniform(60, 120, 28).astype(np.float32),
                   "nearest_centre": rng.uniform(50, 90, 8).astype(np.float32)}
-        path = Path(f"data/embeddings/{run}/train/angles.npz")
+        path = Path(f"data/embeddings/train/{run}/angles.npz")
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **arrays, centre=np.asarray(kind))
         expected.setdefault(run.split("-")[0], []).append(arrays)
@@ -194,12 +194,12 @@ def test_one_run_prints_no_interval_for_rank1_and_n_way(project):
     from pipeline.grid_report import _pivot
     from pipeline.grid import Grid
 
-    _write_json("reports/metrics/ext/synth_closed.json", {"rank1": 0.8, "n_way_accuracy": 0.7})
+    _write_json("reports/metrics/pretrained/ext/synth_closed.json", {"rank1": 0.8, "n_way_accuracy": 0.7})
     labels = np.repeat([0, 1], 50)
     table = report.Table("synth_closed", "cosine_norm", {"ext": np.random.default_rng(0).normal(size=(1, 100))
                                                          + labels}, labels, np.tile([1, 2], 50), 100, 0)
     st = report.model_stats(table, "ext", ["ext"], alpha=0.05, n_boot=0, seed=0,
-                            run_metrics=[report.WorkspaceRuns(["synth_closed"]).metrics("ext")])
+                            run_metrics=[report.WorkspaceRuns(["synth_closed"], ["ext"]).metrics("ext")])
     for iv in (st.rank1, st.n_way):
         assert iv.mean == pytest.approx(0.8 if iv is st.rank1 else 0.7) and math.isnan(iv.low) and math.isnan(
             iv.high)
@@ -263,3 +263,35 @@ def test_index_says_how_each_set_was_split_prepared_and_rejected(project):
     assert "(all in `data/detect/synth_open/rejects.csv`)" in rejects
     assert ("- synth_open: 5 rejected: `synth_open/id0/img.jpg` (no face found), `synth_open/id1/img.jpg` (no face "
             "found), `synth_open/id2/img.jpg` (no face found) and 2 more") in rejects
+
+
+def test_bin_sets_get_the_papers_table_of_accuracy_mean_and_fold_std(project):
+    """Two .bin benchmarks and one other set: the table lists the .bin sets only, each model's mean over
+    runs of its fold-mean accuracy and of its fold standard deviation, in %."""
+    from pipeline.config import Params
+    from pipeline.report.index import papers_table_section
+    from pipeline.report.tables import WorkspaceRuns
+
+    params = Params.model_validate({
+        "seeds": {"data": 0, "train": [0, 1]}, "train_losses": ["softmax", "arcface"],
+        "data": {"train": {"kind": "synthetic", "set": "train"},
+                 "tests": {"lfw": {"kind": "insightface_bin", "path": "x.bin"},
+                           "cfp_fp": {"kind": "insightface_bin", "path": "y.bin"},
+                           "synth_open": {"kind": "synthetic", "set": "synth_open"}}}})
+    for name, kind in (("lfw", "insightface_bin"), ("cfp_fp", "insightface_bin"), ("synth_open", "synthetic")):
+        _write_json(f"data/datasets/{name}/summary.json", {"kind": kind})
+    values = {"softmax-0": (0.97, 0.010), "softmax-1": (0.98, 0.012), "arcface-0": (0.99, 0.004),
+              "arcface-1": (0.995, 0.006)}
+    for run, (mean, std) in values.items():
+        for name in ("lfw", "cfp_fp", "synth_open"):
+            _write_json(f"reports/metrics/{name}/{run}.json",
+                        {"cosine_norm": {"accuracy_mean": mean - (0.05 if name == "cfp_fp" else 0.0),
+                                         "accuracy_std": std}})
+    lines = papers_table_section(params, WorkspaceRuns(list(params.data.tests)), "cosine_norm")
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[0] == "| model | lfw | cfp_fp |"  # the .bin sets only, in params order
+    assert table[1] == "| softmax (2 runs) | 97.50 ± 1.10 | 92.50 ± 1.10 |"
+    assert table[2] == "| arcface (2 runs) | 99.25 ± 0.50 | 94.25 ± 0.50 |"
+    params_without = params.model_copy(update={"data": params.data.model_copy(update={"tests": {
+        "synth_open": params.data.tests["synth_open"]}})})
+    assert papers_table_section(params_without, WorkspaceRuns(["synth_open"]), "cosine_norm") == []

@@ -107,15 +107,29 @@ VARIANTS = ["cosine_norm", "cosine_raw", "l2_norm", "l2_raw"]
 SETS = ("alpha", "beta", "web")
 
 
+class RunFolders:
+    """A run's per-set folders as the stages lay them out: ``view / SET`` is ``ROOT/SET/RUN`` for a
+    trained run, ``ROOT/pretrained/RUN/SET`` for a pretrained model."""
+
+    def __init__(self, root: Path, run: str, pretrained: bool = False) -> None:
+        self.root, self.run, self.pretrained = root, run, pretrained
+
+    def __truediv__(self, name: str) -> Path:
+        return self.root / "pretrained" / self.run / name if self.pretrained else self.root / name / self.run
+
+    def exists(self) -> bool:
+        return any((self / name).exists() for name in SETS)
+
+
 @pytest.fixture
 def layout(tmp_path, monkeypatch):
     """A project folder (the working directory) with run ``RUN``'s embedded test sets under
-    data/embeddings/RUN/SET, as the embed stages write them; returns a function giving the
-    embeddings folder of a run."""
+    data/embeddings/SET/RUN, as the embed stages write them; returns a function giving a view of
+    a run's folders."""
     monkeypatch.chdir(tmp_path)
 
-    def runs_embeddings(run: str = "arcface-0") -> Path:
-        root = tmp_path / "data" / "embeddings" / run
+    def runs_embeddings(run: str = "arcface-0", pretrained: bool = False) -> RunFolders:
+        root = RunFolders(tmp_path / "data" / "embeddings", run, pretrained)
         if not root.exists():
             _set(root, "alpha", 10, 4, 160, 1)
             _set(root, "beta", 8, 5, 120, 2, drop=3)   # pairs of 3 images without a face: missing
@@ -140,11 +154,13 @@ def _score(tmp_path, threshold: dict, *, primary=("cosine", True), run="arcface-
            pretrained: dict | None = None, sets=SETS) -> dict:
     """Every set's score stage of one run, as DVC runs them; returns ``{set: metrics, "thresholds": ...}``."""
     params = _params(threshold, primary=primary, pretrained=pretrained)
+    is_pretrained = model in params.pretrained
     out: dict = {}
     for name in sets:
-        metrics_path = tmp_path / "reports" / "metrics" / run / f"{name}.json"
-        metrics = run_score(params.score, name, paths.set_embeddings(run, name), threshold_source(params, model, run),
-                            paths.set_scores(run, name), metrics_path, run=run, primary=primary)
+        metrics_path = paths.metrics_file(run, name, pretrained=is_pretrained)
+        metrics = run_score(params.score, name, paths.set_embeddings(run, name, pretrained=is_pretrained),
+                            threshold_source(params, model, run), paths.set_scores(run, name, pretrained=is_pretrained),
+                            metrics_path, run=run, primary=primary)
         assert json.loads(metrics_path.read_text()) == json.loads(json.dumps(metrics))
         out["thresholds"] = metrics.pop("thresholds")
         out[name] = metrics
@@ -161,7 +177,7 @@ def test_threshold_chosen_on_validation_is_applied_unchanged_to_every_set(layout
     for variant in VARIANTS:
         val_scores = _reference_scores(_load(emb, "validation"), val_pairs, variant)
         expected = _brute_best_accuracy(val_scores, val_labels)
-        thresholds = {name: json.loads((tmp_path / "data/scores/arcface-0" / name / "thresholds.json").read_text())
+        thresholds = {name: json.loads((tmp_path / "data/scores" / name / "arcface-0" / "thresholds.json").read_text())
                       for name in SETS}
         assert thresholds["alpha"] == thresholds["beta"] == thresholds["web"]  # the same on every set
         entry = thresholds["alpha"][variant]
@@ -182,7 +198,7 @@ def test_threshold_chosen_on_validation_is_applied_unchanged_to_every_set(layout
                                                        / len(decided))
             assert record["n_pairs"] == int(ok.sum()) and record["source"] == "validation"
             assert record["chosen_on_itself"] is False and float(record["threshold"]) == t
-            table = pd.read_csv(tmp_path / "data/scores/arcface-0" / name / f"{variant}.csv")
+            table = pd.read_csv(tmp_path / "data/scores" / name / "arcface-0" / f"{variant}.csv")
             np.testing.assert_allclose(table["score"].to_numpy(), scores, rtol=1e-12, atol=1e-12)
             assert table.loc[ok, "decision"].astype(int).tolist() == [int(s > t) for s in scores[ok]]
             assert table.loc[~ok, "decision"].isna().all() and (table.loc[~ok, "status"] == "missing").all()
@@ -193,7 +209,7 @@ def test_prediction_files_recomputed_from_the_per_pair_csv(layout):
     tmp_path, embeddings = layout
     _validation(embeddings("softmax-3"))
     _score(tmp_path, {"source": "validation"}, primary=("l2", False), run="softmax-3", model="softmax")
-    scores = tmp_path / "data/scores/softmax-3"
+    scores = RunFolders(tmp_path / "data/scores", "softmax-3")
     threshold = float(json.loads((scores / "alpha" / "thresholds.json").read_text())["l2_raw"]["threshold"])
     for name in SETS:
         assert (scores / name / f"{name}_softmax-3_predict.txt").is_file()
@@ -225,7 +241,7 @@ def test_unlabelled_set_is_predicted_not_evaluated(layout):
         assert set(web[variant]) == {"fixed_threshold"}
         record = web[variant]["fixed_threshold"]
         assert "accuracy" not in record and record["predicted_same"] + record["predicted_different"] == 30
-    table = pd.read_csv(tmp_path / "data/scores/arcface-0/web/cosine_norm.csv")
+    table = pd.read_csv(tmp_path / "data/scores/web/arcface-0/cosine_norm.csv")
     assert table["same"].isna().all() and table["prediction"].isna().all()
     assert table["decision"].notna().all()
     assert metrics["alpha"]["labelled"] is True and "auc" in metrics["alpha"]["cosine_norm"]
@@ -263,7 +279,7 @@ def test_without_validation_pairs_the_threshold_falls_back_visibly(layout):
 
 def test_a_pretrained_model_takes_the_source_it_names_or_the_in_domain_set(layout):
     tmp_path, embeddings = layout
-    embeddings("dlib")  # no validation folder: a pretrained model has none
+    embeddings("dlib", pretrained=True)  # no validation folder: a pretrained model has none
     metrics = _score(tmp_path, {"source": "validation"}, run="dlib", model="dlib", pretrained={"dlib": {}})
     assert metrics["thresholds"]["cosine_norm"]["source"] == "alpha"  # report.in_domain
     metrics = _score(tmp_path, {"source": "validation"}, run="dlib", model="dlib",

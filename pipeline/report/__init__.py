@@ -2,7 +2,7 @@
 
 A *model* is a trained loss (one run per training seed, ``LOSS-SEED``) or a pretrained
 model (one run). Everything is recomputed from the per-pair score files of the runs
-params.yaml lists (``data/scores/RUN/<set>/<variant>.csv``), so a run left on disk by a
+params.yaml lists (``data/scores/<set>/RUN/<variant>.csv``), so a run left on disk by a
 removed seed is ignored. Statistics are those of :mod:`pipeline.repeats`. Writes:
 
 * ``comparison.csv``  model x test set x variant: mean, 95% interval and per-run values of
@@ -26,7 +26,7 @@ removed seed is ignored. Statistics are those of :mod:`pipeline.repeats`. Writes
                       and what the data stages recorded about each set (folds, pre-cropped,
                       rejected images: :mod:`pipeline.report.inputs`)
 
-Fixed thresholds come from each run's ``data/scores/RUN/thresholds.json`` (score stage).
+Fixed thresholds come from each run's ``data/scores/<set>/RUN/thresholds.json`` (score stage).
 Test sets without labels (an unlabelled pairs CSV) are in no table: ``index.md`` lists them
 as "predicted only", and its "Prediction files" section says where every run's prediction
 files are (DVC outputs of the score stages, not in git).

@@ -88,7 +88,7 @@ def _fixed_threshold_text(stats: Statistics) -> list[str]:
             "the tables show the accuracy and FP / FN at it (mean over runs; FP / FN are pair counts). "
             f"{FALLBACK_MARK} marks a model without validation pairs (pretrained) whose threshold was chosen on a "
             f"test set instead; {ON_ITSELF_MARK} a threshold chosen on the very set it is shown for (optimistic). "
-            "Each run's thresholds and where they came from: `data/scores/RUN/thresholds.json`.", ""]
+            "Each run's thresholds and where they came from: `data/scores/<set>/RUN/thresholds.json`.", ""]
 
 
 def how_to_read(params: Params, stats: Statistics, primary: str) -> list[str]:
@@ -140,11 +140,13 @@ def predicted_only_section(unlabelled: dict[str, dict[str, int]]) -> list[str]:
 def prediction_files_section(params: Params, primary: str) -> list[str]:
     """Where every run's prediction files are (DVC outputs of the score stages)."""
     first_run = next(iter(params.runs.values()))[0]
-    sets = WorkspaceRuns(list(params.data.tests)).test_sets(first_run)
-    files = [paths.prediction_file(run, name) for runs in params.runs.values() for run in runs for name in sets]
+    sets = WorkspaceRuns(list(params.data.tests), params.pretrained).test_sets(first_run)
+    files = [paths.prediction_file(run, name, pretrained=run in params.pretrained) for runs in params.runs.values()
+             for run in runs for name in sets]
     return ["## Prediction files", "",
             f"Every run's decision for every pair at its fixed threshold ({variant_label(primary)}), one file per "
-            "test set: `data/scores/RUN/<set>/<set>_<RUN>_predict.txt`, tab-separated with a header "
+            "test set: `data/scores/<set>/RUN/<set>_<RUN>_predict.txt` (a pretrained model's under "
+            "`data/scores/pretrained/`), tab-separated with a header "
             "`path1 path2 score decision same` (decision 1 = same, 0 = different, n/a = an image without a face; "
             "same is empty where the set has no labels). They are DVC outputs of the score stages, not in git "
             "(`data/` is not): `dvc repro` writes them, `dvc pull` fetches them from a DVC remote.", "",
@@ -168,3 +170,36 @@ def comparison_markdown(stats: Statistics, pairing: str) -> str:
                      stats_markdown(stats.of(table), table.test_set), "",
                      verdicts_markdown(v) if len(v) else "", ""]
     return "\n".join(sections)
+
+
+def papers_table_section(params: Params, source: WorkspaceRuns, primary: str) -> list[str]:
+    """``## Benchmarks as the papers report them``: for the insightface ``.bin`` sets, each model's
+    LFW-protocol accuracy in % as mean ± std over the set's ten folds (the mean over the model's runs
+    of each run's mean and std), one column per benchmark, side by side; empty without such sets."""
+    from pipeline.report import inputs
+
+    names = [name for name, record in inputs.dataset_summaries(list(params.data.tests)).items()
+             if record.get("kind") == "insightface_bin"]
+    if not names:
+        return []
+    rows = []
+    for model, runs in params.runs.items():
+        metrics = [source.metrics(run) for run in runs]
+        row = {"model": f"{model} ({len(runs)} run{'s' if len(runs) != 1 else ''})"}
+        for name in names:
+            found = [m[name][primary] for m in metrics if name in m and primary in m[name]]
+            if len(found) != len(runs) or any(f.get("accuracy_mean") is None for f in found):
+                row[name] = "–"
+                continue
+            mean = 100 * float(np.mean([f["accuracy_mean"] for f in found]))
+            std = 100 * float(np.mean([f["accuracy_std"] for f in found]))
+            row[name] = f"{mean:.2f} ± {std:.2f}"
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    head = "| " + " | ".join(table.columns) + " |"
+    lines = [head, "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return ["## Benchmarks as the papers report them", "",
+            f"LFW-protocol accuracy (%, {variant_label(primary)}): the mean ± standard deviation over each "
+            "benchmark's ten folds, as the papers print it (averaged over a model's runs); the intervals over "
+            "runs and pairs and the verdicts are in the comparison above.", "", *lines, ""]

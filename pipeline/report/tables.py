@@ -50,30 +50,40 @@ class WorkspaceRuns:
     """Reads a run's outputs from this workspace (the stages' files under data/ and reports/).
 
     ``sets``: the configured test sets (a removed set's folders stay on disk, since DVC does not
-    delete the outputs of stages that no longer exist); None lists the folders found."""
+    delete the outputs of stages that no longer exist); None lists the folders found.
+    ``pretrained``: the names of the pretrained models (their files are under ``.../pretrained/``)."""
 
-    def __init__(self, sets: list[str] | None = None) -> None:
+    def __init__(self, sets: list[str] | None = None, pretrained=()) -> None:
         self.sets = None if sets is None else sorted(sets)
+        self.pretrained = set(pretrained)
+
+    def _is_pretrained(self, run: str) -> bool:
+        return run in self.pretrained
 
     def test_sets(self, run: str) -> list[str]:
         if self.sets is not None:
             return self.sets
-        folder = paths.scores_dir(run)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: missing; run `dvc repro` (the score stages of {run})")
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in RESERVED_SET_NAMES)
+        if self._is_pretrained(run):
+            folder = paths.SCORES / paths.PRETRAINED_TREE / run
+            found = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        else:
+            found = sorted(p.name for p in paths.SCORES.iterdir() if (p / run).is_dir()
+                           and p.name not in RESERVED_SET_NAMES) if paths.SCORES.is_dir() else []
+        if not found:
+            raise FileNotFoundError(f"{paths.SCORES}: no scores of {run}; run `dvc repro` (the score stages)")
+        return found
 
     def scores(self, run: str, test_set: str, variant: str) -> pd.DataFrame:
-        path = paths.set_scores(run, test_set) / f"{variant}.csv"
+        path = paths.set_scores(run, test_set, pretrained=self._is_pretrained(run)) / f"{variant}.csv"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run `dvc repro` (the score stage of {run} and {test_set})")
+            raise FileNotFoundError(f"{path}: missing; run `dvc repro` (the score stage of {test_set})")
         return pd.read_csv(path, dtype={"image_id1": str, "image_id2": str})
 
     def metrics(self, run: str) -> dict:
         """``{set: that set's metrics}`` of every test set, plus the run's ``thresholds``."""
         out: dict = {}
         for name in self.test_sets(run):
-            path = paths.metrics_file(run, name)
+            path = paths.metrics_file(run, name, pretrained=self._is_pretrained(run))
             if not path.is_file():
                 continue
             entry = json.loads(path.read_text())
@@ -83,11 +93,9 @@ class WorkspaceRuns:
 
     def thresholds(self, run: str) -> dict[str, Any]:
         sets = self.test_sets(run)
-        if not sets:
-            raise FileNotFoundError(f"{paths.scores_dir(run)}: no test set scored; run `dvc repro`")
-        path = paths.thresholds_file(run, sets[0])  # every set of a run holds the same thresholds
+        path = paths.thresholds_file(run, sets[0], pretrained=self._is_pretrained(run))  # the same on every set
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; rerun the score stages of {run} (dvc repro)")
+            raise FileNotFoundError(f"{path}: missing; rerun the score stages (dvc repro)")
         return json.loads(path.read_text())
 
 

@@ -105,7 +105,7 @@ def plot_angles(params: Params, labels: dict[str, str], out_dir: Path) -> dict[s
     what the figure shows (means in degrees, runs, what a centre is)."""
     shown: dict[str, dict[str, Any]] = {}
     for loss in params.train_losses:
-        found = [p for run in params.runs[loss] if (p := paths.embeddings_dir(run) / "train" / "angles.npz").is_file()]
+        found = [p for run in params.runs[loss] if (p := paths.training_angles(run)).is_file()]
         if not found:
             continue
         arrays: dict[str, list[np.ndarray]] = {"target": [], "between_centres": [], "nearest_centre": []}
