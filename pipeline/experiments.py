@@ -146,6 +146,11 @@ def expected_stages(dvc_yaml: dict[str, Any], params: dict[str, Any]) -> dict[st
 
     with tempfile.TemporaryDirectory(prefix="facepipe-stages-") as tmp:
         (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        for entry in dvc_yaml.get("vars") or []:  # the files dvc.yaml's `vars` names (defaults), as they are here
+            name = entry.split(":")[0] if isinstance(entry, str) else None
+            if name and Path(name).is_file():
+                (Path(tmp) / name).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / name).write_text(Path(name).read_text())
         try:
             resolved = DataResolver(SimpleNamespace(fs=LocalFileSystem(), config={}), tmp, dvc_yaml).resolve()
         except Exception as err:  # DVC's ResolveError: an interpolation the params cannot fill

@@ -284,7 +284,7 @@ def _set_args(head: dict[str, Any], base: dict[str, Any], overrides: dict[str, A
     not have yet, as DVC's ``-S`` requires)."""
     current = _flatten(head)
     wanted = {key: value for key, value in _flatten(base).items() if current.get(key, object()) != value}
-    wanted.update(overrides)
+    wanted.update(_flatten(overrides))  # a mapping sets its keys one by one (merged into the section)
     return [f"{'' if _exists(head, key) else '+'}{key}={_value(value)}" for key, value in wanted.items()]
 
 

@@ -104,7 +104,8 @@ def test_short_run_learns_and_saves(tmp_path, capsys):
 
     shutil.copytree(shards / "train", tmp_path / "tests" / "probe")
     (tmp_path / "tests" / "probe" / "pairs.csv").write_text("")
-    run_embed(EmbedParams(flip=False), tmp_path / "model" / "model.pt", tmp_path / "tests", tmp_path / "emb")
+    run_embed(EmbedParams(flip=False), tmp_path / "model" / "model.pt", tmp_path / "tests" / "probe", tmp_path / "emb",
+              name="probe")
     assert capsys.readouterr().out.startswith("embed: device cpu (")
 
 
