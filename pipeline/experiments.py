@@ -68,11 +68,23 @@ def show(workspace: Path, rev: str, path: str) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
+class _LockLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's parser where present (a 120 kB lock takes 4 s in pure Python), reading floats as
+    YAML 1.2 does: DVC writes ``1e-06`` (no dot), which YAML 1.1 and PyYAML take for a string."""
+
+
+_LockLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def parse_lock(text: str) -> dict[str, Any]:
+    """A dvc.lock's text as DVC reads it (its floats included)."""
+    return yaml.load(text or "{}", Loader=_LockLoader) or {}
+
+
 def read_lock(workspace: Path, rev: str) -> dict[str, Any]:
-    """The dvc.lock of commit ``rev`` ({} where none); libyaml's parser where present (a 120 kB lock
-    takes 4 s in pure Python)."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(show(workspace, rev, "dvc.lock") or "{}", Loader=loader) or {}
+    """The dvc.lock of commit ``rev`` ({} where none)."""
+    return parse_lock(show(workspace, rev, "dvc.lock") or "{}")
 
 
 # -------------------------------------------------------------------------- params

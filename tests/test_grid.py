@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.experiments import (error_line, expected_stages, lock_differences, source_deps,
+from pipeline.experiments import (error_line, expected_stages, lock_differences, parse_lock, source_deps,
                                   without_run_cache, working_copy_changes)
 from pipeline.grid import GridError, _value, load_grid
 
@@ -192,6 +192,18 @@ def test_an_experiment_stands_only_for_the_code_and_params_it_ran_on():
     assert _differences(lock) == ["stage train"]
     assert _differences(_lock(train__cmd="python train.py --fast")) == ["stage train"]
     assert _differences(_lock(prepare__deps=[])) == ["stage prepare"]
+
+
+def test_params_as_dvc_writes_them_in_a_lock_read_back_equal():
+    """DVC writes 1e-06 without a dot; read as YAML 1.1 it would be a string and every cell stale."""
+    from dvc.utils.serialize import dumps_yaml
+
+    params = {**CELL_PARAMS, "train": {"lr": 1.0e-06, "epochs": 2}}
+    lock = _lock(train__params={"params.yaml": {"train.lr": 1.0e-06}})
+    text = dumps_yaml(lock)
+    assert "1e-06" in text  # the form that tripped PyYAML
+    assert _differences(parse_lock(text), params=params) == []
+    assert parse_lock("a: 1e+20\nb: '1e-06'\nc: 10\nd: 1.5\n") == {"a": 1e20, "b": "1e-06", "c": 10, "d": 1.5}
 
 
 def test_expected_stages_follow_the_cells_params_and_name_the_stages_without_run_cache():
