@@ -385,6 +385,32 @@ class ScoreParams(_Strict):
         return value
 
 
+class TuningRecord(_Strict):
+    """Where a loss's recipe came from: written by ``python -m pipeline tune select --apply`` into
+    ``tuning.<loss>`` so that the report can say how each recipe was chosen, and notice when the
+    loss's params were edited since (its ``overrides`` no longer match)."""
+
+    grid: str                      # the tuning grid's name (configs/grids/<grid>.yaml)
+    config: str                    # the selected configuration
+    overrides: dict[str, Any]      # what the configuration sets (dotted keys or sections, as in the grid)
+    configurations: int = Field(ge=1)
+    seeds: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    mean_val_auc: float | None = None
+
+    def edited_keys(self, params_tree: dict[str, Any]) -> list[str]:
+        """The keys of ``overrides`` whose value in ``params_tree`` is no longer the selected one."""
+        edited = []
+        for dotted, value in flatten_keys(self.overrides).items():
+            try:
+                current = _lookup(params_tree, dotted)
+            except KeyError:
+                current = KeyError
+            if current != value:
+                edited.append(dotted)
+        return edited
+
+
 class ReportParams(_Strict):
     primary_distance: Literal["cosine", "l2"] = "cosine"
     primary_normalize: bool = True
@@ -480,6 +506,7 @@ class Params(_Strict):
     report: ReportParams = ReportParams()
     benchmarks: dict[str, BenchmarkSpec] = Field(default_factory=dict)
     protocol: dict[str, Any] = Field(default_factory=dict)  # pipeline.protocols.params.ProtocolParams
+    tuning: dict[str, TuningRecord] = Field(default_factory=dict)  # loss -> how its recipe was selected
 
     def protocol_params(self):
         """``protocol`` as a :class:`pipeline.protocols.params.ProtocolParams` (ConfigError when invalid)."""
@@ -585,6 +612,18 @@ def _lookup_or_empty(tree: dict[str, Any], dotted: str) -> dict[str, Any]:
         return _lookup(tree, dotted) or {}
     except KeyError:
         return {}
+
+
+def flatten_keys(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` as ``{'a.b': 1}`` (an empty mapping stays a value)."""
+    out = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_keys(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
 
 
 def _lookup(tree: dict[str, Any], dotted: str) -> Any:

@@ -64,6 +64,7 @@ import pandas as pd
 import yaml
 
 from pipeline import experiments as exps
+from pipeline.config import flatten_keys
 from pipeline.experiments import GridError
 
 PSEUDO_DIMENSIONS = ("loss", "variant", "test_set")
@@ -241,15 +242,7 @@ def load_grid(path: str | Path) -> Grid:
 GRID_OUTPUT = Path("reports/experiments")
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, dotted + "."))
-        else:
-            out[dotted] = value
-    return out
+_flatten = flatten_keys
 
 
 def _value(value: Any) -> str:

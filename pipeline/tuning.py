@@ -51,6 +51,7 @@ class ConfigResult:
     tpr: list[float]
     epochs: int
     rev: str | None = None
+    grid: str = ""
 
     @property
     def mean_auc(self) -> float:
@@ -115,7 +116,7 @@ def grid_results(grid_path: str | Path, workspace: Path) -> list[ConfigResult]:
             raise ValueError(f"{grid_path}: a tuning grid trains one loss (train_losses: [LOSS])")
         loss = params.train_losses[0]
         result = ConfigResult(loss, state.cell.labels["config"], grid.dimensions["config"][state.cell.labels["config"]],
-                              params.runs[loss], [], [], [], params.train_for(loss).epochs, state.rev)
+                              params.runs[loss], [], [], [], params.train_for(loss).epochs, state.rev, grid.name)
         if state.rev is not None:
             for run in result.runs:
                 folder = f"data/embeddings/validation/{run}"
@@ -177,18 +178,33 @@ def index_markdown(by_loss: dict[str, list[ConfigResult]], chosen: dict[str, Con
     return "\n".join(lines) + "\n"
 
 
-def apply_recipes(params_path: Path, chosen: dict[str, ConfigResult]) -> list[str]:
+def tuning_record(result: ConfigResult, budget: list[ConfigResult]) -> dict[str, Any]:
+    """``tuning.<loss>`` of params.yaml: the selected configuration and the budget it was chosen from."""
+    return {"grid": result.grid, "config": result.name, "overrides": result.overrides,
+            "configurations": len(budget), "seeds": max(len(r.runs) for r in budget),
+            "epochs": max(r.epochs for r in budget), "mean_val_auc": round(result.mean_auc, 6)}
+
+
+def apply_recipes(params_path: Path, chosen: dict[str, ConfigResult],
+                  by_loss: dict[str, list[ConfigResult]] | None = None) -> list[str]:
     """Write each selected configuration's overrides into ``params_path`` (ruamel round trip: comments
-    and order kept); returns the dotted keys written."""
+    and order kept), and its provenance into ``tuning.<loss>`` (see :func:`tuning_record`); returns the
+    dotted keys of the recipes written."""
     from ruamel.yaml import YAML
 
     doc_yaml = YAML()
     doc_yaml.preserve_quotes = True
     doc = doc_yaml.load(params_path.read_text())
     written = []
-    for result in chosen.values():
+    for loss, result in chosen.items():
         for dotted, value in result.overrides.items():
             written += _assign(doc, dotted, value)
+        if "tuning" not in doc or doc["tuning"] is None:
+            doc["tuning"] = {}
+            doc.yaml_set_comment_before_after_key(
+                "tuning", before="\nHow each loss's recipe was selected (written by `python -m pipeline tune select "
+                                 "--apply`;\nthe report states it, or that the loss's params were edited since)")
+        doc["tuning"][loss] = tuning_record(result, (by_loss or {}).get(loss) or [result])
     buffer = io.StringIO()
     doc_yaml.dump(doc, buffer)
     write_text(params_path, buffer.getvalue())
@@ -234,6 +250,6 @@ def run_select(grid_paths: list[Path], workspace: Path, out_dir: Path, *, apply_
     for loss, r in chosen.items():
         echo(f"{loss}: {r.name} (mean validation AUC {r.mean_auc:.4f}, EER {r.mean_eer:.4f})")
     if apply_to is not None and chosen:
-        keys = apply_recipes(apply_to, chosen)
+        keys = apply_recipes(apply_to, chosen, by_loss)
         echo(f"wrote {len(keys)} keys into {apply_to}")
     return chosen

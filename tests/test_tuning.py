@@ -4,6 +4,8 @@ with its comments kept."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,8 @@ import yaml
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from pipeline.tuning import TIE, ConfigResult, apply_recipes, cosine_scores, select, validation_figures
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _result(name: str, aucs, eers) -> ConfigResult:
@@ -53,14 +57,60 @@ def test_recipes_are_written_into_params_with_comments_kept(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("# top comment\nloss:\n  scale: 64.0   # the papers'\n  margin: 0.5\nlosses:\n"
                     "  cosface:\n    scale: 64.0\n    margin: 0.35\n")
-    chosen = {"arcface": ConfigResult("arcface", "auto", {"loss.scale": "auto", "loss.train": {"lr": 0.03}}, [],
-                                      [1.0], [0.0], [1.0], 8),
+    chosen = {"arcface": ConfigResult("arcface", "auto", {"loss.scale": "auto", "loss.train": {"lr": 0.03}},
+                                      ["arcface-0", "arcface-1"], [1.0, 0.99], [0.0, 0.01], [1.0, 1.0], 8,
+                                      grid="tune-arcface"),
               "cosface": ConfigResult("cosface", "auto", {"losses.cosface": {"scale": "auto", "train": {"lr": 0.1}}},
-                                      [], [1.0], [0.0], [1.0], 8)}
-    written = apply_recipes(path, chosen)
+                                      ["cosface-0", "cosface-1"], [1.0, 1.0], [0.0, 0.0], [1.0, 1.0], 8,
+                                      grid="tune-cosface")}
+    other = ConfigResult("arcface", "s64", {"loss.scale": 64.0}, ["arcface-0", "arcface-1"], [0.8, 0.8], [0.2, 0.2],
+                         [0.5, 0.5], 8, grid="tune-arcface")
+    written = apply_recipes(path, chosen, {"arcface": [other, chosen["arcface"]], "cosface": [chosen["cosface"]]})
     text = path.read_text()
     assert "# top comment" in text and "# the papers'" in text
     tree = yaml.safe_load(text)
     assert tree["loss"] == {"scale": "auto", "margin": 0.5, "train": {"lr": 0.03}}
     assert tree["losses"]["cosface"] == {"scale": "auto", "margin": 0.35, "train": {"lr": 0.1}}
     assert sorted(written) == ["loss.scale", "loss.train.lr", "losses.cosface.scale", "losses.cosface.train.lr"]
+    # and where each recipe came from, for the report
+    assert tree["tuning"]["arcface"] == {"grid": "tune-arcface", "config": "auto", "configurations": 2, "seeds": 2,
+                                        "epochs": 8, "mean_val_auc": 0.995,
+                                        "overrides": {"loss.scale": "auto", "loss.train": {"lr": 0.03}}}
+    assert tree["tuning"]["cosface"]["configurations"] == 1
+
+
+def _report_params(tuning: dict, **loss):
+    from pipeline.config import Params
+
+    tree = yaml.safe_load((ROOT / "params.yaml").read_text())
+    tree.update(train_losses=["arcface", "cosface"], tuning=tuning)
+    tree["loss"].update(loss)
+    return Params.model_validate(tree)
+
+
+def test_the_report_says_how_each_recipe_was_chosen_and_notices_an_edit():
+    from pipeline.report.training import recipes_section
+
+    def record(loss, overrides, configurations=6):
+        return {"grid": f"tune-{loss}", "config": "picked", "overrides": overrides,
+                "configurations": configurations, "seeds": 2, "epochs": 8, "mean_val_auc": 0.99}
+
+    cosface = record("cosface", {"losses.cosface": {"scale": 64.0, "margin": 0.35}})
+    tuned = _report_params({"arcface": record("arcface", {"loss.scale": "auto", "loss.margin": 0.5}),
+                            "cosface": cosface}, scale="auto")
+    text = "\n".join(recipes_section(tuned))
+    assert "same budget: 6 configurations × 2 training seeds × 8 epochs" in text
+    assert "| arcface | scale auto, margin 0.5, easy_margin false," in text
+    assert "tuning grid `tune-arcface`: `picked`, the best mean validation AUC 0.9900 of 6 configurations" in text
+    # the margin edited by hand since the selection: said, and no claim of an equal budget
+    edited = "\n".join(recipes_section(_report_params(
+        {"arcface": record("arcface", {"loss.scale": "auto", "loss.margin": 0.5}), "cosface": cosface},
+        scale="auto", margin=0.3)))
+    assert "edited in params.yaml since tuning grid `tune-arcface` selected `picked` (loss.margin)" in edited
+    assert "selected by its own tuning grid" not in edited and "Not every loss's recipe" in edited
+    # unequal budgets, or a loss without a record, are not called equal either
+    unequal = _report_params({"arcface": record("arcface", {"loss.scale": "auto"}, configurations=3),
+                              "cosface": cosface}, scale="auto")
+    assert "selected by its own tuning grid" not in "\n".join(recipes_section(unequal))
+    untuned = "\n".join(recipes_section(_report_params({"cosface": cosface})))
+    assert "| arcface | " in untuned and "as written in params.yaml (no tuning record)" in untuned

@@ -14,7 +14,7 @@ from pipeline.report.figures import plot_roc, plot_seeds, write_roc_csvs
 from pipeline.report.frames import comparison_frame, runs_frame, summary_json
 from pipeline.report.statistics import Statistics, cross_domain_drops, table_statistics
 from pipeline.report.tables import WorkspaceRuns, load_tables, params_variants, predicted_only_sets
-from pipeline.report.training import (angles_markdown, model_labels, plot_angles, plot_training,
+from pipeline.report.training import (angles_markdown, model_labels, plot_angles, plot_training, recipes_section,
                                       selection_warnings, training_table)
 from pipeline.report.render import markdown_table
 from pipeline.score import variant_name
@@ -74,6 +74,7 @@ def index_markdown(params: Params, stats: Statistics, xd: pd.DataFrame, figures:
              *index.cross_domain_section(xd),
              *index.predicted_only_section(unlabelled), *index.prediction_files_section(params, primary),
              *datasets.detection_section(params.data_sets)]
+    lines += recipes_section(params)
     train = training_table(params)
     if not train.empty:
         lines += ["## Training", "", markdown_table(train), ""]

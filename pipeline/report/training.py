@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import paths
-from pipeline.config import Params
+from pipeline.config import Params, flatten_keys, section_of
 from pipeline.io import atomic_file
 from pipeline.report.figures import _pyplot
 from pipeline.report.render import _fmt, markdown_table
@@ -37,6 +37,63 @@ def training_table(params: Params) -> pd.DataFrame:
             "loss state at the end (mean)": state,
         })
     return pd.DataFrame(rows)
+
+
+#: Training keys every recipe line shows; a loss's own overrides of any other key are shown too.
+RECIPE_TRAIN_KEYS = ("lr", "weight_decay", "batch_size", "epochs")
+
+
+def _value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _recipe_text(params: Params, loss: str) -> str:
+    """One loss's recipe in a line: its own params, then its training keys (the loss's overrides marked)."""
+    own = params.loss_params(loss)
+    train = params.train_for(loss).model_dump()
+    overridden = set(flatten_keys(params.model_dump()).keys())
+    section = section_of(loss)
+    shown = [k for k in train if k in RECIPE_TRAIN_KEYS or f"{section}.train.{k}" in overridden]
+    parts = [f"{k} {_value(v)}" for k, v in own.items()]
+    parts += [f"{k.replace('_', ' ')} {_value(train[k])}" + ("*" if f"{section}.train.{k}" in overridden else "")
+              for k in shown]
+    return ", ".join(parts)
+
+
+def recipes_section(params: Params) -> list[str]:
+    """How each trained loss was trained and where its recipe came from (``tuning.<loss>`` of the params,
+    written by ``tune select --apply``), with the tuning budget when every loss had the same one."""
+    if not params.train_losses:
+        return []
+    tree = params.model_dump()
+    rows, budgets = [], set()
+    for loss in params.train_losses:
+        record = params.tuning.get(loss)
+        edited = record.edited_keys(tree) if record else []
+        if record is None:
+            chosen = "as written in params.yaml (no tuning record)"
+        elif edited:
+            chosen = (f"edited in params.yaml since tuning grid `{record.grid}` selected `{record.config}` "
+                      f"({', '.join(edited)})")
+        else:
+            budgets.add((record.configurations, record.seeds, record.epochs))
+            auc = "" if record.mean_val_auc is None else f" {record.mean_val_auc:.4f}"
+            chosen = (f"tuning grid `{record.grid}`: `{record.config}`, the best mean validation AUC{auc} of "
+                      f"{record.configurations} configurations × {record.seeds} seeds × {record.epochs} epochs")
+        rows.append({"loss": loss, "recipe (* the loss's own training keys)": _recipe_text(params, loss),
+                     "chosen by": chosen})
+    tuned = len(budgets) == 1 and all(
+        params.tuning.get(loss) and not params.tuning[loss].edited_keys(tree) for loss in params.train_losses)
+    if tuned:
+        configurations, seeds, epochs = next(iter(budgets))
+        text = (f"Every loss's recipe was selected by its own tuning grid with the same budget: {configurations} "
+                f"configurations × {seeds} training seeds × {epochs} epochs, judged on the validation pairs of the "
+                "training identities only (never a test set). Every configuration and its figures: "
+                "[experiments/tuning/index.md](experiments/tuning/index.md).")
+    else:
+        text = ("Not every loss's recipe was selected by a tuning grid with the same budget (see *chosen by*): "
+                "a difference between losses may then come from how well each was tuned.")
+    return ["## Recipes", "", text, "", markdown_table(pd.DataFrame(rows)), ""]
 
 
 def plot_training(params: Params, target: Path) -> bool:
