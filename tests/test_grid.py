@@ -391,7 +391,7 @@ def test_grid_runs_each_cell_once_and_its_numbers_match_a_recomputation(project)
         assert (row.auc_low, row.auc_high) == pytest.approx((own["auc_low"], own["auc_high"]), abs=1e-6)
     # independent: every number recomputed by brute force from the experiment's per-pair score file
     for row in results.itertuples():
-        text = dvc.api.read(f"data/scores/arcface-0/{row.test_set}/{row.variant}.csv", repo=str(project),
+        text = dvc.api.read(f"data/scores/{row.test_set}/arcface-0/{row.variant}.csv", repo=str(project),
                             rev=row.experiment_rev)
         import io
 
