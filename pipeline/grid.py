@@ -456,7 +456,8 @@ def cell_states(grid: Grid, workspace: Path, ran: set[str] | None = None) -> lis
                                                          + exps.describe_stale(stale[0].stale)))
         else:
             states.append(CellState(cell, "missing"))
-    locks = {s.cell.name: next(e.lock for e in now.experiments[s.cell.name] if e.rev == s.rev)
+    locks = {s.cell.name: _current_entries(next(e.lock for e in now.experiments[s.cell.name] if e.rev == s.rev),
+                                           now.stages[s.cell.name])
              for s in states if s.rev}
     for name, missing in exps.missing_outputs(workspace, locks).items():
         if missing:
@@ -464,6 +465,12 @@ def cell_states(grid: Grid, workspace: Path, ran: set[str] | None = None) -> lis
                             f"{' ...' if len(missing) > 2 else ''}) are not in the local DVC cache; fetch them with "
                             f"`python -m pipeline grid pull {grid.path} --remote <git remote>`")
     return states
+
+
+def _current_entries(lock: dict[str, Any], stages: dict[str, Any]) -> dict[str, Any]:
+    """``lock`` with only the entries of ``stages``: DVC keeps the entries of stages that dvc.yaml no
+    longer has (an earlier layout's outputs, never in this cache), which say nothing about the cell."""
+    return {**lock, "stages": {k: v for k, v in ((lock or {}).get("stages") or {}).items() if k in stages}}
 
 
 def _require_git_remote(workspace: Path, remote: str) -> None:

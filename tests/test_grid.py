@@ -28,7 +28,7 @@ import yaml
 
 from pipeline.experiments import (error_line, expected_stages, lock_differences, parse_lock, source_deps,
                                   without_run_cache, working_copy_changes)
-from pipeline.grid import GridError, _value, load_grid
+from pipeline.grid import GridError, _current_entries, _value, load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -204,6 +204,14 @@ def test_params_as_dvc_writes_them_in_a_lock_read_back_equal():
     assert "1e-06" in text  # the form that tripped PyYAML
     assert _differences(parse_lock(text), params=params) == []
     assert parse_lock("a: 1e+20\nb: '1e-06'\nc: 10\nd: 1.5\n") == {"a": 1e20, "b": "1e-06", "c": 10, "d": 1.5}
+
+
+def test_lock_entries_of_stages_dvc_yaml_no_longer_has_are_not_the_cells_outputs():
+    """DVC keeps an earlier layout's entries in dvc.lock; their outputs are not looked for in the cache."""
+    lock = _lock()
+    lock["stages"]["score@softmax-0"] = {"cmd": "x", "outs": [{"path": "data/scores/softmax-0", "md5": "9" * 32}]}
+    kept = _current_entries(lock, STAGES)
+    assert set(kept["stages"]) == {"prepare", "train"} and "old_stage" in lock["stages"]
 
 
 def test_expected_stages_follow_the_cells_params_and_name_the_stages_without_run_cache():
