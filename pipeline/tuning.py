@@ -168,7 +168,7 @@ def index_markdown(by_loss: dict[str, list[ConfigResult]], chosen: dict[str, Con
                   "|---|---|---|---|---|---|"]
         for r in results:
             mark = "**selected**" if r is chosen.get(loss) else ""
-            tpr = f"{np.mean(r.tpr):.4f}" if r.tpr else "–"
+            tpr = f"{np.mean(r.tpr):.4f}" if r.tpr and not np.isnan(np.mean(r.tpr)) else "–"
             auc = f"{r.mean_auc:.4f}" if r.auc else "–"
             eer = f"{r.mean_eer:.4f}" if r.eer else "–"
             lines.append(f"| {r.name} | {_fmt(r.auc)} | {auc} | {eer} | {tpr} | {mark} |")
