@@ -27,7 +27,10 @@ def test_default_params_are_valid():
     params = load_params(ROOT / "params.yaml")
     assert "arcface" in params.train_losses and "softmax" in params.train_losses
     assert params.loss_params("arcface")["margin"] == pytest.approx(0.5)
-    assert params.loss_params("cosface")["margin"] == pytest.approx(0.35)
+    # the committed recipes are the tuning grids' selections, unedited since
+    tree = params.model_dump()
+    assert set(params.tuning) == set(params.train_losses)
+    assert all(params.tuning[loss].edited_keys(tree) == [] for loss in params.train_losses)
 
 
 def _set(path: str, value):

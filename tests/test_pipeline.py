@@ -133,8 +133,10 @@ def _recover_lock(project: Path) -> bool:
     from dvc.schema import COMPILED_LOCKFILE_SCHEMA
 
     lock = project / "dvc.lock"
+    if not lock.exists():  # killed before the first stage finished
+        return False
     try:
-        COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(lock.read_text()) if lock.exists() else {})
+        COMPILED_LOCKFILE_SCHEMA(yaml.safe_load(lock.read_text()))
         return False
     except Exception:
         lock.unlink()

@@ -84,7 +84,8 @@ def _report_params(tuning: dict, **loss):
 
     tree = yaml.safe_load((ROOT / "params.yaml").read_text())
     tree.update(train_losses=["arcface", "cosface"], tuning=tuning)
-    tree["loss"].update(loss)
+    tree["loss"] = {"scale": 64.0, "margin": 0.5, **loss}
+    tree["losses"]["cosface"] = {"scale": 64.0, "margin": 0.35}
     return Params.model_validate(tree)
 
 
@@ -100,7 +101,7 @@ def test_the_report_says_how_each_recipe_was_chosen_and_notices_an_edit():
                             "cosface": cosface}, scale="auto")
     text = "\n".join(recipes_section(tuned))
     assert "same budget: 6 configurations × 2 training seeds × 8 epochs" in text
-    assert "| arcface | scale auto, margin 0.5, easy_margin false," in text
+    assert "| arcface | scale auto, margin 0.5, epochs 8," in text
     assert "tuning grid `tune-arcface`: `picked`, the best mean validation AUC 0.9900 of 6 configurations" in text
     # the margin edited by hand since the selection: said, and no claim of an equal budget
     edited = "\n".join(recipes_section(_report_params(
