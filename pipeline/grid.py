@@ -242,9 +242,6 @@ def load_grid(path: str | Path) -> Grid:
 GRID_OUTPUT = Path("reports/experiments")
 
 
-_flatten = flatten_keys
-
-
 def _value(value: Any) -> str:
     """A value in DVC's ``-S key=value`` (Hydra override) syntax."""
     if isinstance(value, bool):
@@ -275,9 +272,9 @@ def _set_args(head: dict[str, Any], base: dict[str, Any], overrides: dict[str, A
     """``key=value`` overrides that turn HEAD's params tree ``head`` into a cell's params: the keys where
     the base params differ from it, then the cell's overrides (``+key=value`` for a key params.yaml does
     not have yet, as DVC's ``-S`` requires)."""
-    current = _flatten(head)
-    wanted = {key: value for key, value in _flatten(base).items() if current.get(key, object()) != value}
-    wanted.update(_flatten(overrides))  # a mapping sets its keys one by one (merged into the section)
+    current = flatten_keys(head)
+    wanted = {key: value for key, value in flatten_keys(base).items() if current.get(key, object()) != value}
+    wanted.update(flatten_keys(overrides))  # a mapping sets its keys one by one (merged into the section)
     return [f"{'' if _exists(head, key) else '+'}{key}={_value(value)}" for key, value in wanted.items()]
 
 
