@@ -68,11 +68,23 @@ class Claim:
     key: str
     claim: str
     source: str
-    experiment: str            # a grid name, or "default" for reports/
+    experiment: str            # a grid name, or a whole run's report (RUN_REPORTS: "default", "lfw-dev")
     parts: list[Part] = field(default_factory=list)
-    synthetic_only: bool = True
     note: str = ""
     custom: str | None = None  # a special test (see CUSTOM)
+    test_set: str = "synth_open"  # the set a special test reads
+
+    @property
+    def run_report(self) -> bool:
+        return self.experiment in RUN_REPORTS
+
+
+#: Reports of whole runs rather than grids: folder under reports/, the data it ran on, and how to rerun it.
+RUN_REPORTS = {
+    "default": (".", "synthetic", "`reports/` (default run)"),
+    "lfw-dev": ("lfw-dev", "real faces (LFW photos)",
+                "[lfw-dev](lfw-dev/index.md) (`configs/lfw-dev.yaml`, `scripts/run_config.py`)"),
+}
 
 
 # --------------------------------------------------------------------------- reading reports
@@ -188,6 +200,11 @@ CLAIMS = [
           [Part("not_better", _loss("cosface"), _loss("arcface")), Part("not_better", _loss("sphereface"),
                                                                         _loss("cosface"))],
           note="'≥' holds unless the lower loss beats the higher one; the report's verdicts on synth_open"),
+    Claim("ranking-lfw", "The same ranking on real faces: ArcFace ≥ CosFace ≥ SphereFace", ARCFACE_STUDY, "lfw-dev",
+          [Part("not_better", _loss("cosface"), _loss("arcface"), "lfw_test"),
+           Part("not_better", _loss("sphereface"), _loss("cosface"), "lfw_test")],
+          note="the recipes the synthetic tuning grids selected, trained from scratch on the LFW identities outside "
+               "folds 7–8; verdicts on the official pairs of folds 7–8"),
     Claim("best-margins", "Best margins: ArcFace m2 = 0.5, CosFace m3 = 0.35, SphereFace m1 = 1.35 (combined-margin "
           "notation)", ARCFACE_STUDY, "best-margins",
           [Part("not_better", _loss("combined", margin=other), _loss("combined", margin=best))
@@ -220,6 +237,9 @@ CLAIMS = [
     Claim("test-norm", "Test-time L2 normalisation does not change cosine scores (an identity) but changes "
           "L2-distance results; softmax features do better with L2 on raw features, angular-softmax and triplet "
           "features with normalised ones", APD_STUDY, "default", custom="test_norm"),
+    Claim("test-norm-lfw", "The same on real faces: cosine unchanged by test-time normalisation, L2 changed; softmax "
+          "better with L2 on raw features, angular-softmax and triplet with normalised ones", APD_STUDY, "lfw-dev",
+          custom="test_norm", test_set="lfw_test"),
     Claim("train-norm", "Training-time L2 normalisation of the features hurts (softmax, A-Softmax); ResNet-34 is no "
           "clear gain over ResNet-18 at this data size; a model loses accuracy on another population", APD_STUDY,
           "loss-normalisation", custom="train_norm"),
@@ -227,6 +247,9 @@ CLAIMS = [
           "switched on late it does not", COURSE_NOTES, "center-start",
           [Part("better", _loss("center", start="first-step"), _loss("softmax", start="first-step")),
            Part("not_better", _loss("center", start="half-way"), _loss("softmax", start="half-way"))]),
+    Claim("center-lfw", "On real faces: center loss from the start improves softmax features for verification",
+          COURSE_NOTES, "lfw-dev", [Part("better", _loss("center"), _loss("softmax"), "lfw_test")],
+          note="the first half of the claim only: center loss switched on late has not run on real faces"),
 ]
 
 
@@ -247,7 +270,7 @@ def _interval_part(report: Report, text: str, higher: tuple[str, str], lower: tu
     return Outcome(text, x[0] - y[0], None, None, verdict)
 
 
-def test_norm(report: Report) -> list[Outcome]:
+def test_norm(report: Report, test_set: str) -> list[Outcome]:
     table = report.results.copy()
     table["auc"] = table["auc"].astype(float)
     by = table.pivot_table(index=["model", "test_set"], columns="variant", values="auc", aggfunc="first")
@@ -259,26 +282,26 @@ def test_norm(report: Report) -> list[Outcome]:
                    SUPPORTED if l2 > 1e-6 else CONTRADICTED)]
     models = set(table["model"])
     if "softmax" in models:
-        out.append(_interval_part(report, "softmax: L2 raw vs L2 norm (synth_open)", ("softmax", "l2_raw"),
-                                  ("softmax", "l2_norm"), "synth_open"))
+        out.append(_interval_part(report, f"softmax: L2 raw vs L2 norm ({test_set})", ("softmax", "l2_raw"),
+                                  ("softmax", "l2_norm"), test_set))
     for loss in ("sphereface", "triplet"):
         if loss in models:
-            out.append(_interval_part(report, f"{loss}: L2 norm vs L2 raw (synth_open)", (loss, "l2_norm"),
-                                      (loss, "l2_raw"), "synth_open"))
+            out.append(_interval_part(report, f"{loss}: L2 norm vs L2 raw ({test_set})", (loss, "l2_norm"),
+                                      (loss, "l2_raw"), test_set))
     return out
 
 
-def train_norm(report: Report) -> list[Outcome]:
+def train_norm(report: Report, test_set: str) -> list[Outcome]:
     out = []
     for backbone in ("resnet18", "resnet34"):
         for loss in ("softmax", "sphereface"):
             out.append(judge_part(report, Part("better", {"model.backbone": backbone, "train_norm": "off", "loss": loss},
-                                               {"model.backbone": backbone, "train_norm": "on", "loss": loss},
-                                               text=f"{backbone} {loss}: norm off vs on (synth_open)")))
+                                               {"model.backbone": backbone, "train_norm": "on", "loss": loss}, test_set,
+                                               text=f"{backbone} {loss}: norm off vs on ({test_set})")))
     for loss in ("softmax", "sphereface", "triplet"):
         out.append(judge_part(report, Part("equal", {"model.backbone": "resnet34", "train_norm": "off", "loss": loss},
-                                           {"model.backbone": "resnet18", "train_norm": "off", "loss": loss},
-                                           text=f"{loss}: ResNet-34 vs ResNet-18 (synth_open)")))
+                                           {"model.backbone": "resnet18", "train_norm": "off", "loss": loss}, test_set,
+                                           text=f"{loss}: ResNet-34 vs ResNet-18 ({test_set})")))
     drops = pd.read_csv(report.folder / "cross_domain.csv", dtype=str) if (report.folder / "cross_domain.csv"
                                                                          ).is_file() else pd.DataFrame()
     if not drops.empty:
@@ -290,15 +313,15 @@ def train_norm(report: Report) -> list[Outcome]:
     return out
 
 
-def grayscale(report: Report) -> list[Outcome]:
+def grayscale(report: Report, test_set: str) -> list[Outcome]:
     colour = report.model({"loss.margin": "0.5", "input": "colour", "loss": "arcface"})
     gray = report.model({"loss.margin": "0.5", "input": "gray", "loss": "arcface"})
-    fn = [report.metric(m, "synth_open", metric="fn")[0] for m in (colour, gray)]
-    fp = [report.metric(m, "synth_open", metric="fp")[0] for m in (colour, gray)]
-    accuracy = [report.metric(m, "synth_open", metric="accuracy") for m in (colour, gray)]
+    fn = [report.metric(m, test_set, metric="fn")[0] for m in (colour, gray)]
+    fp = [report.metric(m, test_set, metric="fp")[0] for m in (colour, gray)]
+    accuracy = [report.metric(m, test_set, metric="accuracy") for m in (colour, gray)]
     similar = _overlap(*accuracy)
     direction = fn[1] < fn[0] and fp[1] > fp[0]
-    text = (f"m = 0.5, synth_open: FN {fn[0]:.1f} → {fn[1]:.1f}, FP {fp[0]:.1f} → {fp[1]:.1f} (colour → gray; "
+    text = (f"m = 0.5, {test_set}: FN {fn[0]:.1f} → {fn[1]:.1f}, FP {fp[0]:.1f} → {fp[1]:.1f} (colour → gray; "
             f"counts carry no interval), accuracy {accuracy[0][0]:.4f} → {accuracy[1][0]:.4f}")
     verdict = CONTRADICTED if not similar else NOT_DISTINGUISHABLE
     if similar and not direction:
@@ -319,13 +342,16 @@ class Row:
 
 
 def evaluate(claim: Claim, reports_root: Path) -> Row:
-    folder = reports_root if claim.experiment == "default" else reports_root / "experiments" / claim.experiment
-    needed = "comparison.csv" if claim.experiment == "default" else "results.csv"
+    if claim.run_report:
+        folder, needed = reports_root / RUN_REPORTS[claim.experiment][0], "comparison.csv"
+    else:
+        folder, needed = reports_root / "experiments" / claim.experiment, "results.csv"
     if not (folder / needed).is_file():
         return Row(claim, [], NOT_RUN, "–")
-    report = Report(folder, grid=claim.experiment != "default")
+    report = Report(folder, grid=not claim.run_report)
     try:
-        outcomes = CUSTOM[claim.custom](report) if claim.custom else [judge_part(report, p) for p in claim.parts]
+        outcomes = (CUSTOM[claim.custom](report, claim.test_set) if claim.custom
+                    else [judge_part(report, p) for p in claim.parts])
     except KeyError as err:  # the report lacks a model or comparison the claim needs
         return Row(claim, [Outcome(f"not in the report: {err}")], NOT_RUN, report.scale)
     return Row(claim, outcomes, overall(outcomes), report.scale)
@@ -333,27 +359,33 @@ def evaluate(claim: Claim, reports_root: Path) -> Row:
 
 def board_markdown(rows: list[Row]) -> str:
     counts = {v: sum(r.verdict == v for r in rows) for v in (SUPPORTED, CONTRADICTED, NOT_DISTINGUISHABLE, NOT_RUN)}
+    real = sum(_data(r.claim) != "synthetic" for r in rows)
     lines = ["# The studies' claims, tested", "",
              "Regenerated by `python -m pipeline claims` from the committed reports (`reports/` and "
              "`reports/experiments/<grid>/`); never edited by hand. Verdicts: **supported** (every part holds with a "
              "Holm interval that excludes 0 in the claimed direction, or, for 'not better' / 'about equal', no "
              "significant difference), **contradicted** (a part is significant the other way), **not "
              "distinguishable at this scale**. Effects: difference of mean AUC (A − B) on synth_open unless said, "
-             "cosine on normalised embeddings, with the Holm interval of its table. Every row is measured on the "
-             "built-in synthetic faces at laptop scale (synthetic only: none of these experiments has run on real "
-             "faces here; `configs/lfw-dev.yaml` and a grid's base params point them at real data).", "",
+             "cosine on normalised embeddings, with the Holm interval of its table. The data column says where "
+             f"each row was measured: {real} of the {len(rows)} rows on real faces (the LFW photos of "
+             "`configs/lfw-dev.yaml`, at laptop scale), the others on the built-in synthetic faces only (a grid's "
+             "base params point it at real data).", "",
              f"Summary: {counts[SUPPORTED]} supported, {counts[CONTRADICTED]} contradicted, "
              f"{counts[NOT_DISTINGUISHABLE]} not distinguishable at this scale, {counts[NOT_RUN]} not run.", "",
              "| claim | source | experiment | data and scale | measured | verdict |", "|---|---|---|---|---|---|"]
     for row in rows:
         c = row.claim
-        where = "`reports/` (default run)" if c.experiment == "default" else \
+        where = RUN_REPORTS[c.experiment][2] if c.run_report else \
             f"[{c.experiment}](experiments/{c.experiment}/index.md) (`configs/grids/{c.experiment}.yaml`)"
         measured = "<br>".join(f"{o.shown()} ({o.verdict})" for o in row.outcomes) or "–"
         note = f"<br>*{c.note}*" if c.note else ""
-        lines.append(f"| {c.claim} | {c.source} | {where} | synthetic; {row.scale} | {measured}{note} | "
+        lines.append(f"| {c.claim} | {c.source} | {where} | {_data(c)}; {row.scale} | {measured}{note} | "
                      f"**{row.verdict}** |")
     return "\n".join(lines) + "\n"
+
+
+def _data(claim: Claim) -> str:
+    return RUN_REPORTS[claim.experiment][1] if claim.run_report else "synthetic"
 
 
 def run_claims(reports_root: Path = Path("reports"), out: Path | None = None) -> list[Row]:
