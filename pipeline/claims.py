@@ -219,7 +219,9 @@ CLAIMS = [
     Claim("subcenter", "Sub-center ArcFace (K = 3) holds up better than ArcFace under noisy labels (20%, 40%) and "
           "is about equal on clean labels", ARCFACE_STUDY, "subcenter-noise",
           [Part("better", _loss("subcenter", noise=n), _loss("arcface", noise=n)) for n in ("20%", "40%")]
-          + [Part("equal", _loss("subcenter", noise="0%"), _loss("arcface", noise="0%"))]),
+          + [Part("equal", _loss("subcenter", noise="0%"), _loss("arcface", noise="0%"))],
+          note="sub-center ArcFace at ArcFace's selected s and m (not tuned on its own); the study's second phase, "
+               "dropping non-dominant sub-centres and the samples far from them, is not part of facepipe's loss"),
     Claim("intra-inter", "Norm-Softmax + an intra-class term helps, + an inter-class term only slightly; a triplet "
           "margin is less effective than ArcFace's", ARCFACE_STUDY, "intra-inter",
           [Part("better", _loss("intra"), _loss("normface")), Part("not_better", _loss("normface"), _loss("inter")),
