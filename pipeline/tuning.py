@@ -194,7 +194,10 @@ def apply_recipes(params_path: Path, chosen: dict[str, ConfigResult],
 
     doc_yaml = YAML()
     doc_yaml.preserve_quotes = True
+    doc_yaml.representer.add_representer(  # keep `null` written out (ruamel leaves the value empty)
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = doc_yaml.load(params_path.read_text())
+    trailing = {key: _last_entry(doc[key]) for key in doc}
     written = []
     for loss, result in chosen.items():
         for dotted, value in result.overrides.items():
@@ -205,10 +208,41 @@ def apply_recipes(params_path: Path, chosen: dict[str, ConfigResult],
                 "tuning", before="\nHow each loss's recipe was selected (written by `python -m pipeline tune select "
                                  "--apply`;\nthe report states it, or that the loss's params were edited since)")
         doc["tuning"][loss] = tuning_record(result, (by_loss or {}).get(loss) or [result])
+    for key, before in trailing.items():
+        _keep_trailing_comment(before, _last_entry(doc[key]))
     buffer = io.StringIO()
     doc_yaml.dump(doc, buffer)
     write_text(params_path, buffer.getvalue())
     return written
+
+
+def _last_entry(node: Any) -> tuple[Any, Any] | None:
+    """(mapping, key) of the last scalar entry printed inside ``node``, descending into nested mappings:
+    ruamel keeps the comment lines that follow a section (up to the next one) on that entry."""
+    entry = None
+    while isinstance(node, dict) and node:
+        entry = (node, list(node)[-1])
+        node = node[entry[1]]
+    return entry
+
+
+def _keep_trailing_comment(before: tuple[Any, Any] | None, after: tuple[Any, Any] | None) -> None:
+    """Move the comment that followed a section's last entry to its new last entry, so that keys appended
+    to the section do not land below the comment that introduces the next section."""
+    if before is None or after is None or before == after or isinstance(after[0][after[1]], dict):
+        return
+    (old, old_key), (new, new_key) = before, after
+    tokens = getattr(old, "ca", None) and old.ca.items.get(old_key)
+    if not tokens or len(tokens) < 3 or tokens[2] is None or not hasattr(new, "ca"):
+        return
+    from ruamel.yaml.tokens import CommentToken
+
+    token = tokens[2]
+    inline, newline, rest = token.value.partition("\n")  # "# on the entry's own line\n" + the lines below
+    if not rest.strip():
+        return
+    tokens[2] = CommentToken(inline + newline, token.start_mark, None) if inline.strip() else None
+    new.ca.items.setdefault(new_key, [None, None, None, None])[2] = CommentToken("\n" + rest, token.start_mark, None)
 
 
 def _assign(doc: Any, dotted: str, value: Any) -> list[str]:
@@ -217,12 +251,12 @@ def _assign(doc: Any, dotted: str, value: Any) -> list[str]:
     node = doc
     for key in keys[:-1]:
         if key not in node or node[key] is None:
-            node[key] = {}
+            node[key] = type(node)()  # a ruamel mapping in a ruamel document: it can carry comments
         node = node[key]
     last = keys[-1]
     if isinstance(value, dict):
         if last not in node or not isinstance(node[last], dict):
-            node[last] = {}
+            node[last] = type(node)()
         return [f"{dotted}.{key}" for name, sub in value.items() for key in _assign(node[last], name, sub)]
     node[last] = value
     return [last] if len(keys) == 1 else [dotted]

@@ -55,8 +55,9 @@ def test_validation_figures_equal_scikit_learn_and_scores_are_cosines():
 
 def test_recipes_are_written_into_params_with_comments_kept(tmp_path):
     path = tmp_path / "params.yaml"
-    path.write_text("# top comment\nloss:\n  scale: 64.0   # the papers'\n  margin: 0.5\nlosses:\n"
-                    "  cosface:\n    scale: 64.0\n    margin: 0.35\n")
+    path.write_text("# top comment\nloss:\n  scale: 64.0   # the papers'\n  margin: 0.5  # radians\n\n"
+                    "# the other losses\nlosses:\n  cosface:\n    scale: 64.0\n    margin: 0.35\n\n"
+                    "# which losses to train\ntrain_losses: [arcface, cosface]\ninit_from: null\n")
     chosen = {"arcface": ConfigResult("arcface", "auto", {"loss.scale": "auto", "loss.train": {"lr": 0.03}},
                                       ["arcface-0", "arcface-1"], [1.0, 0.99], [0.0, 0.01], [1.0, 1.0], 8,
                                       grid="tune-arcface"),
@@ -67,7 +68,11 @@ def test_recipes_are_written_into_params_with_comments_kept(tmp_path):
                          [0.5, 0.5], 8, grid="tune-arcface")
     written = apply_recipes(path, chosen, {"arcface": [other, chosen["arcface"]], "cosface": [chosen["cosface"]]})
     text = path.read_text()
-    assert "# top comment" in text and "# the papers'" in text
+    assert "# top comment" in text and "# the papers'" in text and "margin: 0.5  # radians\n" in text
+    # keys appended to a section go above the comment that introduces the next section, not below it
+    assert "    lr: 0.03\n\n# the other losses\nlosses:\n" in text
+    assert "      lr: 0.1\n\n# which losses to train\ntrain_losses:" in text
+    assert "init_from: null\n" in text  # not left empty
     tree = yaml.safe_load(text)
     assert tree["loss"] == {"scale": "auto", "margin": 0.5, "train": {"lr": 0.03}}
     assert tree["losses"]["cosface"] == {"scale": "auto", "margin": 0.35, "train": {"lr": 0.1}}
