@@ -322,12 +322,13 @@ def grayscale(report: Report, test_set: str) -> list[Outcome]:
     fp = [report.metric(m, test_set, metric="fp")[0] for m in (colour, gray)]
     accuracy = [report.metric(m, test_set, metric="accuracy") for m in (colour, gray)]
     similar = _overlap(*accuracy)
-    direction = fn[1] < fn[0] and fp[1] > fp[0]
+    against = [what for what, held in (("FN does not fall", fn[1] < fn[0]), ("FP does not rise", fp[1] > fp[0]))
+               if not held]
     text = (f"m = 0.5, {test_set}: FN {fn[0]:.1f} → {fn[1]:.1f}, FP {fp[0]:.1f} → {fp[1]:.1f} (colour → gray; "
             f"counts carry no interval), accuracy {accuracy[0][0]:.4f} → {accuracy[1][0]:.4f}")
     verdict = CONTRADICTED if not similar else NOT_DISTINGUISHABLE
-    if similar and not direction:
-        text += "; the counts move the other way"
+    if similar and against:
+        text += "; against the claim: " + " and ".join(against)
     return [Outcome(text, None, None, None, verdict)]
 
 

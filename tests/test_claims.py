@@ -101,3 +101,16 @@ def test_a_run_report_of_real_faces_gives_its_own_rows(tmp_path):
     verdicts.loc[1, ["holm_low", "verdict"]] = [-0.01, "not distinguishable"]
     verdicts.to_csv(folder / "verdicts.csv", index=False)
     assert {row.claim.key: row for row in run_claims(tmp_path)}["ranking-lfw"].verdict == SUPPORTED
+
+
+def test_the_grayscale_row_names_the_count_that_goes_against_the_claim(tmp_path):
+    rows = [{"model": f"m-{inp}/arcface", "cell": f"m-{inp}", "loss.margin": "0.5", "input": inp, "loss": "arcface",
+             "test_set": "synth_open", "variant": "cosine_norm", "auc": 0.99, "fn": fn, "fp": fp, "accuracy": 0.95,
+             "accuracy_low": 0.94, "accuracy_high": 0.96} for inp, fn, fp in (("colour", 40.0, 90.0),
+                                                                              ("gray", 45.0, 95.0))]
+    _grid(tmp_path, "arcface-margins", rows, [{"test_set": "synth_open", "variant": "cosine_norm", "a": "x", "b": "y",
+                                              "auc_diff": 0.0, "verdict": "not distinguishable"}])
+    row = {r.claim.key: r for r in run_claims(tmp_path)}["grayscale"]
+    assert row.verdict == NOT_DISTINGUISHABLE  # similar accuracy, but counts carry no interval
+    assert "FN 40.0 → 45.0, FP 90.0 → 95.0" in row.outcomes[0].text
+    assert row.outcomes[0].text.endswith("against the claim: FN does not fall")  # FP rises as claimed
