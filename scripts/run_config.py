@@ -55,6 +55,15 @@ def absolute_data_paths(params: dict) -> dict:
     return params
 
 
+def complete_params(path: Path) -> dict:
+    """The params file at ``path`` with every default written out. dvc.yaml interpolates keys (such as
+    ``score.threshold.source``) that a params file may leave out, and DVC cannot supply them itself
+    (a ``vars`` file may not define a key that params.yaml also sets)."""
+    from pipeline.config import load_params
+
+    return load_params(path, check_paths=False, check_models=False).model_dump(mode="json")
+
+
 def git(*args: str, cwd: Path = REPO) -> str:
     return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
 
@@ -180,6 +189,10 @@ def main() -> None:
     python = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
     if subprocess.run([python, "-m", "pipeline", "validate"], cwd=workdir, env=env).returncode != 0:
         fail(f"{args.params}: invalid params (see the line above); nothing was run")
+    (workdir / "params.yaml").write_text(
+        f"# {args.params} as run by scripts/run_config.py (dataset paths made absolute, every default written out)\n"
+        + yaml.safe_dump(complete_params(workdir / "params.yaml"), sort_keys=False)
+    )
 
     if "dlib" in (params.get("pretrained") or {}):
         check = "from pipeline.baselines.dlib_resnet import import_dlib, model_files; import_dlib(); model_files()"

@@ -54,3 +54,22 @@ def test_report_outputs_are_read_from_the_lock(tmp_path):
         "    - path: data/models/a\n  score@a:\n    cmd: y\n    outs:\n    - path: reports/roc/a\n"
     )
     assert run_config.report_outputs(tmp_path / "dvc.lock") == ["reports/index.md", "reports/roc/a"]
+
+
+def test_the_run_gets_every_default_that_dvc_yaml_interpolates(tmp_path):
+    """A params file may leave out score.threshold (configs/lfw-dev.yaml does); dvc.yaml reads
+    ${score.threshold.source}, so the worktree's params.yaml must spell it out, and mean the same."""
+    import yaml
+
+    from pipeline.config import load_params
+
+    tree = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del tree["score"]["threshold"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    full = run_config.complete_params(path)
+    assert full["score"]["threshold"]["source"] == "validation"
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(full))
+    assert load_params(again, check_paths=False, check_models=False) == load_params(path, check_paths=False,
+                                                                                      check_models=False)
