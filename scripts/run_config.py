@@ -58,10 +58,11 @@ def absolute_data_paths(params: dict) -> dict:
 def complete_params(path: Path) -> dict:
     """The params file at ``path`` with every default written out. dvc.yaml interpolates keys (such as
     ``score.threshold.source``) that a params file may leave out, and DVC cannot supply them itself
-    (a ``vars`` file may not define a key that params.yaml also sets)."""
+    (a ``vars`` file may not define a key that params.yaml also sets). Unset optional keys stay out
+    (``null`` is their default, and some entries may not carry them at all)."""
     from pipeline.config import load_params
 
-    return load_params(path, check_paths=False, check_models=False).model_dump(mode="json")
+    return load_params(path, check_paths=False, check_models=False).model_dump(mode="json", exclude_none=True)
 
 
 def git(*args: str, cwd: Path = REPO) -> str:
