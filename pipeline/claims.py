@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from pipeline.io import write_text
 
@@ -96,6 +97,7 @@ class Report:
         self.results = pd.read_csv(folder / ("results.csv" if grid else "comparison.csv"), dtype=str)
         self.verdicts = pd.read_csv(folder / "verdicts.csv", dtype=str)
         self.scale = _scale(folder / "index.md") if grid else _default_scale(folder / "index.md")
+        self.holm_intervals = "holm_low" in self.verdicts.columns  # reports before them show unadjusted ones
 
     def model(self, labels: dict[str, str]) -> str:
         """The key of the one model whose labels match (a grid's ``cell/loss``; the default's loss)."""
@@ -152,6 +154,22 @@ def _scale(index: Path) -> str:
     return found.group(1) if found else "scale not stated"
 
 
+def _run_recipes(params_file: Path) -> str:
+    """How a whole run's margin losses were set, from the params.yaml copied beside its report: whether it
+    carries tuning records (the selected recipes), and the scale and margin each one ran with."""
+    if not params_file.is_file():
+        return ""
+    tree = yaml.safe_load(params_file.read_text()) or {}
+    loss, losses = tree.get("loss") or {}, tree.get("losses") or {}
+    cosface, sphereface = losses.get("cosface") or {}, losses.get("sphereface") or {}
+    values = (f"ArcFace s = {loss.get('scale', '–')}, m = {loss.get('margin', '–')}; CosFace s = "
+              f"{cosface.get('scale', '–')}, m = {cosface.get('margin', '–')}; SphereFace m = "
+              f"{sphereface.get('margin', '–')}")
+    if tree.get("tuning"):
+        return f"each loss at the recipe its tuning grid selected ({values})"
+    return f"no tuning records in its params: {values}"
+
+
 def _default_scale(index: Path) -> str:
     text = index.read_text() if index.is_file() else ""
     first = next((line for line in text.splitlines() if line.startswith("Backbone")), "")
@@ -163,6 +181,8 @@ def judge_part(report: Report, part: Part) -> Outcome:
     a, b = report.model(part.a), report.model(part.b)
     effect, low, high, winner = report.compare(a, b, part.test_set)
     text = part.text or f"{_label(part.a)} vs {_label(part.b)} ({part.test_set})"
+    if not report.holm_intervals:
+        text += " (unadjusted 95% interval: the report predates Holm intervals)"
     if part.kind == "better":
         verdict = SUPPORTED if winner == "a" else CONTRADICTED if winner == "b" else NOT_DISTINGUISHABLE
     elif part.kind == "not_better":
@@ -203,8 +223,8 @@ CLAIMS = [
     Claim("ranking-lfw", "The same ranking on real faces: ArcFace ≥ CosFace ≥ SphereFace", ARCFACE_STUDY, "lfw-dev",
           [Part("not_better", _loss("cosface"), _loss("arcface"), "lfw_test"),
            Part("not_better", _loss("sphereface"), _loss("cosface"), "lfw_test")],
-          note="the recipes the synthetic tuning grids selected, trained from scratch on the LFW identities outside "
-               "folds 7–8; verdicts on the official pairs of folds 7–8"),
+          note="trained from scratch on the LFW identities outside folds 7–8, with the params the data column "
+               "names (from the run's own params.yaml); verdicts on the official pairs of folds 7–8"),
     Claim("best-margins", "Best margins: ArcFace m2 = 0.5, CosFace m3 = 0.35, SphereFace m1 = 1.35 (combined-margin "
           "notation)", ARCFACE_STUDY, "best-margins",
           [Part("not_better", _loss("combined", margin=other), _loss("combined", margin=best))
@@ -352,6 +372,9 @@ def evaluate(claim: Claim, reports_root: Path) -> Row:
     if not (folder / needed).is_file():
         return Row(claim, [], NOT_RUN, "–")
     report = Report(folder, grid=not claim.run_report)
+    recipes = _run_recipes(folder / "params.yaml") if claim.run_report else ""
+    if recipes:
+        report.scale = f"{report.scale}; {recipes}"
     try:
         outcomes = (CUSTOM[claim.custom](report, claim.test_set) if claim.custom
                     else [judge_part(report, p) for p in claim.parts])
